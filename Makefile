@@ -1,0 +1,35 @@
+# make demo   set up (idempotent) and run the offline demo sweep end to end
+# make test   set up and run the whole test suite (what CI runs)
+# make bench  measure CLI start-up and the demo's wall time into BENCHMARKS.md
+
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+# Offline safety: LiteLLM (inside DSPy and the MLflow server) must not fetch its price map.
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+export DSPY_SWEEPS_DATA_MIRROR ?= $(abspath ../shared/datasets)
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: setup
+	$(BIN)/sweep run sweeps/demo.yaml
+	$(BIN)/sweep pull demo@champion -o .sweeps/pulled/demo
+	$(BIN)/sweep ask demo@champion question="Maya has 12 apples and buys 3 bags with 5 apples in each. How many apples does Maya have now?"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf .sweeps

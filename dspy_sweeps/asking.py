@@ -1,0 +1,48 @@
+"""`sweep ask`: load a registered program in this process and ask it one question.
+
+A simulated student gets a fresh simulator over the answer key its sweep wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dspy_sweeps.errors import SweepError
+from dspy_sweeps.registry import load_pulled, pull
+from dspy_sweeps.state import State
+from dspy_sweeps.tracking import tracking_uri as default_uri
+
+
+def ask_program(
+    ref: str, inputs: dict[str, str], *, api_base: str | None, state_dir: Path | None, tracking_uri: str | None
+) -> dict[str, Any]:
+    state = State.at(state_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pull(ref, Path(tmp), tracking_uri or default_uri(None, state))
+        meta = json.loads((folder / "metadata.json").read_text())
+        missing = [name for name in meta["inputs"] if name not in inputs]
+        if missing:
+            raise SweepError(f"{ref}: missing input {missing[0]}=... (inputs: {', '.join(meta['inputs'])})")
+        with _endpoint(meta, state, api_base) as base:
+            program = load_pulled(folder, api_base=base)
+            return dict(program(**inputs).items())
+
+
+@contextlib.contextmanager
+def _endpoint(meta: dict[str, Any], state: State, api_base: str | None) -> Iterator[str | None]:
+    if api_base or not meta["student"]["model"].startswith("sim/"):
+        yield api_base
+        return
+    from dspy_sweeps.sim.launch import SimServer
+
+    key = state.sim / meta["sweep"] / "answer_key.jsonl"
+    if not key.is_file():
+        raise SweepError(f"the student is simulated and {key} is missing: pass --api-base of a running `sweep sim`")
+    model = meta["student"]["model"].removeprefix("sim/")
+    with SimServer(key, key.parent / "ask", models=(model,), time_scale=0.01) as sim:
+        yield sim.base_url

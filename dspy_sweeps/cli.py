@@ -1,0 +1,174 @@
+"""The `sweep` command line: validate, plan, run, results, pull, ask, sim.
+
+Only the standard library and Typer load at import, so `sweep --help` answers at once;
+each command imports what it needs. Bad input exits 2 with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+import typer
+
+from dspy_sweeps.errors import SweepError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.splitlines()[0]
+)
+
+SweepFile = Annotated[Path, typer.Argument(help="Sweep file, e.g. sweeps/demo.yaml")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="Dotted override KEY=VALUE (repeatable)")]
+StateDir = Annotated[Path | None, typer.Option(help="State directory (default: $DSPY_SWEEPS_STATE or ./.sweeps)")]
+TrackingUri = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: the state dir's SQLite file)")]
+
+
+def exits_on_bad_input(command: Callable) -> Callable:
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SweepError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _console():
+    from rich.console import Console
+
+    # Piped output (CI logs, `| tee`) gets wide tables instead of Rich's 80-column default.
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _prepare(path: Path, overrides: list[str] | None):
+    from dspy_sweeps.config import load_sweep
+    from dspy_sweeps.preflight import prepare
+
+    return prepare(load_sweep(path, overrides or []))
+
+
+@app.command()
+@exits_on_bad_input
+def validate(sweep_file: SweepFile, set_: Overrides = None) -> None:
+    """Check a sweep file against its data and code without starting Ray or calling an LM."""
+    prepared = _prepare(sweep_file, set_)
+    print(f"{sweep_file}: ok ({len(prepared.trials)} trials, about {prepared.estimated_calls:,} LM calls)")
+
+
+@app.command()
+@exits_on_bad_input
+def plan(sweep_file: SweepFile, set_: Overrides = None) -> None:
+    """Print the trials a sweep would run, with their estimated LM calls."""
+    from dspy_sweeps.report import plan_table
+
+    prepared = _prepare(sweep_file, set_)
+    _console().print(plan_table(prepared))
+
+
+@app.command()
+@exits_on_bad_input
+def run(
+    sweep_file: SweepFile,
+    set_: Overrides = None,
+    state_dir: StateDir = None,
+    address: Annotated[str | None, typer.Option(help="Ray address to join (default: start a local Ray)")] = None,
+) -> None:
+    """Run every trial of a sweep in parallel on Ray, track them, and promote the winner."""
+    from dspy_sweeps.engine import run_sweep
+    from dspy_sweeps.report import decision_line, leaderboard_table
+    from dspy_sweeps.state import State
+
+    console = _console()
+    prepared = _prepare(sweep_file, set_)
+    console.print(f"[bold]{prepared.sweep.name}[/]: {len(prepared.trials)} trials, about {prepared.estimated_calls:,} LM calls")
+    outcome = run_sweep(prepared, State.at(state_dir), address, console)
+    console.print(leaderboard_table([r.__dict__ for r in outcome.records]))
+    if outcome.decision is not None:
+        console.print(decision_line(outcome.decision))
+    if not any(r.status == "ok" for r in outcome.records):
+        raise typer.Exit(1)
+
+
+@app.command()
+@exits_on_bad_input
+def results(
+    name: Annotated[str | None, typer.Argument(help="Sweep name (default: every sweep)")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Print a sweep's leaderboard from its results file."""
+    from dspy_sweeps.report import leaderboard_table
+    from dspy_sweeps.results import leaderboard
+    from dspy_sweeps.state import State
+
+    state = State.at(state_dir)
+    paths = [state.results(name)] if name else sorted((state.root / "results").glob("*.parquet"))
+    if not paths or not paths[0].is_file():
+        raise SweepError(f"no results for {name or 'any sweep'} under {state.root}")
+    for path in paths:
+        _console().print(leaderboard_table(leaderboard(path), title=path.stem))
+
+
+@app.command()
+@exits_on_bad_input
+def pull(
+    ref: Annotated[str, typer.Argument(help="name@alias or name/version, e.g. demo@champion")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder to write program.json and metadata.json")],
+    state_dir: StateDir = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Write a registered program as DSPy JSON state plus its metadata (never unpickles)."""
+    from dspy_sweeps.registry import pull as pull_program
+    from dspy_sweeps.state import State
+    from dspy_sweeps.tracking import tracking_uri as default_uri
+
+    folder = pull_program(ref, out, tracking_uri or default_uri(None, State.at(state_dir)))
+    print(f"{ref} -> {folder}/program.json, {folder}/metadata.json")
+
+
+@app.command()
+@exits_on_bad_input
+def ask(
+    ref: Annotated[str, typer.Argument(help="name@alias, e.g. demo@champion")],
+    inputs: Annotated[list[str], typer.Argument(help="Input fields as key=value")],
+    api_base: Annotated[str | None, typer.Option(help="Student endpoint (default: the one it was compiled for)")] = None,
+    state_dir: StateDir = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Load a registered program and ask it one question."""
+    from dspy_sweeps.asking import ask_program
+
+    kwargs = dict(_key_value(item) for item in inputs)
+    prediction = ask_program(ref, kwargs, api_base=api_base, state_dir=state_dir, tracking_uri=tracking_uri)
+    for key, value in prediction.items():
+        print(f"{key}: {value}")
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SweepError(f"input '{item}': expected key=value, e.g. question='What is 2+2?'")
+    return key, value
+
+
+@app.command()
+def sim(
+    answer_key: Annotated[Path, typer.Option(help="JSONL answer key: {inputs: {...}, labels: {...}} per line")],
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    model: Annotated[list[str] | None, typer.Option(help="Served model names")] = None,
+    time_scale: float = 1.0,
+    max_num_seqs: int = 64,
+) -> None:
+    """Serve the SIMULATED OpenAI-compatible endpoint (a test/demo double, not a real model)."""
+    from dspy_sweeps.sim.server import serve
+
+    serve(answer_key, host=host, port=port, models=tuple(model or ("student", "teacher")),
+          time_scale=time_scale, max_num_seqs=max_num_seqs)  # fmt: skip
+
+
+if __name__ == "__main__":
+    app()

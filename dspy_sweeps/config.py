@@ -1,0 +1,270 @@
+"""The sweep file: its schema, `${VAR}` interpolation and `--set` overrides.
+
+`load_sweep("sweeps/demo.yaml")` returns a validated `Sweep` or raises `SweepError` with one
+line naming the file and field. Nothing here knows about Ray, DSPy or tracking.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dspy_sweeps.errors import SweepError
+
+OPTIMIZER_KINDS = ("none", "bootstrap_fewshot", "mipro_v2", "gepa")
+SIM_PREFIX = "sim/"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Split(_Strict):
+    """Row counts (int) or fractions (float) per split, or a column that names each row's split."""
+
+    train: int | float | None = None
+    val: int | float | None = None
+    test: int | float | None = None
+    seed: int = 0
+    column: str | None = None
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> Split:
+        sizes = (self.train, self.val, self.test)
+        if self.column is None and None in sizes:
+            raise ValueError("give train, val and test (counts or fractions), or column: <name>")
+        if self.column is not None and any(s is not None for s in sizes):
+            raise ValueError("give either column or train/val/test, not both")
+        if any(s is not None and s <= 0 for s in sizes):
+            raise ValueError("train, val and test must each be greater than 0")
+        return self
+
+
+class DataSpec(_Strict):
+    source: str | list[str]
+    query: str | None = None
+    inputs: list[str] = Field(min_length=1)
+    split: Split
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+
+class ModelSpec(_Strict):
+    """A student or teacher LM. Keys are never written here: `api_key_env` names the variable."""
+
+    name: str
+    model: str
+    api_base: str | None = None
+    api_key_env: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+    @property
+    def simulated(self) -> bool:
+        return self.model.startswith(SIM_PREFIX)
+
+
+class OptimizerSpec(BaseModel):
+    """An optimizer kind and its settings; a list-valued setting is a grid axis."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: Literal["none", "bootstrap_fewshot", "mipro_v2", "gepa"]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Budget(_Strict):
+    max_lm_calls: int | None = None
+    max_usd: float | None = None
+
+
+class Promote(_Strict):
+    model: str
+    alias: str = "champion"
+    min_gain: float = 0.0
+
+
+class WandbSpec(_Strict):
+    project: str = "dspy-sweeps"
+    entity: str | None = None
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+class MlflowSpec(_Strict):
+    experiment: str | None = None
+    tracking_uri: str | None = None
+
+
+class Tracking(_Strict):
+    wandb: WandbSpec | None = WandbSpec()
+    mlflow: MlflowSpec | None = MlflowSpec()
+
+
+class SimSpec(_Strict):
+    """The simulated endpoint's latency model (only used when a model is `sim/...`)."""
+
+    time_scale: float = Field(default=0.02, gt=0)
+    max_num_seqs: int = Field(default=64, gt=0)
+    ttft_ms: float = Field(default=40.0, ge=0)
+    per_token_ms: float = Field(default=4.5, ge=0)
+
+
+class Sweep(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    program: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+    metric: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+    data: DataSpec
+    students: list[ModelSpec] = Field(min_length=1)
+    teachers: list[ModelSpec] = []
+    optimizers: list[OptimizerSpec] = Field(min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
+    budget: Budget = Budget()
+    promote: Promote | None = None
+    tracking: Tracking = Tracking()
+    parallelism: int | None = Field(default=None, gt=0, description="trials running at once; default all")
+    num_threads: int = Field(default=8, gt=0, description="DSPy threads inside each trial")
+    sim: SimSpec = SimSpec()
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        return [*self.students, *self.teachers]
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
+    """Read, override, interpolate and validate a sweep file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"{path}: no such sweep file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SweepError(f"{where}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: a sweep file is a mapping of keys (name, program, data, ...)")
+    for override in overrides:
+        _apply_override(raw, override)
+    raw = _interpolate(raw, _environment(), path, "")
+    try:
+        return Sweep.model_validate(raw)
+    except ValidationError as exc:
+        raise SweepError(f"{path}: {_describe(exc)}") from None
+
+
+def _environment() -> dict[str, str]:
+    """The process environment over a `.env` file in the working directory."""
+    from dotenv import dotenv_values
+
+    env = {k: v for k, v in dotenv_values(".env").items() if v is not None} if Path(".env").is_file() else {}
+    return {**env, **os.environ}
+
+
+def _interpolate(value: Any, env: dict[str, str], path: Path, field: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, path, f"{field}.{k}".lstrip(".")) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, path, f"{field}.{i}") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise SweepError(f"{path}: {field}: environment variable {name} is not set (set it, or write ${{{name}:-default}})")
+
+    return _VAR.sub(substitute, value)
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    """Apply `a.b.0.c=value`; the value is parsed as YAML (so `[1, 2]` is a list)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise SweepError(f"--set {override}: expected KEY=VALUE, e.g. students.0.model=sim/student")
+    *parents, last = key.split(".")
+    node: Any = raw
+    for part in parents:
+        node = _child(node, part, override)
+    value = yaml.safe_load(text) if text else ""
+    if isinstance(node, list):
+        node[_index(node, last, override)] = value
+    else:
+        node[last] = value
+
+
+def _child(node: Any, part: str, override: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, override)]
+    if isinstance(node, dict):
+        return node.setdefault(part, {})
+    raise SweepError(f"--set {override}: '{part}' is inside a value that is not a mapping or list")
+
+
+def _index(node: list, part: str, override: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise SweepError(f"--set {override}: '{part}' is not an index of a {len(node)}-item list")
+    return int(part)
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line for the first validation error: the field path and what would be right."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal["))]
+    field = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return _unknown_key(error["loc"])
+    if error["type"] == "literal_error" and loc[-1:] == ["kind"]:
+        return f"{field}: unknown optimizer kind {error['input']!r} (valid: {', '.join(OPTIMIZER_KINDS)})"
+    if error["type"] == "missing":
+        return f"{field}: required field is missing"
+    return f"{field}: {error['msg']} (got {error['input']!r})"
+
+
+def _unknown_key(loc: tuple) -> str:
+    key = str(loc[-1])
+    field = ".".join(str(p) for p in loc)
+    if key == "api_key":
+        return f"{field}: keys never go in sweep files; name the environment variable instead (api_key_env: MY_KEY)"
+    valid = list(_model_at(loc[:-1]).model_fields)
+    near = difflib.get_close_matches(key, valid, n=1)
+    hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(valid)}"
+    return f"{field}: unknown key '{key}' ({hint})"
+
+
+def _model_at(loc: tuple) -> type[BaseModel]:
+    """The pydantic model that validates the mapping at `loc` (list indices are skipped)."""
+    model: type[BaseModel] = Sweep
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        model = _inner_model(model.model_fields[part].annotation)
+    return model
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
+        for arg in typing.get_args(annotation):
+            found = _inner_model(arg)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,60 @@
+"""Expand a sweep into trials: each optimizer's grid × students × teachers × seeds, plus baselines."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from dspy_sweeps.config import ModelSpec, Sweep
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One optimizer run: what to compile with which models. The id is stable across runs."""
+
+    id: str
+    program: str
+    metric: str
+    kind: str
+    student: ModelSpec
+    teacher: ModelSpec | None
+    seed: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    num_threads: int = 8
+    estimated_calls: int = 0
+
+    @property
+    def label(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        return f"{self.kind}({shown})" if shown else self.kind
+
+
+def plan_trials(sweep: Sweep) -> list[Trial]:
+    """Every trial of the sweep, baselines first, in a deterministic order."""
+    trials = [_trial(sweep, "none", {}, student, None, sweep.seeds[0]) for student in sweep.students]
+    teachers = sweep.teachers or [None]
+    for spec in (s for s in sweep.optimizers if s.kind != "none"):
+        for settings in expand_grid(spec.settings):
+            for student, teacher, seed in itertools.product(sweep.students, teachers, sweep.seeds):
+                trials.append(_trial(sweep, spec.kind, settings, student, teacher, seed))
+    return trials
+
+
+def expand_grid(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """{a: [1, 2], b: x} -> [{a: 1, b: x}, {a: 2, b: x}]."""
+    axes = [(k, v if isinstance(v, list) else [v]) for k, v in settings.items()]
+    return [dict(zip([k for k, _ in axes], values, strict=True)) for values in itertools.product(*[v for _, v in axes])]
+
+
+def _trial(sweep: Sweep, kind: str, settings: dict, student: ModelSpec, teacher: ModelSpec | None, seed: int) -> Trial:
+    identity = {
+        "program": sweep.program, "metric": sweep.metric, "kind": kind, "settings": settings, "seed": seed,
+        "student": student.model_dump(), "teacher": teacher.model_dump() if teacher else None,
+    }  # fmt: skip
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    teacher_name = f"-{teacher.name}" if teacher and kind != "none" else ""
+    trial_id = f"{kind}-{student.name}{teacher_name}-s{seed}-{digest}"
+    return Trial(trial_id, sweep.program, sweep.metric, kind, student, teacher, seed, settings, sweep.num_threads)

@@ -1,0 +1,64 @@
+"""Everything checked before Ray starts or any LM is called: data, imports, settings, budget, keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from dspy_sweeps.config import Sweep
+from dspy_sweeps.data import Dataset, load_dataset
+from dspy_sweeps.errors import SweepError
+from dspy_sweeps.imports import build_program, load_object
+from dspy_sweeps.lms import check_keys
+from dspy_sweeps.optimizers import bind_settings, estimate_calls
+from dspy_sweeps.plan import Trial, expand_grid, plan_trials
+
+
+@dataclass(frozen=True)
+class Prepared:
+    sweep: Sweep
+    data: Dataset
+    trials: list[Trial]
+
+    @property
+    def estimated_calls(self) -> int:
+        return sum(t.estimated_calls for t in self.trials)
+
+
+def prepare(sweep: Sweep) -> Prepared:
+    """Validate the sweep against its data and code; SweepError on the first problem found."""
+    data = load_dataset(sweep.data)
+    predictors = len(build_program(sweep.program).predictors())
+    if not callable(load_object(sweep.metric, "metric")):
+        raise SweepError(f"metric: '{sweep.metric}' is not callable")
+    for i, spec in enumerate(sweep.optimizers):
+        for settings in expand_grid(spec.settings):
+            bind_settings(spec.kind, settings, where=f"optimizers.{i}")
+    sizes = (len(data.train), len(data.val), len(data.test))
+    trials = [
+        dataclasses.replace(t, estimated_calls=estimate_calls(t.kind, t.settings, sizes, predictors))
+        for t in plan_trials(sweep)
+    ]
+    prepared = Prepared(sweep, data, trials)
+    _check_budget(prepared)
+    _check_tracking(sweep)
+    check_keys(sweep)
+    return prepared
+
+
+def _check_budget(prepared: Prepared) -> None:
+    limit = prepared.sweep.budget.max_lm_calls
+    if limit is not None and prepared.estimated_calls > limit:
+        raise SweepError(
+            f"budget.max_lm_calls: the plan needs about {prepared.estimated_calls:,} LM calls, "
+            f"over the budget of {limit:,} (raise it, or trim the grid)"
+        )
+
+
+def _check_tracking(sweep: Sweep) -> None:
+    wandb = sweep.tracking.wandb
+    if wandb and wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise SweepError("tracking.wandb.mode: online needs the WANDB_API_KEY variable (or use mode: offline)")
+    if sweep.promote and sweep.tracking.mlflow is None:
+        raise SweepError("promote: promotion uses the MLflow registry, so tracking.mlflow must not be null")

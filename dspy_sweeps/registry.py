@@ -1,0 +1,195 @@
+"""The promotion gate and the way back: MLflow Model Registry in, `pull`/`load` out.
+
+A sweep's best trial (by validation score; ties: fewer LM calls) takes the alias only if
+its test score beats the current champion's on the same data by more than `min_gain`.
+Programs come back as DSPy JSON state: nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from dspy_sweeps.config import ModelSpec, Promote
+from dspy_sweeps.errors import SweepError
+from dspy_sweeps.results import TrialRecord
+
+CHALLENGER = "challenger"
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    reason: str
+    version: str | None = None
+    alias: str | None = None
+
+
+def best(records: list[TrialRecord]) -> TrialRecord | None:
+    finished = [r for r in records if r.status == "ok" and r.val_score is not None]
+    return min(finished, key=lambda r: (-r.val_score, r.lm_calls, r.trial_id), default=None)
+
+
+def program_sha(program_json: str) -> str:
+    return hashlib.sha256(program_json.encode()).hexdigest()[:16]
+
+
+def promote(
+    promote: Promote,
+    winner: TrialRecord,
+    run_id: str,
+    program: Any,
+    tracking_uri: str,
+    rescore: Callable[[str], float],
+) -> Decision:
+    """Register the winner and move the alias if it beats the champion; `rescore` scores a
+    champion program (JSON state) on this sweep's test split when it was scored on other data."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    sha = program_sha(Path(winner.program_path).read_text())
+    champion = _version_by_alias(client, promote.model, promote.alias)
+    if champion is None:
+        version = _register(client, promote.model, winner, run_id, program, sha, tracking_uri)
+        client.set_registered_model_alias(promote.model, promote.alias, version)
+        return Decision(True, f"no {promote.alias} yet: {winner.trial_id} is the first", version, promote.alias)
+    if champion.tags.get("program_sha") == sha:
+        return Decision(False, f"{winner.trial_id} is the same program as {promote.alias} v{champion.version}; nothing registered")
+    champion_score = _champion_test_score(client, champion, winner.data_fingerprint, rescore)
+    gain = winner.test_score - champion_score
+    if gain > promote.min_gain:
+        version = _register(client, promote.model, winner, run_id, program, sha, tracking_uri)
+        client.set_registered_model_alias(promote.model, promote.alias, version)
+        return Decision(
+            True, f"test {winner.test_score:.3f} beats {promote.alias} v{champion.version} ({champion_score:.3f}) by {gain:+.3f}",
+            version, promote.alias,
+        )  # fmt: skip
+    why = f"test {winner.test_score:.3f} does not beat {promote.alias} v{champion.version} ({champion_score:.3f}) by more than min_gain {promote.min_gain}"
+    challenger = _version_by_alias(client, promote.model, CHALLENGER)
+    if challenger is not None and challenger.tags.get("program_sha") == sha:
+        return Decision(False, f"{why}; already registered as {CHALLENGER} v{challenger.version}")
+    version = _register(client, promote.model, winner, run_id, program, sha, tracking_uri)
+    client.set_registered_model_alias(promote.model, CHALLENGER, version)
+    return Decision(False, f"{why}; registered as {CHALLENGER} v{version}", version, CHALLENGER)
+
+
+def _version_by_alias(client: Any, name: str, alias: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _champion_test_score(client: Any, champion: Any, fingerprint: str, rescore: Callable[[str], float]) -> float:
+    if champion.tags.get("data_fingerprint") == fingerprint:
+        return float(champion.tags["test_score"])
+    with tempfile.TemporaryDirectory() as tmp:
+        program_json = (_download(client, champion.run_id, Path(tmp)) / "program.json").read_text()
+    return rescore(program_json)
+
+
+def _register(client: Any, name: str, winner: TrialRecord, run_id: str, program: Any, sha: str, uri: str) -> str:
+    """Log the program with `mlflow.dspy` (so `mlflow.dspy.load_model` works) and register it."""
+    import dspy
+    import mlflow
+    from importlib.metadata import version
+
+    mlflow.set_tracking_uri(uri)
+    # Its pickle warning is about `mlflow.dspy.load_model`; `sweep pull`/`load` read the JSON state instead.
+    logging.getLogger("mlflow.dspy.save").setLevel(logging.ERROR)
+    # mlflow.dspy saves dspy.settings with the model: clear the LM so no endpoint or key goes with it.
+    with dspy.context(lm=None), mlflow.start_run(run_id=run_id):
+        info = mlflow.dspy.log_model(program, name="model")
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name)
+    tags = {
+        "sweep": winner.sweep, "trial": winner.trial_id, "optimizer": winner.kind, "settings": winner.settings,
+        "student": winner.student, "teacher": winner.teacher or "", "val_score": str(winner.val_score),
+        "test_score": str(winner.test_score), "data_fingerprint": winner.data_fingerprint, "program_sha": sha,
+        "versions": json.dumps({p: version(p) for p in ("dspy", "dspy-sweeps", "mlflow")}),
+    }  # fmt: skip
+    mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags)
+    return mv.version
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """`name@alias` or `name/version` → (name, alias, version)."""
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, alias, None
+    if "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        return name, None, version
+    return ref, "champion", None
+
+
+def pull(ref: str, out: Path, tracking_uri: str) -> Path:
+    """Write the registered program (DSPy JSON state + metadata.json) to `out`; returns `out`."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    name, alias, version = parse_ref(ref)
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException:
+        raise SweepError(f"{ref}: no such registered model version at {tracking_uri}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    _download(client, mv.run_id, out)
+    meta = json.loads((out / "metadata.json").read_text())
+    meta["registry"] = {"name": name, "version": mv.version, "alias": alias, "tracking_uri": tracking_uri}
+    (out / "metadata.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def _download(client: Any, run_id: str, out: Path) -> Path:
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, "program", tmp))
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("program.json", "metadata.json"):
+            shutil.copyfile(local / name, out / name)
+    return out
+
+
+def load_pulled(folder: Path, *, model: str | None = None, api_base: str | None = None, api_key_env: str | None = None) -> Any:
+    """A ready module from a pulled folder. The student is the one it was compiled for unless
+    overridden; a simulated student needs the `api_base` of a running `sweep sim`."""
+    from dspy_sweeps.imports import restore_program
+    from dspy_sweeps.lms import build_lm, resolve
+
+    meta = json.loads((folder / "metadata.json").read_text())
+    student = ModelSpec(**meta["student"])
+    student = student.model_copy(update={k: v for k, v in {"model": model, "api_key_env": api_key_env}.items() if v})
+    student = resolve(student, api_base) if student.simulated else student
+    if api_base and not student.simulated:
+        student = student.model_copy(update={"api_base": api_base})
+    program = restore_program(meta["program"], (folder / "program.json").read_text())
+    program.set_lm(build_lm(student))
+    return program
+
+
+def load(
+    ref: str,
+    *,
+    model: str | None = None,
+    api_base: str | None = None,
+    api_key_env: str | None = None,
+    tracking_uri: str | None = None,
+) -> Any:
+    """`dspy_sweeps.load("demo@champion")`: the registered program, ready to call."""
+    from dspy_sweeps.state import State
+    from dspy_sweeps.tracking import tracking_uri as default_uri
+
+    uri = tracking_uri or default_uri(None, State.at())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pull(ref, Path(tmp), uri)
+        return load_pulled(folder, model=model, api_base=api_base, api_key_env=api_key_env)

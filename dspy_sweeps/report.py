@@ -1,0 +1,50 @@
+"""Rich tables for the terminal: the plan, the leaderboard, the promotion decision."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from dspy_sweeps.preflight import Prepared
+from dspy_sweeps.registry import Decision
+
+
+def plan_table(prepared: Prepared) -> Table:
+    table = Table(title=f"{prepared.sweep.name}: {len(prepared.trials)} trials")
+    for column in ("trial", "optimizer", "student", "teacher", "seed", "est. LM calls"):
+        table.add_column(column, justify="right" if column.startswith(("seed", "est")) else "left")
+    for t in prepared.trials:
+        teacher = t.teacher.name if t.teacher and t.kind != "none" else "-"
+        table.add_row(t.id, t.label, t.student.name, teacher, str(t.seed), f"{t.estimated_calls:,}")
+    table.caption = f"about {prepared.estimated_calls:,} LM calls in all (budget: {prepared.sweep.budget.max_lm_calls or 'none'})"
+    return table
+
+
+def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") -> Table:
+    """Trials best first, each beside its student's baseline (uncompiled) score."""
+    baselines = {r["student"]: r["val_score"] for r in rows if r["kind"] == "none" and r["status"] == "ok"}
+    ordered = sorted(rows, key=lambda r: (r["status"] != "ok", -(r["val_score"] or 0), r["lm_calls"]))
+    table = Table(title=title)
+    for column in ("#", "trial", "val", "baseline", "gain", "test", "LM calls", "tokens", "time s", "status"):
+        table.add_column(column, justify="left" if column in ("trial", "status") else "right")
+    for rank, r in enumerate(ordered, 1):
+        base = baselines.get(r["student"])
+        ok = r["status"] == "ok"
+        gain = f"{r['val_score'] - base:+.3f}" if ok and base is not None else "-"
+        table.add_row(
+            str(rank), r["trial_id"], _score(r["val_score"]), _score(base), gain, _score(r["test_score"]),
+            f"{r['lm_calls']:,}", f"{(r['prompt_tokens'] or 0) + (r['completion_tokens'] or 0):,}",
+            f"{r['duration_s']:.1f}", "ok" if ok else f"[red]failed[/]: {r['error']}",
+        )  # fmt: skip
+    return table
+
+
+def decision_line(decision: Decision) -> str:
+    if decision.promoted:
+        return f"[green]promoted[/] v{decision.version} as @{decision.alias}: {decision.reason}"
+    return f"[yellow]not promoted[/]: {decision.reason}"
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

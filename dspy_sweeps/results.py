@@ -1,0 +1,75 @@
+"""Trial records on disk (one Parquet file per sweep) and the leaderboard, read through DuckDB."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dspy_sweeps.plan import Trial
+from dspy_sweeps.trial import TrialResult
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One leaderboard row: what the trial was, and what it produced."""
+
+    sweep: str
+    trial_id: str
+    kind: str
+    settings: str
+    student: str
+    teacher: str | None
+    seed: int
+    status: str
+    error: str | None
+    val_score: float | None
+    test_score: float | None
+    lm_calls: int
+    estimated_calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    duration_s: float
+    program_path: str | None
+    data_fingerprint: str
+
+    @classmethod
+    def of(cls, sweep: str, trial: Trial, result: TrialResult, program_path: Path | None, fingerprint: str) -> TrialRecord:
+        return cls(
+            sweep=sweep, trial_id=trial.id, kind=trial.kind, settings=json.dumps(trial.settings, sort_keys=True),
+            student=trial.student.model, teacher=trial.teacher.model if trial.teacher and trial.kind != "none" else None,
+            seed=trial.seed, status=result.status, error=result.error, val_score=result.val_score,
+            test_score=result.test_score, lm_calls=result.lm_calls, estimated_calls=trial.estimated_calls,
+            prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+            duration_s=result.duration_s, program_path=str(program_path) if program_path else None,
+            data_fingerprint=fingerprint,
+        )  # fmt: skip
+
+
+def write_records(path: Path, records: list[TrialRecord]) -> None:
+    """Rewrite the sweep's file atomically: a crash mid-write leaves the previous file intact."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(pa.Table.from_pylist([asdict(r) for r in records]), tmp)
+    os.replace(tmp, path)
+
+
+def leaderboard(path: Path) -> list[dict[str, Any]]:
+    """Finished trials best first (val score, then fewer LM calls), failed trials last."""
+    import duckdb
+
+    query = """
+        SELECT trial_id, kind, settings, student, teacher, seed, status, error, val_score, test_score,
+               lm_calls, prompt_tokens, completion_tokens, duration_s, program_path, data_fingerprint
+        FROM read_parquet(?)
+        ORDER BY status = 'ok' DESC, val_score DESC NULLS LAST, lm_calls ASC, trial_id
+    """
+    with duckdb.connect(":memory:") as con:
+        result = con.execute(query, [str(path)])
+        columns = [d[0] for d in result.description]
+        return [dict(zip(columns, row, strict=True)) for row in result.fetchall()]

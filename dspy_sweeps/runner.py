@@ -1,0 +1,117 @@
+"""The Ray layer: run opaque trial functions concurrently with Ray Tune, one actor per trial.
+
+Imported only by the commands that run trials, so Ray stays out of `sweep --help`.
+
+It knows trials only by id and a function that returns a JSON-able dict; a trial that
+raises is reported as failed with its reason and never stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray import tune
+
+CPUS_PER_TRIAL = 0.25  # trials wait on LM endpoints, not on the CPU
+
+
+@dataclass(frozen=True)
+class Outcome:
+    trial_id: str
+    result: dict[str, Any] | None
+    error: str | None
+
+
+def start_ray(address: str | None, project_dir: Path) -> None:
+    """Join `address` or start a local Ray whose workers can import the project's `pipelines/`."""
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(p for p in (str(project_dir), os.environ.get("PYTHONPATH")) if p)
+    env_vars = {"PYTHONPATH": pythonpath, "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": env_vars},
+    )
+
+
+def run_trials(
+    trial_ids: list[str],
+    fn: Callable[[str, Any], dict[str, Any]],
+    shared: Any,
+    *,
+    name: str,
+    storage: Path,
+    parallelism: int | None,
+    on_outcome: Callable[[Outcome], None],
+) -> list[Outcome]:
+    """Run `fn(trial_id, shared)` for every id as a Tune trial; `on_outcome` sees each as it ends."""
+    def trainable(config: dict[str, Any], shared: Any = None) -> None:
+        # A trial's own exception is its result (failed, with the reason); Tune's errors are
+        # left for what kills the actor itself. JSON keeps Tune from flattening the record.
+        try:
+            outcome = {"result": fn(config["trial_id"], shared), "error": None}
+        except Exception as exc:  # noqa: BLE001 - any failure of user code fails only this trial
+            outcome = {"result": None, "error": f"{type(exc).__name__}: {exc}"[:1000]}
+        tune.report({"outcome": json.dumps(outcome, default=str)})
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no experiment banner; our progress bar reports
+
+    callback = _OutcomeCallback(on_outcome)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trainable, shared=shared), {"cpu": CPUS_PER_TRIAL}),
+        param_space={"trial_id": tune.grid_search(trial_ids)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=parallelism or len(trial_ids), reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            verbose=0,
+            callbacks=[callback],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        ),
+    )
+    tuner.fit()
+    return callback.outcomes
+
+
+class _OutcomeCallback(tune.Callback):
+    def __init__(self, on_outcome: Callable[[Outcome], None]) -> None:
+        self.on_outcome = on_outcome
+        self.outcomes: list[Outcome] = []
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        outcome = json.loads(result["outcome"])
+        self._emit(Outcome(trial.config["trial_id"], outcome["result"], outcome["error"]))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        error = trial.get_pickled_error() or trial.get_error()
+        self._emit(Outcome(trial.config["trial_id"], None, _reason(error)))
+
+    def _emit(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        self.on_outcome(outcome)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its run config for restoring; the driver-side handler cannot (and need not) go with it.
+        return {"on_outcome": None, "outcomes": []}
+
+
+def _reason(error: BaseException | None) -> str:
+    """The root cause in one line: Ray wraps a trial's exception in its own error types."""
+    while error is not None and getattr(error, "cause", None) is not None:
+        error = error.cause
+    if error is None:
+        return "unknown error"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def stop_ray() -> None:
+    ray.shutdown()

@@ -1,0 +1,10 @@
+"""SIMULATED OpenAI-compatible LM endpoint: a test/demo double for a vLLM student and a cloud teacher.
+
+Not a real model. It answers DSPy prompts from an answer key with a deterministic quality model,
+so optimiser sweeps make real, repeatable differences offline. Start it with
+`python -m dspy_sweeps.sim --answer-key key.jsonl` or `with SimServer(key, workdir) as sim: ...`.
+"""
+
+from dspy_sweeps.sim.launch import SimServer
+
+__all__ = ["SimServer"]

@@ -1,0 +1,153 @@
+"""Trial tracking: one W&B run and one MLflow child run per trial, under a parent run per sweep.
+
+Both are logged from the driver as trials finish, so workers never hold tracking
+credentials. A do-nothing logger stands in when a tracker is off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from dspy_sweeps.config import MlflowSpec, Sweep, WandbSpec
+from dspy_sweeps.plan import Trial
+from dspy_sweeps.results import TrialRecord
+from dspy_sweeps.state import State
+from dspy_sweeps.trial import TrialResult
+
+MLFLOW_PARAM_LIMIT = 6000  # MLflow rejects longer parameter values
+FIGURES = ("val_score", "test_score", "lm_calls", "prompt_tokens", "completion_tokens", "duration_s")
+
+
+class TrialLogger(Protocol):
+    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> None: ...
+    def close(self, status: str) -> None: ...
+
+
+class NullLogger:
+    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> None:
+        pass
+
+    def close(self, status: str) -> None:
+        pass
+
+
+def trial_config(trial: Trial, record: TrialRecord) -> dict[str, Any]:
+    """The settings that define a trial, flat, as W&B config and MLflow params."""
+    return {
+        "trial_id": trial.id, "optimizer": trial.kind, "seed": trial.seed, "student": record.student,
+        "teacher": record.teacher or "", "program": trial.program, "metric": trial.metric,
+        "data_fingerprint": record.data_fingerprint, **{f"settings.{k}": v for k, v in trial.settings.items()},
+    }  # fmt: skip
+
+
+def figures(record: TrialRecord) -> dict[str, float]:
+    return {k: float(getattr(record, k)) for k in FIGURES if getattr(record, k) is not None}
+
+
+class WandbLogger:
+    """Offline runs land under the state dir (`wandb sync` uploads them later)."""
+
+    def __init__(self, spec: WandbSpec, sweep: str, state: State) -> None:
+        self.spec, self.sweep, self.state = spec, sweep, state
+        os.environ.setdefault("WANDB_SILENT", "true")
+        state.wandb.mkdir(parents=True, exist_ok=True)
+
+    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> None:
+        import wandb
+
+        run = wandb.init(
+            project=self.spec.project, entity=self.spec.entity, group=self.sweep, job_type=trial.kind,
+            name=trial.id, config=trial_config(trial, record), mode=self.spec.mode, dir=str(self.state.wandb),
+            reinit="create_new", tags=[record.status],
+        )  # fmt: skip
+        run.summary.update({**figures(record), "status": record.status, "error": record.error or ""})
+        if result.predictions:
+            table = wandb.Table(columns=["inputs", "prediction", "gold", "score"])
+            for p in result.predictions:
+                table.add_data(*(json.dumps(p[k], ensure_ascii=False) for k in ("inputs", "prediction", "gold")), p["score"])
+            run.log({"val_predictions": table})
+        run.finish(exit_code=0 if record.status == "ok" else 1)
+
+    def close(self, status: str) -> None:
+        pass
+
+
+class MlflowLogger:
+    """Child runs carry params, metrics, tags and the program (JSON state + metadata)."""
+
+    def __init__(self, spec: MlflowSpec, sweep: Sweep, state: State, fingerprint: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri(spec, state)
+        self.client = MlflowClient(self.uri)
+        self.sweep = sweep
+        name = spec.experiment or sweep.name
+        experiment = self.client.get_experiment_by_name(name)
+        # A local store keeps artifacts in the state dir too (MLflow's default is ./mlruns).
+        location = None if self.uri.startswith("http") else (state.root / "mlartifacts").as_uri()
+        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name, location)
+        tags = {"dspy_sweeps.sweep": sweep.name, "data_fingerprint": fingerprint}
+        self.parent = self.client.create_run(self.experiment_id, run_name=sweep.name, tags=tags).info.run_id
+        self.run_ids: dict[str, str] = {}
+
+    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        tags = {"mlflow.parentRunId": self.parent, "trial": trial.id, "optimizer": trial.kind, "status": record.status}
+        if record.error:
+            tags["error"] = record.error
+        run_id = self.client.create_run(self.experiment_id, run_name=trial.id, tags=tags).info.run_id
+        params = [Param(k, str(v)[:MLFLOW_PARAM_LIMIT]) for k, v in trial_config(trial, record).items()]
+        metrics = [Metric(k, v, 0, 0) for k, v in figures(record).items()]
+        self.client.log_batch(run_id, metrics=metrics, params=params, tags=[RunTag("sweep", self.sweep.name)])
+        if result.program:
+            self.client.log_text(run_id, result.program, "program/program.json")
+            self.client.log_dict(run_id, program_metadata(self.sweep, trial, record), "program/metadata.json")
+        self.client.set_terminated(run_id, "FINISHED" if record.status == "ok" else "FAILED")
+        self.run_ids[trial.id] = run_id
+
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.parent, status)
+
+
+def tracking_uri(spec: MlflowSpec | None, state: State) -> str:
+    """The sweep's URI, else $MLFLOW_TRACKING_URI, else a SQLite file in the state dir."""
+    return (spec and spec.tracking_uri) or os.environ.get("MLFLOW_TRACKING_URI") or state.mlflow_uri
+
+
+def program_metadata(sweep: Sweep, trial: Trial, record: TrialRecord) -> dict[str, Any]:
+    """What `sweep pull` and `dspy_sweeps.load` need to rebuild the program; no keys, only variable names."""
+    from importlib.metadata import version
+
+    return {
+        "sweep": sweep.name, "trial_id": trial.id, "program": trial.program, "metric": trial.metric,
+        "optimizer": trial.kind, "settings": trial.settings, "seed": trial.seed,
+        "student": trial.student.model_dump(), "teacher": trial.teacher.model_dump() if trial.teacher else None,
+        "inputs": list(sweep.data.inputs), "val_score": record.val_score, "test_score": record.test_score,
+        "data_fingerprint": record.data_fingerprint,
+        "versions": {pkg: version(pkg) for pkg in ("dspy", "dspy-sweeps", "mlflow", "ray")},
+    }  # fmt: skip
+
+
+@dataclass
+class Trackers:
+    wandb: TrialLogger
+    mlflow: TrialLogger
+
+    @classmethod
+    def open(cls, sweep: Sweep, state: State, fingerprint: str) -> Trackers:
+        spec = sweep.tracking
+        wandb = WandbLogger(spec.wandb, sweep.name, state) if spec.wandb and spec.wandb.mode != "disabled" else NullLogger()
+        mlflow = MlflowLogger(spec.mlflow, sweep, state, fingerprint) if spec.mlflow else NullLogger()
+        return cls(wandb, mlflow)
+
+    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> None:
+        self.wandb.log_trial(trial, record, result)
+        self.mlflow.log_trial(trial, record, result)
+
+    def close(self, status: str) -> None:
+        self.wandb.close(status)
+        self.mlflow.close(status)
