@@ -203,9 +203,14 @@ def _apply_override(raw: dict, override: str) -> None:
     node: Any = raw
     for part in parents:
         node = _child(node, part, override)
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        raise SweepError(f"--set {override}: the value is not valid YAML") from None
     if isinstance(node, list):
         node[_index(node, last, override)] = value
+    elif not isinstance(node, dict):
+        raise SweepError(f"--set {override}: '{last}' is inside a value that is not a mapping or list")
     else:
         node[last] = value
 
@@ -226,7 +231,9 @@ def _index(node: list, part: str, override: str) -> int:
 
 def _describe(exc: ValidationError) -> str:
     """One line for the first validation error: the field path and what would be right."""
-    error = exc.errors()[0]
+    errors = exc.errors()
+    # A misspelt required key is both "unknown" and "missing"; the unknown one names the typo.
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = [str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal["))]
     field = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":

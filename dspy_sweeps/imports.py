@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from typing import Any
@@ -32,6 +33,15 @@ def build_program(path: str) -> Any:
     import dspy
 
     factory = load_object(path, "program")
+    if callable(factory):
+        try:
+            inspect.signature(factory).bind()
+        except TypeError as exc:  # e.g. the Signature or the metric named instead of the module
+            raise SweepError(
+                f"program: '{path}' cannot be called without arguments ({exc}); name a dspy.Module subclass"
+            ) from None
+        except ValueError:  # no readable signature: let the call itself decide
+            pass
     program = factory() if callable(factory) else factory
     if not isinstance(program, dspy.Module):
         raise SweepError(f"program: '{path}' gave a {type(program).__name__}, not a dspy.Module")

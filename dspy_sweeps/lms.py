@@ -15,7 +15,7 @@ from typing import Any
 from dspy_sweeps.config import SIM_PREFIX, ModelSpec, Sweep
 from dspy_sweeps.errors import SweepError
 
-SIM_API_KEY = "sim-no-key"
+NO_KEY = "EMPTY"  # what vLLM and SGLang accept when they run without --api-key
 
 
 def resolve(spec: ModelSpec, sim_url: str | None) -> ModelSpec:
@@ -24,7 +24,8 @@ def resolve(spec: ModelSpec, sim_url: str | None) -> ModelSpec:
         return spec
     if sim_url is None:
         raise SweepError(f"{spec.name}: model {spec.model} needs the simulated endpoint, which is not running")
-    return spec.model_copy(update={"model": "openai/" + spec.model.removeprefix(SIM_PREFIX), "api_base": sim_url})
+    served = "openai/" + spec.model.removeprefix(SIM_PREFIX)
+    return spec.model_copy(update={"model": served, "api_base": sim_url, "api_key_env": None})  # the simulator takes no key
 
 
 def build_lm(spec: ModelSpec, cache: bool = True) -> Any:
@@ -36,13 +37,20 @@ def build_lm(spec: ModelSpec, cache: bool = True) -> Any:
         kwargs["temperature"] = spec.temperature
     if spec.max_tokens is not None:
         kwargs["max_tokens"] = spec.max_tokens
+    if spec.api_key_env:
+        kwargs["api_key"] = _key(spec)
     if spec.api_base:
         kwargs["api_base"] = spec.api_base
         # A self-hosted endpoint gets a placeholder, never a cloud key LiteLLM would find in the environment.
-        kwargs["api_key"] = os.environ[spec.api_key_env] if spec.api_key_env else SIM_API_KEY
-    elif spec.api_key_env:
-        kwargs["api_key"] = os.environ[spec.api_key_env]
+        kwargs.setdefault("api_key", NO_KEY)
     return dspy.LM(spec.model, cache=cache, **kwargs)
+
+
+def _key(spec: ModelSpec) -> str:
+    key = os.environ.get(spec.api_key_env or "")
+    if not key:
+        raise SweepError(f"{spec.name} ({spec.model}): API key variable {spec.api_key_env} is not set")
+    return key
 
 
 def check_keys(sweep: Sweep) -> None:

@@ -55,7 +55,7 @@ def promote(
     sha = program_sha(Path(winner.program_path).read_text())
     champion = _version_by_alias(client, promote.model, promote.alias)
     if champion is None:
-        version = _register(client, promote.model, winner, run_id, program, sha, tracking_uri)
+        version = _register(promote.model, winner, run_id, program, sha, tracking_uri)
         client.set_registered_model_alias(promote.model, promote.alias, version)
         return Decision(True, f"no {promote.alias} yet: {winner.trial_id} is the first", version, promote.alias)
     if champion.tags.get("program_sha") == sha:
@@ -63,7 +63,7 @@ def promote(
     champion_score = _champion_test_score(client, champion, winner.data_fingerprint, rescore)
     gain = winner.test_score - champion_score
     if gain > promote.min_gain:
-        version = _register(client, promote.model, winner, run_id, program, sha, tracking_uri)
+        version = _register(promote.model, winner, run_id, program, sha, tracking_uri)
         client.set_registered_model_alias(promote.model, promote.alias, version)
         return Decision(
             True, f"test {winner.test_score:.3f} beats {promote.alias} v{champion.version} ({champion_score:.3f}) by {gain:+.3f}",
@@ -73,7 +73,7 @@ def promote(
     challenger = _version_by_alias(client, promote.model, CHALLENGER)
     if challenger is not None and challenger.tags.get("program_sha") == sha:
         return Decision(False, f"{why}; already registered as {CHALLENGER} v{challenger.version}")
-    version = _register(client, promote.model, winner, run_id, program, sha, tracking_uri)
+    version = _register(promote.model, winner, run_id, program, sha, tracking_uri)
     client.set_registered_model_alias(promote.model, CHALLENGER, version)
     return Decision(False, f"{why}; registered as {CHALLENGER} v{version}", version, CHALLENGER)
 
@@ -95,7 +95,7 @@ def _champion_test_score(client: Any, champion: Any, fingerprint: str, rescore: 
     return rescore(program_json)
 
 
-def _register(client: Any, name: str, winner: TrialRecord, run_id: str, program: Any, sha: str, uri: str) -> str:
+def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: str, uri: str) -> str:
     """Log the program with `mlflow.dspy` (so `mlflow.dspy.load_model` works) and register it."""
     import dspy
     import mlflow
@@ -107,16 +107,14 @@ def _register(client: Any, name: str, winner: TrialRecord, run_id: str, program:
     # mlflow.dspy saves dspy.settings with the model: clear the LM so no endpoint or key goes with it.
     with dspy.context(lm=None), mlflow.start_run(run_id=run_id):
         info = mlflow.dspy.log_model(program, name="model")
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name)
     tags = {
         "sweep": winner.sweep, "trial": winner.trial_id, "optimizer": winner.kind, "settings": winner.settings,
         "student": winner.student, "teacher": winner.teacher or "", "val_score": str(winner.val_score),
         "test_score": str(winner.test_score), "data_fingerprint": winner.data_fingerprint, "program_sha": sha,
         "versions": json.dumps({p: version(p) for p in ("dspy", "dspy-sweeps", "mlflow")}),
     }  # fmt: skip
-    mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags)
-    return mv.version
+    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    return str(mv.version)
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:

@@ -1,0 +1,152 @@
+"""The demo sweep end to end through the real CLI: local Ray, simulated endpoints, W&B offline,
+MLflow on SQLite, promotion, a second run that promotes nothing, pull and load in fresh processes.
+
+A canary key is put where a user's key would be: the teacher is a "real" OpenAI-compatible
+endpoint (a simulator this test starts) whose key comes from `api_key_env`, and OPENAI_API_KEY
+and WANDB_API_KEY are set too. It must appear nowhere in the state directory or the CLI's output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SWEEP = REPO / ".venv" / "bin" / "sweep"
+CANARY = "sk-canary-7f3c9e1d5b"
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_cli(*args: str, state: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "DSPY_SWEEPS_STATE": str(state), **(env or {})}
+    return subprocess.run([str(SWEEP), *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Run the demo twice (the second run must promote nothing) with canaries in the environment."""
+    from dspy_sweeps.config import load_sweep
+    from dspy_sweeps.data import load_dataset
+    from dspy_sweeps.engine import write_answer_key
+    from dspy_sweeps.sim.launch import SimServer
+
+    state = tmp_path_factory.mktemp("state")
+    key = write_answer_key(load_dataset(load_sweep(REPO / "sweeps/demo.yaml").data), state / "teacher-key.jsonl")
+    with SimServer(key, state / "teacher-sim", models=("teacher",), time_scale=0.02) as teacher:
+        env = {"SWEEP_TEACHER_KEY": CANARY, "OPENAI_API_KEY": CANARY, "WANDB_API_KEY": CANARY}
+        overrides = [
+            "--set", "teachers.0.model=openai/teacher", "--set", f"teachers.0.api_base={teacher.base_url}",
+            "--set", "teachers.0.api_key_env=SWEEP_TEACHER_KEY",
+        ]  # fmt: skip
+        first = sweep_cli("run", "sweeps/demo.yaml", *overrides, state=state, env=env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        second = sweep_cli("run", "sweeps/demo.yaml", *overrides, state=state, env=env)
+        assert second.returncode == 0, second.stderr[-3000:]
+        yield {"state": state, "first": first, "second": second}
+
+
+def test_every_trial_finishes_and_beats_nothing_blindly(demo: dict) -> None:
+    import duckdb
+
+    rows = duckdb.sql(f"SELECT kind, status, val_score, test_score, lm_calls FROM '{demo['state']}/results/demo.parquet'").fetchall()
+    assert sorted(r[0] for r in rows) == ["bootstrap_fewshot", "bootstrap_fewshot", "gepa", "mipro_v2", "none"]
+    assert all(r[1] == "ok" for r in rows)
+    baseline = next(r for r in rows if r[0] == "none")
+    best = max(rows, key=lambda r: r[2])
+    assert best[2] > baseline[2], "an optimizer should beat the uncompiled program on the simulator"
+    out = demo["first"].stdout
+    assert "leaderboard" in out and "baseline" in out and "promoted v1 as @champion" in out
+
+
+def test_second_run_sends_no_calls_and_promotes_nothing(demo: dict) -> None:
+    out = demo["second"].stdout
+    assert "not promoted" in out and "same program as champion v1" in out
+    import duckdb
+
+    calls = duckdb.sql(f"SELECT sum(lm_calls) FROM '{demo['state']}/results/demo.parquet'").fetchone()[0]
+    assert calls == 0, "a re-run must be served from the LM cache in the state dir"
+
+
+def test_mlflow_has_a_parent_and_child_runs_and_a_champion(demo: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{demo['state']}/mlflow.db")
+    experiment = client.get_experiment_by_name("demo")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 2 and len(children) == 10  # two sweeps of five trials
+    assert all("val_score" in r.data.metrics and "optimizer" in r.data.params for r in children)
+    champion = client.get_model_version_by_alias("demo", "champion")
+    assert str(champion.version) == "1"
+    assert {"test_score", "data_fingerprint", "optimizer", "student", "versions"} <= set(champion.tags)
+    assert len(client.search_model_versions("name = 'demo'")) == 1
+
+
+def test_wandb_offline_runs_one_per_trial(demo: dict) -> None:
+    runs = list((demo["state"] / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 10
+
+
+def test_pull_writes_json_state_and_metadata(demo: dict, tmp_path: Path) -> None:
+    result = sweep_cli("pull", "demo@champion", "-o", str(tmp_path / "pulled"), state=demo["state"])
+    assert result.returncode == 0, result.stderr
+    state = json.loads((tmp_path / "pulled" / "program.json").read_text())
+    meta = json.loads((tmp_path / "pulled" / "metadata.json").read_text())
+    assert str(meta["registry"]["version"]) == "1" and meta["program"] == "pipelines.arith:Solve"
+    assert any(predictor.get("demos") or predictor.get("signature") for predictor in state.values() if isinstance(predictor, dict))
+
+
+def test_ask_and_load_in_fresh_processes(demo: dict) -> None:
+    asked = sweep_cli("ask", "demo@champion", "question=Each of 4 shelves holds 6 books. How many books are on the shelves?", state=demo["state"])
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    assert "answer:" in asked.stdout
+
+    from dspy_sweeps.sim.launch import SimServer
+
+    key = demo["state"] / "sim" / "demo" / "answer_key.jsonl"
+    with SimServer(key, demo["state"] / "sim-load", models=("student",), time_scale=0.001) as sim:
+        code = (
+            "import dspy_sweeps, mlflow.dspy\n"
+            f"p = dspy_sweeps.load('demo@champion', api_base='{sim.base_url}', tracking_uri='sqlite:///{demo['state']}/mlflow.db')\n"
+            "print('ANSWER', p(question='Ben has 3 apples and gets 4 more. How many apples does Ben have now?').answer)\n"
+            f"mlflow.set_tracking_uri('sqlite:///{demo['state']}/mlflow.db')\n"
+            "m = mlflow.dspy.load_model('models:/demo@champion')\n"
+            "print('MLFLOW', type(m).__name__)\n"
+        )
+        loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert "ANSWER " in loaded.stdout and "MLFLOW Solve" in loaded.stdout
+
+
+def test_no_secret_reaches_state_outputs_or_artifacts(demo: dict) -> None:
+    for run in (demo["first"], demo["second"]):
+        assert CANARY not in run.stdout + run.stderr
+    files = [p for p in demo["state"].rglob("*") if p.is_file()]
+    assert len(files) > 50, "the state dir should hold results, programs, cache, MLflow and W&B files"
+    leaks = [p for p in files if CANARY.encode() in p.read_bytes()]
+    assert leaks == []
+
+
+def test_a_failing_trial_is_recorded_as_failed_and_others_finish(tmp_path: Path) -> None:
+    result = sweep_cli(
+        "run", "sweeps/demo.yaml",
+        "--set", "program=tests.assets.fragile:Solve",
+        "--set", "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]",
+        "--set", "promote=null",
+        state=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    import duckdb
+
+    rows = dict(duckdb.sql(f"SELECT kind, status FROM '{tmp_path}/results/demo.parquet'").fetchall())
+    assert rows == {"none": "ok", "bootstrap_fewshot": "failed"}
+    error, score = duckdb.sql(f"SELECT error, val_score FROM '{tmp_path}/results/demo.parquet' WHERE status = 'failed'").fetchone()
+    assert "breaks when it is given demos" in error and score is None

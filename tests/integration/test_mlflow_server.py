@@ -1,0 +1,89 @@
+"""The remote tracking path: a real `mlflow server` on loopback receives the runs, the
+registered champion and its artifacts, and `sweep pull` reads them back over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = REPO / ".venv" / "bin"
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow server` in its own process group; the whole group is stopped afterwards."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    cmd = [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts"),
+    ]  # fmt: skip
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # or it hangs offline fetching a price map
+    log = (root / "server.log").open("w")
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, (root / "server.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def test_sweep_tracks_registers_and_pulls_through_a_server(mlflow_server: str, tmp_path: Path) -> None:
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "MLFLOW_TRACKING_URI": mlflow_server}
+    run = subprocess.run(
+        [str(BIN / "sweep"), "run", "sweeps/demo.yaml", "--state-dir", str(tmp_path / "state"),
+         "--set", "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "promoted v1 as @champion" in run.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    assert len(runs) == 3  # the sweep's parent run and two trials
+    champion = client.get_model_version_by_alias("demo", "champion")
+    assert champion.tags["optimizer"] == "bootstrap_fewshot"
+    assert not (tmp_path / "state" / "mlflow.db").exists(), "with a server, nothing goes to the local store"
+
+    pulled = subprocess.run(
+        [str(BIN / "sweep"), "pull", "demo@champion", "-o", str(tmp_path / "pulled")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    meta = json.loads((tmp_path / "pulled" / "metadata.json").read_text())
+    assert meta["trial_id"] == champion.tags["trial"] and meta["registry"]["tracking_uri"] == mlflow_server
