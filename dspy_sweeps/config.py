@@ -64,14 +64,23 @@ class ModelSpec(_Strict):
 
     name: str
     model: str
-    api_base: str | None = None
+    api_base: str | list[str] | None = Field(default=None, description="OpenAI-compatible URL, or one per replica")
     api_key_env: str | None = None
     temperature: float | None = None
     max_tokens: int | None = None
+    max_concurrency: int = Field(default=64, gt=0, description="requests in flight at once, over all replicas")
+    rpm: int | None = Field(default=None, gt=0, description="requests per minute, shared by all trials")
+    tpm: int | None = Field(default=None, gt=0, description="tokens per minute, shared by all trials")
+    cost_per_hour: float | None = Field(default=None, ge=0, description="self-hosted: dollars per busy hour")
+    timeout_s: float = Field(default=600.0, gt=0)
 
     @property
     def simulated(self) -> bool:
         return self.model.startswith(SIM_PREFIX)
+
+    @property
+    def api_bases(self) -> tuple[str, ...]:
+        return (self.api_base,) if isinstance(self.api_base, str) else tuple(self.api_base or ())
 
 
 class OptimizerSpec(BaseModel):

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dspy_sweeps.config import Sweep
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.imports import restore_program
-from dspy_sweeps.lms import check_endpoints, resolve
+from dspy_sweeps.lms import check_endpoints, endpoint_for, resolve
 from dspy_sweeps.preflight import Prepared
 from dspy_sweeps.registry import Decision, best, promote
 from dspy_sweeps.results import TrialRecord, write_records
@@ -39,7 +39,8 @@ def run_sweep(prepared: Prepared, state: State, address: str | None, console: Co
 
     sweep = prepared.sweep
     with simulator(sweep, prepared.data, state, console) as sim_url:
-        check_endpoints([(f"{role}", resolve(s, sim_url)) for role, s in _roles(sweep)])
+        check_endpoints([(role, resolve(s, sim_url)) for role, s in _roles(sweep)])
+        endpoints = {s.model_dump_json(): endpoint_for(s, resolve(s, sim_url)) for _, s in _roles(sweep)}
         trackers = Trackers.open(sweep, state, prepared.data.fingerprint)
         records: list[TrialRecord] = []
         trials = {t.id: t for t in prepared.trials}
@@ -55,14 +56,18 @@ def run_sweep(prepared: Prepared, state: State, address: str | None, console: Co
                 write_records(state.results(sweep.name), records)
                 trackers.log_trial(trial, record, result)
                 progress.advance(task)
-                status = f"{record.val_score:.3f}" if record.status == "ok" else f"[red]failed[/]: {record.error}"
+                status = f"{record.val_score:.3f}" if record.status == "ok" else f"[red]{record.status}[/]: {record.error}"
                 progress.console.print(f"  {trial.id}  val {status}")
 
+            from dspy_sweeps.gateway import Budget
             from dspy_sweeps.worker import TrialContext, execute_trial
 
-            ctx = TrialContext(sweep.name, trials, prepared.data, sim_url, str(state.root))
             runner.start_ray(address, Path.cwd())
             try:
+                budget = Budget(sweep.budget.max_lm_calls, sweep.budget.max_usd)
+                gateway = runner.start_gateway(list({e.id: e for e in endpoints.values()}.values()), state.cache, budget)
+                endpoint_ids = {key: e.id for key, e in endpoints.items()}
+                ctx = TrialContext(sweep.name, trials, prepared.data, gateway, endpoint_ids, str(state.root))
                 runner.run_trials(
                     list(trials), execute_trial, ctx, name=sweep.name, storage=state.ray,
                     parallelism=sweep.parallelism, on_outcome=on_outcome,

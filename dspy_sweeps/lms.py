@@ -39,8 +39,8 @@ def build_lm(spec: ModelSpec, cache: bool = True) -> Any:
         kwargs["max_tokens"] = spec.max_tokens
     if spec.api_key_env:
         kwargs["api_key"] = _key(spec)
-    if spec.api_base:
-        kwargs["api_base"] = spec.api_base
+    if spec.api_bases:
+        kwargs["api_base"] = spec.api_bases[0]
         # A self-hosted endpoint gets a placeholder, never a cloud key LiteLLM would find in the environment.
         kwargs.setdefault("api_key", NO_KEY)
     return dspy.LM(spec.model, cache=cache, **kwargs)
@@ -79,16 +79,121 @@ def check_endpoints(specs: list[tuple[str, ModelSpec]], timeout: float = 5.0) ->
     """One short GET /models per self-hosted endpoint, so a typo in api_base costs seconds, not a sweep."""
     seen: set[str] = set()
     for where, spec in specs:
-        if not spec.api_base or spec.api_base in seen:
-            continue
-        seen.add(spec.api_base)
-        url = spec.api_base.rstrip("/") + "/models"
+        for base in spec.api_bases:
+            if base not in seen:
+                seen.add(base)
+                served_models(base, f"{where} ({spec.name})", timeout)
+
+
+def served_models(base: str, where: str, timeout: float = 5.0) -> dict[str, Any]:
+    """GET {base}/models: the served models by id, or {} when the endpoint wants a key to list them."""
+    url = base.rstrip("/") + "/models"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return {m.get("id"): m for m in json.load(response).get("data", [])}
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # an endpoint that asks for a key is there
+            return {}
+        raise SweepError(f"{where}: endpoint {url} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SweepError(f"{where}: endpoint {base} is unreachable ({reason})") from None
+
+
+def endpoint_for(original: ModelSpec, resolved: ModelSpec) -> Any:
+    """The gateway's view of a model. Its id names the model and the served checkpoint (vLLM's
+    `root`), not the URL, so a restarted server or simulator keeps its cache entries."""
+    from dspy_sweeps.gateway import Endpoint
+
+    served = served_name(resolved)
+    root = ""
+    if resolved.api_bases:
+        root = served_models(resolved.api_bases[0], original.name).get(served, {}).get("root") or ""
+    return Endpoint(
+        id=f"{original.model}|{root}", model=served, api_bases=resolved.api_bases, api_key_env=resolved.api_key_env,
+        max_concurrency=resolved.max_concurrency, rpm=resolved.rpm, tpm=resolved.tpm,
+        cost_per_hour=resolved.cost_per_hour, timeout_s=resolved.timeout_s,
+    )  # fmt: skip
+
+
+def served_name(spec: ModelSpec) -> str:
+    """The model name an OpenAI-compatible server knows (`openai/llama-8b` → `llama-8b`)."""
+    return spec.model.split("/", 1)[1] if spec.api_bases and "/" in spec.model else spec.model
+
+
+def build_gateway_lm(spec: ModelSpec, gateway: Any, endpoint_id: str, trial_id: str) -> Any:
+    """A dspy.LM whose calls go through the sweep's gateway (which caches, so DSPy does not)."""
+    import dspy
+
+    kwargs = {k: v for k, v in {"temperature": spec.temperature, "max_tokens": spec.max_tokens}.items() if v is not None}
+    return dspy.LM(spec.model, engine=GatewayEngine(gateway, endpoint_id, trial_id), cache=False, **kwargs)
+
+
+class GatewayEngine:
+    """DSPy 3.4 engine (`complete(Request) -> Response`) that hands each request to the gateway actor."""
+
+    def __init__(self, gateway: Any, endpoint_id: str, trial_id: str) -> None:
+        self.gateway, self.endpoint_id, self.trial_id = gateway, endpoint_id, trial_id
+
+    def complete(self, request: Any) -> Any:
+        import ray
+        from dspy.lm15 import response_from_openai_chat
+
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                json.load(response)
-        except urllib.error.HTTPError as exc:
-            if exc.code not in (401, 403):  # an endpoint that asks for a key is there
-                raise SweepError(f"{where} ({spec.name}): endpoint {url} answered HTTP {exc.code}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise SweepError(f"{where} ({spec.name}): endpoint {spec.api_base} is unreachable ({reason})") from None
+            body = ray.get(self.gateway.complete.remote(self.trial_id, self.endpoint_id, openai_body(request)))
+        except ray.exceptions.RayTaskError as exc:
+            raise lm_error(exc.cause) from None
+        return response_from_openai_chat(body, model=request.model)
+
+    def stream(self, request: Any) -> Any:
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        pass
+
+
+class BudgetSpent(Exception):
+    """The sweep's budget is spent: not retried, and the trial is marked as cut short."""
+
+
+def lm_error(cause: BaseException | None) -> Exception:
+    """The DSPy (lm15) error for a gateway failure, so DSPy's own retry policy applies."""
+    from dspy import lm15
+
+    from dspy_sweeps.gateway import GatewayError
+
+    if not isinstance(cause, GatewayError):
+        return RuntimeError(f"LM gateway failed: {cause!r}")
+    if cause.kind == "budget":
+        return BudgetSpent(str(cause))
+    classes = {
+        "rate_limit": lm15.RateLimitError, "server": lm15.ServerError, "transport": lm15.TransportError,
+        "timeout": lm15.TimeoutError, "auth": lm15.AuthError, "invalid": lm15.InvalidRequestError,
+    }  # fmt: skip
+    return classes[cause.kind](str(cause), status=cause.status, retry_after=cause.retry_after)
+
+
+def openai_body(request: Any) -> dict[str, Any]:
+    """An OpenAI chat-completions body (without `model`) for a text-only lm15 Request."""
+    from dspy.lm15 import UnsupportedFeatureError
+
+    messages = []
+    if request.system is not None:
+        system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+        messages.append({"role": "system", "content": system})
+    for message in request.messages:
+        if message.text is None:
+            raise UnsupportedFeatureError("the sweep gateway sends text messages only")
+        messages.append({"role": message.role, "content": message.text})
+    config = request.config
+    body: dict[str, Any] = {"messages": messages}
+    for name in ("max_tokens", "temperature", "top_p", "seed", "frequency_penalty", "presence_penalty"):
+        if getattr(config, name) is not None:
+            body[name] = getattr(config, name)
+    if config.stop:
+        body["stop"] = list(config.stop)
+    if config.response_format is not None:
+        body["response_format"] = config.response_format
+    return {**body, **(config.extensions or {})}

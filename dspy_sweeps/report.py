@@ -26,7 +26,7 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") ->
     baselines = {r["student"]: r["val_score"] for r in rows if r["kind"] == "none" and r["status"] == "ok"}
     ordered = sorted(rows, key=lambda r: (r["status"] != "ok", -(r["val_score"] or 0), r["lm_calls"]))
     table = Table(title=title)
-    for column in ("#", "trial", "val", "baseline", "gain", "test", "LM calls", "tokens", "time s", "status"):
+    for column in ("#", "trial", "val", "baseline", "gain", "test", "calls sent/asked", "tokens", "cost $", "time s", "status"):
         table.add_column(column, justify="left" if column in ("trial", "status") else "right")
     for rank, r in enumerate(ordered, 1):
         base = baselines.get(r["student"])
@@ -34,8 +34,8 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") ->
         gain = f"{r['val_score'] - base:+.3f}" if ok and base is not None else "-"
         table.add_row(
             str(rank), r["trial_id"], _score(r["val_score"]), _score(base), gain, _score(r["test_score"]),
-            f"{r['lm_calls']:,}", f"{(r['prompt_tokens'] or 0) + (r['completion_tokens'] or 0):,}",
-            f"{r['duration_s']:.1f}", "ok" if ok else f"[red]failed[/]: {r['error']}",
+            f"{r['lm_calls']:,}/{r['calls_requested']:,}", f"{(r['prompt_tokens'] or 0) + (r['completion_tokens'] or 0):,}",
+            f"{r['cost_usd']:.4f}", f"{r['duration_s']:.1f}", "ok" if ok else f"[red]{r['status']}[/]: {r['error']}",
         )  # fmt: skip
     return table
 

@@ -42,6 +42,14 @@ def start_ray(address: str | None, project_dir: Path) -> None:
     )
 
 
+def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any) -> Any:
+    """The sweep's LM gateway as an async actor: one event loop serving every trial's calls."""
+    from dspy_sweeps.gateway import GatewayCore
+
+    actor = ray.remote(num_cpus=0, max_concurrency=100_000)(GatewayCore)
+    return actor.remote(endpoints, str(cache_dir), budget)
+
+
 def run_trials(
     trial_ids: list[str],
     fn: Callable[[str, Any], dict[str, Any]],

@@ -18,7 +18,10 @@ from dspy_sweeps.state import State
 from dspy_sweeps.trial import TrialResult
 
 MLFLOW_PARAM_LIMIT = 6000  # MLflow rejects longer parameter values
-FIGURES = ("val_score", "test_score", "lm_calls", "prompt_tokens", "completion_tokens", "duration_s")
+FIGURES = (
+    "val_score", "test_score", "lm_calls", "calls_requested", "cache_hits", "merged_calls", "failed_calls",
+    "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "duration_s",
+)  # fmt: skip
 
 
 class TrialLogger(Protocol):

@@ -2,6 +2,7 @@
 
 `run_trial(trial, data, lms)` is a plain function a Ray worker imports; it knows DSPy,
 not Ray. It raises on failure, so the caller records the reason instead of a score of 0.
+LM accounting (calls, tokens, cost) is the gateway's, filled in by the worker.
 """
 
 from __future__ import annotations
@@ -30,13 +31,19 @@ class TrialResult:
     """What a trial produced; `program` is DSPy's JSON state of the compiled program."""
 
     trial_id: str
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "failed" | "cut" (stopped by the sweep's budget)
     error: str | None = None
     val_score: float | None = None
     test_score: float | None = None
-    lm_calls: int = 0
+    lm_calls: int = 0  # calls sent to an endpoint
+    calls_requested: int = 0
+    cache_hits: int = 0
+    merged_calls: int = 0
+    failed_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    latency_s: float = 0.0
+    cost_usd: float = 0.0
     duration_s: float = 0.0
     program: str | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list)
@@ -48,50 +55,19 @@ def run_trial(trial: Trial, data: Dataset, lms: TrialLMs, workdir: Path) -> Tria
     start = time.monotonic()
     metric = load_object(trial.metric, "metric")
     trainset, valset, testset = (to_examples(rows, data.inputs) for rows in (data.train, data.val, data.test))
-    usage = shared_usage_tracker()
-    with dspy.context(lm=lms.student, usage_tracker=usage):
+    with dspy.context(lm=lms.student):
         program = compile_program(trial, build_program(trial.program), metric, lms, trainset, valset, workdir)
         val_score, predictions = evaluate(program, valset, metric, trial.num_threads)
         test_score, _ = evaluate(program, testset, metric, trial.num_threads)
-    totals = [entry for entries in usage.usage_data.values() for entry in entries]
     return TrialResult(
         trial_id=trial.id,
         status="ok",
         val_score=val_score,
         test_score=test_score,
-        lm_calls=len(totals),
-        prompt_tokens=sum(e.get("prompt_tokens") or 0 for e in totals),
-        completion_tokens=sum(e.get("completion_tokens") or 0 for e in totals),
         duration_s=round(time.monotonic() - start, 3),
         program=json.dumps(program.dump_state(), sort_keys=True, default=str),
         predictions=predictions,
     )
-
-
-def shared_usage_tracker() -> Any:
-    """A usage tracker that also counts calls made in DSPy's worker threads.
-
-    DSPy deep-copies the tracker into each thread of a ParallelExecutor (Evaluate, MIPROv2,
-    GEPA), so a plain `dspy.track_usage()` misses every threaded call. Sharing one instance
-    behind a lock counts them all; DSPy records usage only for calls that missed the cache.
-    """
-    import threading
-
-    from dspy.utils.usage_tracker import UsageTracker
-
-    class _SharedUsage(UsageTracker):
-        def __init__(self) -> None:
-            super().__init__()
-            self._lock = threading.Lock()
-
-        def __deepcopy__(self, memo: dict) -> _SharedUsage:
-            return self
-
-        def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
-            with self._lock:
-                super().add_usage(lm, usage_entry)
-
-    return _SharedUsage()
 
 
 def compile_program(

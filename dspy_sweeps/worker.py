@@ -1,16 +1,17 @@
-"""What a Ray trial actor runs: build the trial's LMs, point DSPy's cache at the state dir, run it."""
+"""What a Ray trial actor runs: build the trial's LMs on the sweep's gateway, run it, add its accounting."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.data import Dataset
-from dspy_sweeps.lms import build_lm, resolve
+from dspy_sweeps.lms import build_gateway_lm
 from dspy_sweeps.plan import Trial
 from dspy_sweeps.state import State
-from dspy_sweeps.trial import TrialLMs, run_trial
+from dspy_sweeps.trial import TrialLMs, TrialResult, run_trial
 
 
 @dataclass(frozen=True)
@@ -20,19 +21,37 @@ class TrialContext:
     sweep: str
     trials: dict[str, Trial]
     data: Dataset
-    sim_url: str | None
+    gateway: Any  # the gateway actor's handle
+    endpoint_ids: dict[str, str]  # ModelSpec JSON -> gateway endpoint id
     state_root: str
 
 
 def execute_trial(trial_id: str, ctx: TrialContext) -> dict[str, Any]:
-    import dspy
+    import ray
 
-    state = State(Path(ctx.state_root))
-    # The LM cache is shared by all trials and kept across runs: a re-run pays only for new calls.
-    dspy.configure_cache(disk_cache_dir=str(state.cache))
     trial = ctx.trials[trial_id]
-    student = build_lm(resolve(trial.student, ctx.sim_url))
-    teacher = build_lm(resolve(trial.teacher, ctx.sim_url)) if trial.teacher else student
-    workdir = state.trial_dir(ctx.sweep, trial_id)
+    if ray.get(ctx.gateway.exhausted.remote()):
+        return asdict(TrialResult(trial_id, "cut", error="not started: the sweep's budget is spent"))
+    student = _lm(ctx, trial.student, trial_id)
+    teacher = _lm(ctx, trial.teacher, trial_id) if trial.teacher else student
+    workdir = State(Path(ctx.state_root)).trial_dir(ctx.sweep, trial_id)
     workdir.mkdir(parents=True, exist_ok=True)
-    return asdict(run_trial(trial, ctx.data, TrialLMs(student, teacher), workdir))
+    try:
+        result = run_trial(trial, ctx.data, TrialLMs(student, teacher), workdir)
+    except Exception as exc:
+        if not ray.get(ctx.gateway.exhausted.remote()):
+            raise
+        result = TrialResult(trial_id, "cut", error=f"stopped when the sweep's budget was spent ({type(exc).__name__})")
+    stats = ray.get(ctx.gateway.trial_stats.remote(trial_id))
+    return asdict(
+        dataclasses.replace(
+            result, lm_calls=stats.sent, calls_requested=stats.requested, cache_hits=stats.cache_hits,
+            merged_calls=stats.merged, failed_calls=stats.failed, prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens, latency_s=round(stats.latency_s, 3),
+            cost_usd=round(stats.cost_usd, 6),
+        )  # fmt: skip
+    )
+
+
+def _lm(ctx: TrialContext, spec: Any, trial_id: str) -> Any:
+    return build_gateway_lm(spec, ctx.gateway, ctx.endpoint_ids[spec.model_dump_json()], trial_id)

@@ -1,0 +1,345 @@
+"""The LM gateway: every LM call of every trial goes through one asyncio service per sweep.
+
+Trials talk to it through `GatewayEngine`, a DSPy engine (DSPy 3.4's `complete(Request) ->
+Response` contract), so DSPy keeps its adapters, retries, callbacks and history while the
+gateway owns the connection. The gateway, shared by all trials of the sweep:
+
+- merges identical requests that are in flight at the same time, from any trial or process;
+- serves repeats from a disk cache under the state dir (a re-run pays nothing), keyed by
+  the endpoint's identity (model and served checkpoint), so two models never share entries;
+- keeps at most `max_concurrency` requests in flight per endpoint, spread over its replicas;
+- honours `rpm`/`tpm` limits and a 429's `Retry-After` for the whole endpoint at once;
+- counts per trial: calls requested, sent, served from cache, merged, failed, tokens,
+  latency and cost (LiteLLM's price map for cloud models, `cost_per_hour` × busy time for
+  self-hosted ones); and enforces the sweep's budget.
+
+Why one async actor rather than a LiteLLM proxy in front of the endpoints: a proxy would
+still leave identical in-flight requests from different trials unmerged, and it adds a
+second HTTP hop and a server process to operate; the actor is one Python object that Ray
+places and supervises, and its per-call overhead is measured in `make bench`.
+
+`GatewayCore` is plain asyncio (tested without Ray); `start_gateway` wraps it in a Ray actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+Body = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one model is served. `api_bases` empty means a cloud model reached through LiteLLM."""
+
+    id: str  # identity in cache keys: the sweep's model string plus the served checkpoint
+    model: str  # the name sent in requests (served name, or a LiteLLM model string)
+    api_bases: tuple[str, ...] = ()
+    api_key_env: str | None = None
+    max_concurrency: int = 64
+    rpm: int | None = None
+    tpm: int | None = None
+    cost_per_hour: float | None = None
+    timeout_s: float = 600.0
+
+
+@dataclass
+class CallStats:
+    requested: int = 0
+    sent: int = 0
+    cache_hits: int = 0
+    merged: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0  # summed over calls sent
+    slot_s: float = 0.0  # endpoint slot-seconds the trial's calls occupied
+    cost_usd: float = 0.0
+
+    def add(self, other: CallStats) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+@dataclass
+class Budget:
+    max_lm_calls: int | None = None
+    max_usd: float | None = None
+
+
+class GatewayError(Exception):
+    """A call the gateway could not complete; `kind` maps to a DSPy (lm15) error in the engine."""
+
+    def __init__(self, kind: str, message: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.kind, self.status, self.retry_after = kind, status, retry_after
+
+
+@dataclass
+class _EndpointState:
+    endpoint: Endpoint
+    slots: asyncio.Semaphore
+    in_flight: dict[str, int] = field(default_factory=dict)  # per replica base URL
+    paused_until: float = 0.0
+    requests: deque = field(default_factory=deque)  # start times of requests in the last minute
+    tokens: deque = field(default_factory=deque)  # (time, total tokens) of answers in the last minute
+    running: int = 0
+    busy_since: float | None = None
+    busy_s: float = 0.0
+    slot_s: float = 0.0
+
+
+class GatewayCore:
+    def __init__(self, endpoints: list[Endpoint], cache_dir: str | None, budget: Budget | None = None) -> None:
+        import diskcache
+
+        self.endpoints = {e.id: _EndpointState(e, asyncio.Semaphore(e.max_concurrency)) for e in endpoints}
+        for state in self.endpoints.values():
+            state.in_flight = {base: 0 for base in state.endpoint.api_bases}
+        self.cache = diskcache.Cache(cache_dir) if cache_dir else None
+        self.budget = budget or Budget()
+        self.pending: dict[str, asyncio.Future] = {}
+        self.stats: dict[str, CallStats] = {}
+        self.session: Any = None
+        self.started = time.monotonic()
+
+    # -- the call path -------------------------------------------------------------------
+
+    async def complete(self, trial_id: str, endpoint_id: str, body: Body) -> Body:
+        """An OpenAI chat-completions response for `body`, from cache, a merged call or the endpoint."""
+        stats = self.stats.setdefault(trial_id, CallStats())
+        stats.requested += 1
+        state = self.endpoints[endpoint_id]
+        cacheable = not body.get("temperature")  # sampled calls (temperature > 0) must stay distinct
+        key = _key(endpoint_id, body)
+        if cacheable and self.cache is not None and (hit := self.cache.get(key)) is not None:
+            stats.cache_hits += 1
+            return hit
+        if cacheable and key in self.pending:
+            stats.merged += 1
+            return await asyncio.shield(self.pending[key])
+        self._check_budget()
+        future = asyncio.get_running_loop().create_future()
+        if cacheable:
+            self.pending[key] = future
+        try:
+            response = await self._send(state, body, stats)
+            if cacheable and self.cache is not None:
+                self.cache.set(key, response)
+            future.set_result(response)
+            return response
+        except Exception as exc:
+            stats.failed += 1
+            future.set_exception(exc)
+            future.exception()  # retrieved: merged callers re-raise it, nobody else must
+            raise
+        finally:
+            self.pending.pop(key, None)
+
+    async def _send(self, state: _EndpointState, body: Body, stats: CallStats) -> Body:
+        endpoint = state.endpoint
+        for attempt in range(8):
+            await self._admit(state, body)
+            async with state.slots:
+                start = self._occupy(state)
+                try:
+                    response, cost = await self._post(state, body)
+                except GatewayError as exc:
+                    if exc.kind != "rate_limit" or attempt == 7:
+                        raise
+                    # A 429 pauses the whole endpoint, so concurrent trials do not storm it too.
+                    state.paused_until = max(state.paused_until, time.monotonic() + (exc.retry_after or 2.0**attempt))
+                    continue
+                finally:
+                    elapsed = self._release(state, start)
+            usage = response.get("usage") or {}
+            stats.sent += 1
+            stats.prompt_tokens += usage.get("prompt_tokens") or 0
+            stats.completion_tokens += usage.get("completion_tokens") or 0
+            stats.latency_s += elapsed
+            stats.slot_s += elapsed
+            stats.cost_usd += cost
+            state.tokens.append((time.monotonic(), usage.get("total_tokens") or 0))
+            return response
+        raise GatewayError("rate_limit", f"{endpoint.model}: still rate limited after 8 attempts")
+
+    async def _admit(self, state: _EndpointState, body: Body) -> None:
+        """Wait out a Retry-After pause and the endpoint's requests/tokens-per-minute limits."""
+        endpoint = state.endpoint
+        while True:
+            now = time.monotonic()
+            if state.paused_until > now:
+                await asyncio.sleep(state.paused_until - now)
+                continue
+            while state.requests and now - state.requests[0] > 60:
+                state.requests.popleft()
+            while state.tokens and now - state.tokens[0][0] > 60:
+                state.tokens.popleft()
+            if endpoint.rpm is not None and len(state.requests) >= endpoint.rpm:
+                await asyncio.sleep(60 - (now - state.requests[0]) + 0.01)
+            elif endpoint.tpm is not None and sum(t for _, t in state.tokens) >= endpoint.tpm:
+                await asyncio.sleep(60 - (now - state.tokens[0][0]) + 0.01)
+            else:
+                state.requests.append(now)
+                return
+
+    def _occupy(self, state: _EndpointState) -> float:
+        now = time.monotonic()
+        if state.running == 0:
+            state.busy_since = now
+        state.running += 1
+        return now
+
+    def _release(self, state: _EndpointState, start: float) -> float:
+        """Seconds the call held its slot; the endpoint's busy time ends when its last call does."""
+        now = time.monotonic()
+        state.running -= 1
+        state.slot_s += now - start
+        if state.running == 0:
+            state.busy_s += now - (state.busy_since or now)
+        return now - start
+
+    async def _post(self, state: _EndpointState, body: Body) -> tuple[Body, float]:
+        if not state.endpoint.api_bases:
+            return await _litellm_call(state.endpoint, body)
+        base = min(state.in_flight, key=state.in_flight.__getitem__)  # least-loaded replica
+        state.in_flight[base] += 1
+        try:
+            return await self._http_call(state.endpoint, base, body), 0.0
+        finally:
+            state.in_flight[base] -= 1
+
+    async def _http_call(self, endpoint: Endpoint, base: str, body: Body) -> Body:
+        import aiohttp
+
+        if self.session is None:
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        key = os.environ.get(endpoint.api_key_env or "") or "EMPTY"
+        headers = {"Authorization": f"Bearer {key}"}
+        timeout = aiohttp.ClientTimeout(total=endpoint.timeout_s)
+        try:
+            async with self.session.post(
+                f"{base.rstrip('/')}/chat/completions", json={**body, "model": endpoint.model}, headers=headers, timeout=timeout
+            ) as response:
+                text = await response.text()
+                if response.status == 200:
+                    return _parse_completion(text, endpoint)
+                retry_after = _seconds(response.headers.get("Retry-After"))
+                raise GatewayError(_kind(response.status), f"{endpoint.model}: HTTP {response.status}: {text[:300]}",
+                                   response.status, retry_after)  # fmt: skip
+        except asyncio.TimeoutError:
+            raise GatewayError("timeout", f"{endpoint.model}: no answer within {endpoint.timeout_s:.0f} s") from None
+        except aiohttp.ClientError as exc:
+            raise GatewayError("transport", f"{endpoint.model}: {type(exc).__name__}: {exc}") from None
+
+    def _check_budget(self) -> None:
+        totals = self.totals()
+        if self.budget.max_lm_calls is not None and totals.sent >= self.budget.max_lm_calls:
+            raise GatewayError("budget", f"the sweep's budget of {self.budget.max_lm_calls:,} LM calls is spent")
+        if self.budget.max_usd is not None and totals.cost_usd >= self.budget.max_usd:
+            raise GatewayError("budget", f"the sweep's budget of ${self.budget.max_usd:.2f} is spent")
+
+    # -- accounting ----------------------------------------------------------------------
+
+    def exhausted(self) -> bool:
+        try:
+            self._check_budget()
+        except GatewayError:
+            return True
+        return False
+
+    def trial_stats(self, trial_id: str) -> CallStats:
+        """A trial's figures, with self-hosted busy time turned into dollars by its share of slot time."""
+        stats = CallStats(**asdict(self.stats.get(trial_id, CallStats())))
+        stats.cost_usd += self._hosted_cost_share(stats)
+        return stats
+
+    def _hosted_cost_share(self, stats: CallStats) -> float:
+        total_slot = sum(s.slot_s for s in self.endpoints.values()) or 1.0
+        hosted = sum(s.busy_s * (s.endpoint.cost_per_hour or 0) / 3600 for s in self.endpoints.values())
+        return hosted * stats.slot_s / total_slot
+
+    def totals(self) -> CallStats:
+        total = CallStats()
+        for stats in self.stats.values():
+            total.add(stats)
+        return total
+
+    def utilisation(self) -> dict[str, float]:
+        """Busy slot-seconds over slots × wall time, per endpoint, since the gateway started."""
+        wall = time.monotonic() - self.started
+        return {eid: s.slot_s / (s.endpoint.max_concurrency * wall) for eid, s in self.endpoints.items()}
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        if self.cache is not None:
+            self.cache.close()
+
+
+def _key(endpoint_id: str, body: Body) -> str:
+    return hashlib.sha256(json.dumps([endpoint_id, body], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _kind(status: int) -> str:
+    if status in (401, 403):
+        return "auth"
+    if status == 429:
+        return "rate_limit"
+    if status >= 500:
+        return "server"
+    return "invalid"
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(float(value), 0.0) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _parse_completion(text: str, endpoint: Endpoint) -> Body:
+    try:
+        body = json.loads(text)
+        body["choices"][0]["message"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise GatewayError("server", f"{endpoint.model}: the endpoint answered with a malformed completion") from None
+    return body
+
+
+async def _litellm_call(endpoint: Endpoint, body: Body) -> tuple[Body, float]:
+    """A cloud model: LiteLLM speaks the provider's protocol and prices the call from its cost map."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    kwargs = {"api_key": os.environ[endpoint.api_key_env]} if endpoint.api_key_env else {}
+    try:
+        response = await litellm.acompletion(
+            model=endpoint.model, num_retries=0, timeout=endpoint.timeout_s, **kwargs, **body
+        )
+    except litellm.RateLimitError as exc:
+        raise GatewayError("rate_limit", f"{endpoint.model}: rate limited", 429, _retry_after(exc)) from None
+    except litellm.AuthenticationError:
+        variable = endpoint.api_key_env or "the provider's key variable"
+        raise GatewayError("auth", f"{endpoint.model}: the provider refused the key in {variable}", 401) from None
+    except (litellm.APIConnectionError, litellm.Timeout) as exc:
+        raise GatewayError("transport", f"{endpoint.model}: {type(exc).__name__}") from None
+    except litellm.APIError as exc:
+        raise GatewayError("server", f"{endpoint.model}: {type(exc).__name__}", getattr(exc, "status_code", None)) from None
+    try:
+        cost = float(litellm.completion_cost(completion_response=response) or 0.0)
+    except Exception:  # noqa: BLE001 - a model missing from the price map costs "unknown", reported as 0
+        cost = 0.0
+    return response.model_dump(), cost
+
+
+def _retry_after(exc: Exception) -> float | None:
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    return _seconds(headers.get("retry-after") or headers.get("Retry-After"))
