@@ -108,6 +108,7 @@ class GatewayCore:
         self.pending: dict[str, asyncio.Future] = {}
         self.stats: dict[str, CallStats] = {}
         self.session: Any = None
+        self.sending = 0  # calls on their way to an endpoint: they count against the budget already
         self.started = time.monotonic()
 
     # -- the call path -------------------------------------------------------------------
@@ -129,6 +130,7 @@ class GatewayCore:
         future = asyncio.get_running_loop().create_future()
         if cacheable:
             self.pending[key] = future
+        self.sending += 1
         try:
             response = await self._send(state, body, stats)
             if cacheable and self.cache is not None:
@@ -141,6 +143,7 @@ class GatewayCore:
             future.exception()  # retrieved: merged callers re-raise it, nobody else must
             raise
         finally:
+            self.sending -= 1
             self.pending.pop(key, None)
 
     async def _send(self, state: _EndpointState, body: Body, stats: CallStats) -> Body:
@@ -241,9 +244,9 @@ class GatewayCore:
 
     def _check_budget(self) -> None:
         totals = self.totals()
-        if self.budget.max_lm_calls is not None and totals.sent >= self.budget.max_lm_calls:
+        if self.budget.max_lm_calls is not None and totals.sent + self.sending >= self.budget.max_lm_calls:
             raise GatewayError("budget", f"the sweep's budget of {self.budget.max_lm_calls:,} LM calls is spent")
-        if self.budget.max_usd is not None and totals.cost_usd >= self.budget.max_usd:
+        if self.budget.max_usd is not None and totals.cost_usd + self._hosted_cost() >= self.budget.max_usd:
             raise GatewayError("budget", f"the sweep's budget of ${self.budget.max_usd:.2f} is spent")
 
     # -- accounting ----------------------------------------------------------------------
@@ -263,8 +266,15 @@ class GatewayCore:
 
     def _hosted_cost_share(self, stats: CallStats) -> float:
         total_slot = sum(s.slot_s for s in self.endpoints.values()) or 1.0
-        hosted = sum(s.busy_s * (s.endpoint.cost_per_hour or 0) / 3600 for s in self.endpoints.values())
-        return hosted * stats.slot_s / total_slot
+        return self._hosted_cost() * stats.slot_s / total_slot
+
+    def _hosted_cost(self) -> float:
+        """Self-hosted endpoints cost `cost_per_hour` for every second they had a request in flight."""
+        now = time.monotonic()
+        return sum(
+            (s.busy_s + (now - s.busy_since if s.running else 0.0)) * (s.endpoint.cost_per_hour or 0) / 3600
+            for s in self.endpoints.values()
+        )
 
     def totals(self) -> CallStats:
         total = CallStats()

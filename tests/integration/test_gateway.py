@@ -1,0 +1,126 @@
+"""The LM gateway against the simulated endpoint on loopback (plain asyncio, no Ray):
+merging, the persistent cache, the in-flight cap, per-trial accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dspy_sweeps.gateway import Budget, Endpoint, GatewayCore, GatewayError
+from dspy_sweeps.sim.launch import SimServer
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimServer]:
+    root = tmp_path_factory.mktemp("sim")
+    key = root / "key.jsonl"
+    key.write_text("".join(json.dumps({"inputs": {"question": f"q{i}"}, "labels": {"answer": str(i)}}) + "\n" for i in range(50)))
+    # time_scale 0.2: a call takes ~10-100 ms, long enough for requests to overlap
+    with SimServer(key, root, models=("student",), max_num_seqs=4, time_scale=0.2) as server:
+        yield server
+
+
+def metric(sim: SimServer, name: str) -> float:
+    text = urllib.request.urlopen(sim.base_url.removesuffix("/v1") + "/metrics").read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def body(question: str) -> dict:
+    return {"messages": [{"role": "user", "content": f"[[ ## question ## ]]\n{question}"}]}
+
+
+def endpoint(sim: SimServer, **kwargs) -> Endpoint:
+    return Endpoint(id="sim/student|", model="student", api_bases=(sim.base_url,), **kwargs)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_identical_requests_in_flight_together_make_one_call(sim: SimServer, tmp_path: Path) -> None:
+    async def scenario() -> GatewayCore:
+        gateway = GatewayCore([endpoint(sim)], str(tmp_path / "cache"))
+        first, second = await asyncio.gather(
+            gateway.complete("trial-a", "sim/student|", body("q1")), gateway.complete("trial-b", "sim/student|", body("q1"))
+        )
+        assert first == second
+        await gateway.close()
+        return gateway
+
+    before = metric(sim, "vllm:request_success_total")
+    gateway = run(scenario())
+    assert metric(sim, "vllm:request_success_total") - before == 1
+    a, b = gateway.trial_stats("trial-a"), gateway.trial_stats("trial-b")
+    assert (a.sent + b.sent, a.merged + b.merged, a.requested + b.requested) == (1, 1, 2)
+
+
+def test_a_new_gateway_on_the_same_cache_sends_nothing(sim: SimServer, tmp_path: Path) -> None:
+    async def ask(questions: list[str]) -> GatewayCore:
+        gateway = GatewayCore([endpoint(sim)], str(tmp_path / "cache"))
+        await asyncio.gather(*(gateway.complete("t", "sim/student|", body(q)) for q in questions))
+        await gateway.close()
+        return gateway
+
+    questions = [f"q{i}" for i in range(10)]
+    assert run(ask(questions)).trial_stats("t").sent == 10
+    before = metric(sim, "vllm:request_success_total")
+    again = run(ask(questions)).trial_stats("t")
+    assert (again.sent, again.cache_hits) == (0, 10)
+    assert metric(sim, "vllm:request_success_total") == before
+
+
+def test_sampled_requests_are_neither_merged_nor_cached(sim: SimServer, tmp_path: Path) -> None:
+    async def scenario() -> GatewayCore:
+        gateway = GatewayCore([endpoint(sim)], str(tmp_path / "cache"))
+        sampled = {**body("q2"), "temperature": 1.0}
+        await asyncio.gather(*(gateway.complete("t", "sim/student|", sampled) for _ in range(3)))
+        await gateway.close()
+        return gateway
+
+    assert run(scenario()).trial_stats("t").sent == 3
+
+
+def test_in_flight_requests_fill_but_never_exceed_the_endpoint_cap(sim: SimServer, tmp_path: Path) -> None:
+    with SimServer(sim.answer_key, tmp_path, models=("student",), max_num_seqs=16, time_scale=0.2) as fresh:
+
+        async def scenario() -> None:
+            gateway = GatewayCore([endpoint(fresh, max_concurrency=3)], None)
+            await asyncio.gather(*(gateway.complete("t", "sim/student|", body(f"cap{i}")) for i in range(20)))
+            await gateway.close()
+
+        run(scenario())
+        assert metric(fresh, "sim_peak_running") == 3
+
+
+def test_token_counts_match_the_endpoint_and_budget_stops_sending(sim: SimServer, tmp_path: Path) -> None:
+    async def scenario() -> GatewayCore:
+        gateway = GatewayCore([endpoint(sim)], None, Budget(max_lm_calls=5))
+        results = await asyncio.gather(
+            *(gateway.complete("t", "sim/student|", body(f"budget{i}")) for i in range(8)), return_exceptions=True
+        )
+        await gateway.close()
+        errors = [r for r in results if isinstance(r, GatewayError)]
+        assert len(errors) == 3 and all(e.kind == "budget" for e in errors)
+        return gateway
+
+    before = (metric(sim, "vllm:prompt_tokens_total"), metric(sim, "vllm:generation_tokens_total"))
+    stats = run(scenario()).trial_stats("t")
+    assert (stats.requested, stats.sent, stats.failed) == (8, 5, 0)  # refused calls were never sent
+    assert stats.prompt_tokens == metric(sim, "vllm:prompt_tokens_total") - before[0]
+    assert stats.completion_tokens == metric(sim, "vllm:generation_tokens_total") - before[1]
+
+
+def test_unreachable_endpoint_is_a_transport_error(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        gateway = GatewayCore([Endpoint(id="x", model="x", api_bases=("http://127.0.0.1:9/v1",), timeout_s=5)], None)
+        with pytest.raises(GatewayError) as caught:
+            await gateway.complete("t", "x", body("q"))
+        assert caught.value.kind == "transport"
+        await gateway.close()
+
+    run(scenario())
