@@ -45,9 +45,12 @@ def _console():
 
 
 def _prepare(path: Path, overrides: list[str] | None):
+    from dotenv import load_dotenv
+
     from dspy_sweeps.config import load_sweep
     from dspy_sweeps.preflight import prepare
 
+    load_dotenv(".env", override=False)  # keys named by api_key_env may live in .env; the environment wins
     return prepare(load_sweep(path, overrides or []))
 
 

@@ -54,7 +54,7 @@ def _trial(sweep: Sweep, kind: str, settings: dict, student: ModelSpec, teacher:
         "program": sweep.program, "metric": sweep.metric, "kind": kind, "settings": settings, "seed": seed,
         "student": student.model_dump(), "teacher": teacher.model_dump() if teacher else None,
     }  # fmt: skip
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     teacher_name = f"-{teacher.name}" if teacher and kind != "none" else ""
     trial_id = f"{kind}-{student.name}{teacher_name}-s{seed}-{digest}"
     return Trial(trial_id, sweep.program, sweep.metric, kind, student, teacher, seed, settings, sweep.num_threads)

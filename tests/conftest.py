@@ -1,0 +1,123 @@
+"""Shared fixtures: the repo root, a 30-row arithmetic corpus, sweep files built from the demo.
+
+Run: ``.venv/bin/python -m pytest -q``. Nothing here imports DSPy, Ray or DuckDB, so tests
+that do not need them stay fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS_ROWS = 30
+
+
+def _reset_dspy() -> None:
+    # Importing DSPy costs seconds; a test that never imported it cannot have configured it.
+    if "dspy" not in sys.modules:
+        return
+    from dspy.dsp.utils.settings import DEFAULT_CONFIG
+
+    sys.modules["dspy"].settings.configure(**copy.deepcopy(DEFAULT_CONFIG))
+
+
+@pytest.fixture(autouse=True)
+def reset_dspy_settings() -> Iterator[None]:
+    """Every test starts and ends with DSPy's default settings (no LM, no adapter, no callbacks)."""
+    _reset_dspy()
+    yield
+    _reset_dspy()
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+def corpus_rows(n: int = CORPUS_ROWS) -> dict[str, list[str]]:
+    """`n` arithmetic questions with their answers, as Parquet columns."""
+    return {
+        "question": [f"What is {i} plus {i + 7}?" for i in range(n)],
+        "answer": [str(2 * i + 7) for i in range(n)],
+    }
+
+
+def write_parquet(path: Path, columns: dict[str, list[Any]]) -> Path:
+    import polars as pl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(columns).write_parquet(path)
+    return path
+
+
+@pytest.fixture
+def parquet_file(tmp_path: Path) -> Callable[..., Path]:
+    """`parquet_file({"question": [...], "answer": [...]}, "name.parquet")` writes a file in tmp_path."""
+
+    def write(columns: dict[str, list[Any]], name: str = "data.parquet") -> Path:
+        return write_parquet(tmp_path / name, columns)
+
+    return write
+
+
+@pytest.fixture
+def corpus_columns() -> dict[str, list[str]]:
+    """The corpus's columns, to write variants of it with `parquet_file`."""
+    return corpus_rows()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 30-row Parquet file with columns question, answer (shared: do not modify it)."""
+    return write_parquet(tmp_path_factory.mktemp("corpus") / "arith.parquet", corpus_rows())
+
+
+@pytest.fixture
+def sweep_dict(repo: Path, corpus: Path) -> dict[str, Any]:
+    """The demo sweep as a dict, over the 30-row corpus split 10/10/10."""
+    raw = yaml.safe_load((repo / "sweeps" / "demo.yaml").read_text())
+    raw["data"]["source"] = str(corpus)
+    raw["data"]["split"] = {"train": 10, "val": 10, "test": 10}
+    return raw
+
+
+@pytest.fixture
+def sweep_file(tmp_path: Path, sweep_dict: dict[str, Any]) -> Callable[..., Path]:
+    """Write a sweep file and return its path.
+
+    `sweep_file()` writes the demo over the corpus; `sweep_file({"data": {"query": "..."}})`
+    merges changes into it (mappings merge, anything else replaces); `remove=["data.query"]`
+    deletes dotted keys first. `sweep_dict` is the starting point, for edits beyond these.
+    """
+    counter = itertools.count()
+
+    def write(changes: dict[str, Any] | None = None, *, remove: Iterable[str] = ()) -> Path:
+        content = copy.deepcopy(sweep_dict)
+        for dotted in remove:
+            *parents, last = dotted.split(".")
+            node = content
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            del node[last]
+        _merge(content, changes or {})
+        path = tmp_path / f"sweep{next(counter)}.yaml"
+        path.write_text(yaml.safe_dump(content, sort_keys=False))
+        return path
+
+    return write
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
