@@ -3,6 +3,10 @@
 Not a real model. It answers DSPy prompts from an answer key with a deterministic quality model,
 so optimiser sweeps make real, repeatable differences offline. Start it with
 `python -m dspy_sweeps.sim --answer-key key.jsonl` or `with SimServer(key, workdir) as sim: ...`.
+
+Test facility: inject endpoint failures (500, 429 with Retry-After, 401, garbage, hang) with
+`SimServer(..., faults=[...])`, `sim.set_faults(...)` or `POST /sim/faults`, and read counters
+from `sim.stats()` / `GET /sim/stats`; see `dspy_sweeps.sim.faults`.
 """
 
 from dspy_sweeps.sim.launch import SimServer

@@ -2,12 +2,28 @@
 
 Run: `python -m dspy_sweeps.sim --answer-key key.jsonl [--port 0 --port-file sim.port]`;
 stops on SIGTERM or Ctrl-C. Flags mirror `dspy_sweeps.sim.server.serve`.
+
+Test facility: `--fault MODE[:COUNT][:key=value]...` (repeatable, applied in order) starts the
+server with injected faults, e.g. `--fault rate_limit:3:retry_after=1 --fault error500::model=teacher`;
+see `dspy_sweeps.sim.faults`. `--api-key` (or DSPY_SWEEPS_SIM_API_KEY, which keeps the key out of
+the process list) makes every /v1 request need `Authorization: Bearer <key>`, like vLLM's.
 """
 
 import argparse
+import os
 from pathlib import Path
 
+from dspy_sweeps.sim.faults import MODES, Fault, FaultError
 from dspy_sweeps.sim.server import serve
+
+API_KEY_ENV = "DSPY_SWEEPS_SIM_API_KEY"
+
+
+def _fault(spec: str) -> Fault:
+    try:
+        return Fault.parse(spec)
+    except FaultError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +42,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ttft-ms", type=float, default=40.0, help="time to first token")
     parser.add_argument("--per-token-ms", type=float, default=4.5, help="decode time per output token")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies every simulated duration")
+    parser.add_argument(
+        "--fault",
+        action="append",
+        dest="faults",
+        type=_fault,
+        default=[],
+        metavar="MODE[:COUNT][:key=value]",
+        help=f"TEST FACILITY: inject a fault (repeatable, in order); MODE is one of {', '.join(MODES)}; "
+        "keys: retry_after, hang_seconds, model; an empty COUNT means until changed",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV})",
+    )
     args = parser.parse_args(argv)
     serve(
         args.answer_key,
@@ -37,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         ttft_ms=args.ttft_ms,
         per_token_ms=args.per_token_ms,
         time_scale=args.time_scale,
+        faults=args.faults,
+        api_key=args.api_key,
     )
 
 

@@ -377,3 +377,24 @@ def reply(
     if GEPA_MARKER in last:
         return _gepa_reply(profile, last, _digest("reply", request))
     return _generic_sentence("text", _digest("reply", request))
+
+
+# Fault injection (test facility): prose that no adapter can parse — no field markers, no JSON,
+# no code fences, no field names followed by a colon.
+_GARBAGE_SENTENCES: tuple[str, ...] = (
+    "Honestly the weather has been lovely this week",
+    "I keep thinking about that documentary on deep sea creatures",
+    "There is a small bakery down the road that opens very early",
+    "My cousin once tried to teach a parrot to sing opera",
+    "Some people prefer tea while others insist on coffee",
+    "The train was late again so I read half a novel on the platform",
+    "Clouds drift slowly over the hills in the late afternoon",
+    "Nobody remembers who first planted the old oak in the square",
+)
+
+
+def garbage_reply(model: str, messages: Sequence[Mapping[str, Any]], variant: int = 0) -> str:
+    """Deterministic off-topic prose in no adapter format: what the `garbage` fault answers."""
+    seed = _digest("garbage", model, [[m.get("role"), message_text(m)] for m in messages], variant)
+    order = sorted(range(len(_GARBAGE_SENTENCES)), key=lambda i: _digest(seed, i))
+    return ". ".join(_GARBAGE_SENTENCES[i] for i in order[: 3 + seed % 3]) + "."

@@ -5,10 +5,18 @@
 
 The server runs `python -m dspy_sweeps.sim` in its own process group and logs to
 `workdir/sim.log`. Standard library only, so importing this module stays fast for the CLI.
+
+Fault injection (a TEST FACILITY, see `dspy_sweeps.sim.faults`):
+
+    with SimServer(key, workdir, faults=["rate_limit:2:retry_after=0.5"]) as sim:
+        sim.set_faults("error500", count=3, model="student")   # replaces the schedule
+        sim.set_faults("ok")                                     # back to normal
+        sim.stats()["models"]["student"]["faults"]["error500"]
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +27,11 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
+
+from dspy_sweeps.sim.faults import Fault
+
+API_KEY_ENV = "DSPY_SWEEPS_SIM_API_KEY"  # read by `python -m dspy_sweeps.sim`; keeps the key out of `ps`
 
 
 class SimServer:
@@ -36,7 +48,10 @@ class SimServer:
         per_token_ms: float = 4.5,
         time_scale: float = 1.0,
         startup_timeout: float = 30.0,
+        faults: Sequence[Fault | str | dict[str, Any]] = (),
+        api_key: str | None = None,
     ) -> None:
+        """`faults`: the starting fault schedule (test facility); `api_key`: required on /v1 if set."""
         self.answer_key = Path(answer_key)
         self.workdir = Path(workdir)
         self.models = tuple(models)
@@ -45,6 +60,8 @@ class SimServer:
         self.per_token_ms = per_token_ms
         self.time_scale = time_scale
         self.startup_timeout = startup_timeout
+        self.faults = tuple(Fault.coerce(f) for f in faults)  # parse now, so a typo fails here
+        self.api_key = api_key
         self.log_path = self.workdir / "sim.log"
         self.port_file = self.workdir / "sim.port"
         self.port: int | None = None
@@ -58,6 +75,11 @@ class SimServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     @property
+    def root_url(self) -> str:
+        """The server without /v1: /health, /metrics and the /sim test-facility API live here."""
+        return self.base_url.removesuffix("/v1")
+
+    @property
     def pid(self) -> int | None:
         """Process (and process group) id of the running server."""
         return self._process.pid if self._process is not None else None
@@ -69,7 +91,15 @@ class SimServer:
             cmd += ["--model", model]
         cmd += ["--max-num-seqs", str(self.max_num_seqs), "--ttft-ms", str(self.ttft_ms)]
         cmd += ["--per-token-ms", str(self.per_token_ms), "--time-scale", str(self.time_scale)]
-        return cmd
+        for fault in self.faults:
+            cmd += ["--fault", fault.to_cli()]
+        return cmd  # the API key travels in the environment, never on the command line
+
+    def _environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+        if self.api_key:
+            env[API_KEY_ENV] = self.api_key
+        return env
 
     def start(self) -> SimServer:
         """Launch the server and return once /health answers 200; RuntimeError with the log tail if not."""
@@ -79,7 +109,11 @@ class SimServer:
         self.port_file.unlink(missing_ok=True)  # a stale file would report a dead server's port
         self._log = self.log_path.open("wb")
         self._process = subprocess.Popen(
-            self.command(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=self._environment(),
         )
         try:
             self._wait_until_ready(time.monotonic() + self.startup_timeout)
@@ -119,6 +153,48 @@ class SimServer:
     def _log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return f"--- last lines of {self.log_path} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+    # --- fault injection and counters (test facility) ---
+
+    def set_faults(
+        self,
+        mode: str,
+        count: int | None = None,
+        retry_after: float | None = None,
+        model: str | None = None,
+        *,
+        hang_seconds: float | None = None,
+        append: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Replace the fault schedule with one rule (or queue it behind the others with append=True).
+
+        `mode` is ok, error500, rate_limit, garbage, hang or unauthorized; `count` completion
+        requests get it (None: until changed); `model` targets one served model (None: all).
+        Returns the schedule now in force. `set_faults("ok")` clears every fault.
+        """
+        rule = Fault(mode, count, retry_after, model, hang_seconds).to_json()
+        return self._admin("POST", "/sim/faults", {**rule, "append": append})["faults"]
+
+    def get_faults(self) -> list[dict[str, Any]]:
+        """The fault rules in force, in order, with their remaining counts."""
+        return self._admin("GET", "/sim/faults")["faults"]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: {"auth_rejected": n, "models": {name: {requests, ok, faults: {mode: n}, invalid,
+        prompt_tokens, completion_tokens, peak_running, running, waiting, hanging}}}."""
+        return self._admin("GET", "/sim/stats")
+
+    def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.root_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")
+            raise RuntimeError(f"simulated endpoint refused {method} {path}: HTTP {error.code} {detail}") from None
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM the server's process group, SIGKILL it if it lingers; safe to call twice."""
