@@ -124,3 +124,47 @@ def test_unreachable_endpoint_is_a_transport_error(tmp_path: Path) -> None:
         await gateway.close()
 
     run(scenario())
+
+
+def test_a_429_pauses_the_endpoint_for_retry_after_then_succeeds(sim: SimServer, tmp_path: Path) -> None:
+    import time
+
+    sim.set_faults("rate_limit", count=1, retry_after=1.0)
+
+    async def scenario() -> tuple[float, float]:
+        gateway = GatewayCore([endpoint(sim)], None)
+        start = time.monotonic()
+
+        async def timed(question: str, delay: float) -> float:
+            await asyncio.sleep(delay)
+            assert (await gateway.complete("t", "sim/student|", body(question)))["choices"]
+            return time.monotonic() - start
+
+        # the second call starts during the pause and is not rate limited itself, yet it waits:
+        # the whole endpoint backs off, so concurrent trials do not storm it
+        first, second = await asyncio.gather(timed("rl1", 0.0), timed("rl2", 0.3))
+        await gateway.close()
+        return first, second
+
+    try:
+        first, second = run(scenario())
+        assert first >= 1.0 and second >= 1.0
+    finally:
+        sim.set_faults("ok")
+    assert sim.stats()["models"]["student"]["faults"].get("rate_limit") == 1
+
+
+def test_a_refused_key_is_an_auth_error_without_retries(sim: SimServer, tmp_path: Path) -> None:
+    sim.set_faults("unauthorized", count=1)
+
+    async def scenario() -> None:
+        gateway = GatewayCore([endpoint(sim)], None)
+        with pytest.raises(GatewayError) as caught:
+            await gateway.complete("t", "sim/student|", body("auth1"))
+        assert caught.value.kind == "auth" and caught.value.status == 401
+        await gateway.close()
+
+    try:
+        run(scenario())
+    finally:
+        sim.set_faults("ok")
