@@ -54,28 +54,51 @@ def promote(
     client = MlflowClient(tracking_uri)
     sha = program_sha(Path(winner.program_path).read_text())
     champion = _version_by_alias(client, promote.model, promote.alias)
-    if champion is None:
-        version = _register(promote.model, winner, run_id, program, sha, tracking_uri)
-        client.set_registered_model_alias(promote.model, promote.alias, version)
-        return Decision(True, f"no {promote.alias} yet: {winner.trial_id} is the first", version, promote.alias)
-    if champion.tags.get("program_sha") == sha:
+    if champion is not None and champion.tags.get("program_sha") == sha:
         return Decision(False, f"{winner.trial_id} is the same program as {promote.alias} v{champion.version}; nothing registered")
-    champion_score = _champion_test_score(client, champion, winner.data_fingerprint, rescore)
-    gain = winner.test_score - champion_score
-    if gain > promote.min_gain:
-        version = _register(promote.model, winner, run_id, program, sha, tracking_uri)
-        client.set_registered_model_alias(promote.model, promote.alias, version)
-        return Decision(
-            True, f"test {winner.test_score:.3f} beats {promote.alias} v{champion.version} ({champion_score:.3f}) by {gain:+.3f}",
-            version, promote.alias,
+    if champion is None:
+        passed, why = True, f"no {promote.alias} yet: {winner.trial_id} is the first"
+    else:
+        champion_score = _champion_test_score(client, champion, winner.data_fingerprint, rescore)
+        gain = winner.test_score - champion_score
+        passed = gain > promote.min_gain
+        versus = f"{promote.alias} v{champion.version} ({champion_score:.3f})"
+        why = (
+            f"test {winner.test_score:.3f} beats {versus} by {gain:+.3f}" if passed
+            else f"test {winner.test_score:.3f} does not beat {versus} by more than min_gain {promote.min_gain}"
         )  # fmt: skip
-    why = f"test {winner.test_score:.3f} does not beat {promote.alias} v{champion.version} ({champion_score:.3f}) by more than min_gain {promote.min_gain}"
-    challenger = _version_by_alias(client, promote.model, CHALLENGER)
+    if not passed:
+        return _register_challenger(client, promote.model, winner, run_id, program, sha, tracking_uri, why)
+    version = _register(promote.model, winner, run_id, program, sha, tracking_uri, gate="passed")
+    holder = _settle(client, promote.model, promote.alias, winner.data_fingerprint)
+    if holder != version:
+        return Decision(False, f"{why}, but v{holder}, promoted meanwhile, scores higher; v{version} registered without the alias", version)
+    return Decision(True, why, version, promote.alias)
+
+
+def _register_challenger(client: Any, name: str, winner: TrialRecord, run_id: str, program: Any, sha: str, uri: str, why: str) -> Decision:
+    challenger = _version_by_alias(client, name, CHALLENGER)
     if challenger is not None and challenger.tags.get("program_sha") == sha:
         return Decision(False, f"{why}; already registered as {CHALLENGER} v{challenger.version}")
-    version = _register(promote.model, winner, run_id, program, sha, tracking_uri)
-    client.set_registered_model_alias(promote.model, CHALLENGER, version)
+    version = _register(name, winner, run_id, program, sha, uri, gate=CHALLENGER)
+    client.set_registered_model_alias(name, CHALLENGER, version)
     return Decision(False, f"{why}; registered as {CHALLENGER} v{version}", version, CHALLENGER)
+
+
+def _settle(client: Any, name: str, alias: str, fingerprint: str) -> str:
+    """Compare-and-set for concurrent promotions: of the versions that passed the gate on this
+    data, the best test score (ties: the earlier version) holds the alias. Every promoting sweep
+    settles after registering, so the last one to settle sees all of them: the better program
+    wins, not the last writer."""
+    passed = [
+        v for v in client.search_model_versions(f"name = '{name}'")
+        if v.tags.get("gate") == "passed" and v.tags.get("data_fingerprint") == fingerprint
+    ]  # fmt: skip
+    best = max(passed, key=lambda v: (float(v.tags["test_score"]), -int(v.version)))
+    current = _version_by_alias(client, name, alias)
+    if current is None or str(current.version) != str(best.version):
+        client.set_registered_model_alias(name, alias, best.version)
+    return str(best.version)
 
 
 def _version_by_alias(client: Any, name: str, alias: str) -> Any:
@@ -95,12 +118,20 @@ def _champion_test_score(client: Any, champion: Any, fingerprint: str, rescore: 
     return rescore(program_json)
 
 
-def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: str, uri: str) -> str:
-    """Log the program with `mlflow.dspy` (so `mlflow.dspy.load_model` works) and register it."""
+def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: str, uri: str, gate: str) -> str:
+    """Log the program with `mlflow.dspy` (so `mlflow.dspy.load_model` works) and register it.
+
+    Idempotent: a promotion retried after a tracking-server outage finds the version it
+    already registered (by its promotion id) instead of creating a second one."""
     import dspy
     import mlflow
     from importlib.metadata import version
+    from mlflow.tracking import MlflowClient
 
+    promotion_id = hashlib.sha256(f"{run_id}:{sha}:{gate}".encode()).hexdigest()[:16]
+    for existing in MlflowClient(uri).search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if existing.tags.get("promotion_id") == promotion_id:
+            return str(existing.version)
     mlflow.set_tracking_uri(uri)
     # Its pickle warning is about `mlflow.dspy.load_model`; `sweep pull`/`load` read the JSON state instead.
     logging.getLogger("mlflow.dspy.save").setLevel(logging.ERROR)
@@ -112,6 +143,7 @@ def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: st
         "student": winner.student, "teacher": winner.teacher or "", "val_score": str(winner.val_score),
         "test_score": str(winner.test_score), "data_fingerprint": winner.data_fingerprint, "program_sha": sha,
         "versions": json.dumps({p: version(p) for p in ("dspy", "dspy-sweeps", "mlflow")}),
+        "gate": gate, "promotion_id": promotion_id,
     }  # fmt: skip
     mv = mlflow.register_model(info.model_uri, name, tags=tags)
     return str(mv.version)
@@ -170,9 +202,16 @@ def load_pulled(folder: Path, *, model: str | None = None, api_base: str | None 
     student = resolve(student, api_base) if student.simulated else student
     if api_base and not student.simulated:
         student = student.model_copy(update={"api_base": api_base})
-    program = restore_program(meta["program"], (folder / "program.json").read_text())
+    state = without_lms(json.loads((folder / "program.json").read_text()))
+    program = restore_program(meta["program"], json.dumps(state))
     program.set_lm(build_lm(student))
     return program
+
+
+def without_lms(state: dict[str, Any]) -> dict[str, Any]:
+    """A registry is not trusted to choose endpoints: clear any LM (class, model, api_base) a
+    predictor's saved state names, so the student always comes from the caller's configuration."""
+    return {name: {**part, "lm": None} if isinstance(part, dict) and "lm" in part else part for name, part in state.items()}
 
 
 def load(

@@ -1,0 +1,107 @@
+"""Promotion against a real `mlflow server`: concurrent promotions settle on the better program,
+a retried promotion registers nothing twice, and pulled artifacts cannot choose the endpoint."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dspy_sweeps.config import Promote
+from dspy_sweeps.registry import _register, load_pulled, promote, pull
+from dspy_sweeps.results import TrialRecord
+
+pytestmark = pytest.mark.slow
+
+
+def candidate(tmp_path: Path, uri: str, name: str, test_score: float) -> tuple[TrialRecord, str, object]:
+    """A trial's record, its MLflow run (with the program artifacts) and the program itself."""
+    import dspy
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.arith import Solve
+
+    program = Solve()
+    program.solve.predict.demos = [dspy.Example(question=f"{name}?", reasoning="r", answer=str(test_score))]
+    program_json = json.dumps(program.dump_state(), sort_keys=True, default=str)
+    path = tmp_path / f"{name}.json"
+    path.write_text(program_json)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("promotion") or client.get_experiment(client.create_experiment("promotion"))
+    run_id = client.create_run(experiment.experiment_id, run_name=name).info.run_id
+    client.log_text(run_id, program_json, "program/program.json")
+    meta = {"program": "pipelines.arith:Solve", "student": {"name": "small", "model": "sim/student"}, "sweep": name, "inputs": ["question"]}
+    client.log_dict(run_id, meta, "program/metadata.json")
+    record = TrialRecord(
+        sweep=name, trial_id=name, kind="bootstrap_fewshot", settings="{}", student="sim/student", teacher=None, seed=0,
+        status="ok", error=None, val_score=test_score, test_score=test_score, lm_calls=1, calls_requested=1,
+        cache_hits=0, merged_calls=0, failed_calls=0, estimated_calls=1, prompt_tokens=1, completion_tokens=1,
+        latency_s=0.0, cost_usd=0.0, duration_s=0.0, program_path=str(path), data_fingerprint="fp",
+    )  # fmt: skip
+    return record, run_id, program
+
+
+def never_rescored(program_json: str) -> float:
+    raise AssertionError("same data fingerprint: the champion's recorded score is used")
+
+
+@pytest.mark.parametrize("better_first", [True, False])
+def test_concurrent_promotions_end_with_the_better_program(mlflow_server: str, tmp_path: Path, better_first: bool) -> None:
+    from mlflow.tracking import MlflowClient
+
+    model = f"race-{uuid.uuid4().hex[:8]}"
+    gate = Promote(model=model)
+    first = candidate(tmp_path, mlflow_server, "base", 0.5)
+    assert promote(gate, *first, mlflow_server, never_rescored).promoted
+    better, worse = candidate(tmp_path, mlflow_server, "better", 0.8), candidate(tmp_path, mlflow_server, "worse", 0.6)
+    order = [(better, 0.0), (worse, 0.3)] if better_first else [(worse, 0.0), (better, 0.3)]
+    decisions, errors = {}, []
+
+    def promote_after(entry, delay: float) -> None:
+        time.sleep(delay)
+        try:
+            decisions[entry[0].trial_id] = promote(gate, *entry, mlflow_server, never_rescored)
+        except Exception as exc:  # noqa: BLE001 - the test reports any promotion error
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote_after, args=pair) for pair in order]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert errors == []
+    client = MlflowClient(mlflow_server)
+    champion = client.get_model_version_by_alias(model, "champion")
+    assert champion.tags["trial"] == "better"
+    assert len(client.search_model_versions(f"name = '{model}'")) == 3  # one version per promotion
+    assert decisions["better"].promoted
+
+
+def test_a_retried_promotion_registers_one_version(mlflow_server: str, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    model = f"retry-{uuid.uuid4().hex[:8]}"
+    record, run_id, program = candidate(tmp_path, mlflow_server, "retried", 0.7)
+    versions = {_register(model, record, run_id, program, "sha", mlflow_server, gate="passed") for _ in range(2)}
+    assert len(versions) == 1
+    assert len(MlflowClient(mlflow_server).search_model_versions(f"name = '{model}'")) == 1
+
+
+def test_a_pulled_program_never_takes_its_endpoint_from_the_artifact(mlflow_server: str, tmp_path: Path) -> None:
+    import dspy
+    from mlflow.tracking import MlflowClient
+
+    model = f"untrusted-{uuid.uuid4().hex[:8]}"
+    record, run_id, program = candidate(tmp_path, mlflow_server, "planted", 0.9)
+    program.solve.predict.lm = dspy.LM("openai/evil", api_base="http://203.0.113.9:1/v1", api_key="x")
+    MlflowClient(mlflow_server).log_text(run_id, json.dumps(program.dump_state(), default=str), "program/program.json")
+    assert promote(Promote(model=model), record, run_id, program, mlflow_server, never_rescored).promoted
+    folder = pull(f"{model}@champion", tmp_path / "pulled", mlflow_server)
+    assert "203.0.113.9" in (folder / "program.json").read_text()  # the planted endpoint is in the artifact
+    loaded = load_pulled(folder, api_base="http://127.0.0.1:8000/v1")
+    lm = loaded.solve.predict.lm
+    assert lm.model == "openai/student" and "203.0.113.9" not in json.dumps(lm.dump_state(), default=str)
