@@ -1,4 +1,4 @@
-"""The `sweep` command line: validate, plan, run, results, pull, ask, sim.
+"""The `sweep` command line: validate, plan, run, results, pull, ask, sim; submit, status, logs, stop.
 
 Only the standard library and Typer load at import, so `sweep --help` answers at once;
 each command imports what it needs. Bad input exits 2 with one line on stderr.
@@ -82,9 +82,11 @@ def run(
 ) -> None:
     """Run every trial of a sweep in parallel on Ray, track them, and promote the winner."""
     from dspy_sweeps.engine import run_sweep
+    from dspy_sweeps.jobs import load_job_secrets
     from dspy_sweeps.report import decision_line, leaderboard_table
     from dspy_sweeps.state import State
 
+    load_job_secrets()  # in a job from `sweep submit`: the secrets it was sent, before anything reads keys
     console = _console()
     prepared = _prepare(sweep_file, set_)
     console.print(f"[bold]{prepared.sweep.name}[/]: {len(prepared.trials)} trials, about {prepared.estimated_calls:,} LM calls")
@@ -171,6 +173,86 @@ def sim(
 
     serve(answer_key, host=host, port=port, models=tuple(model or ("student", "teacher")),
           time_scale=time_scale, max_num_seqs=max_num_seqs)  # fmt: skip
+
+
+# --- Ray Jobs: sweep submit / status / logs / stop ----------------------------------------
+# A sweep runs on a cluster as a Ray job whose driver is `sweep run`; see dspy_sweeps/jobs.py
+# for what is shipped and how named secrets travel without entering the job's metadata.
+
+JobAddress = Annotated[
+    str | None,
+    typer.Option("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"),
+]
+JobId = Annotated[str, typer.Argument(help="Job id printed by `sweep submit`")]
+
+
+@app.command()
+@exits_on_bad_input
+def submit(
+    sweep_file: SweepFile,
+    address: JobAddress = None,
+    set_: Overrides = None,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option("--secret", help="Environment variable passed to the job as a secret (repeatable); "
+                     "every api_key_env of the sweep and WANDB_API_KEY/MLFLOW_TRACKING_TOKEN go too when set"),
+    ] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Stream the job's log; exit 0 if it succeeds, else 1")] = False,
+) -> None:
+    """Submit a sweep to a Ray cluster as a Ray job and print the job id."""
+    from dspy_sweeps import jobs
+
+    request = jobs.job_request(sweep_file, set_ or [], secret or [])
+    job_id = jobs.submit(request, address)
+    print(job_id)
+    names = ", ".join(request.secret_names) or "none"
+    print(f"submitted {request.sweep} as {job_id} (secrets passed by name: {names})", file=sys.stderr)
+    for name in request.missing:
+        print(f"note: {name} is not set here; the job needs it from the cluster's environment", file=sys.stderr)
+    if follow:
+        final = jobs.follow(job_id, address)
+        print(f"job {job_id}: {final}", file=sys.stderr)
+        raise typer.Exit(0 if final == "SUCCEEDED" else 1)
+    print(f"follow it with: sweep logs {job_id} --follow", file=sys.stderr)
+
+
+@app.command()
+@exits_on_bad_input
+def status(job_id: JobId, address: JobAddress = None) -> None:
+    """Print a submitted sweep's job status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from dspy_sweeps import jobs
+
+    report = jobs.status(job_id, address)
+    print(f"{report.job_id}: {report.status}" + (f" ({report.message})" if report.message else ""))
+
+
+@app.command()
+@exits_on_bad_input
+def logs(
+    job_id: JobId,
+    address: JobAddress = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep streaming until the job ends")] = False,
+) -> None:
+    """Print a submitted sweep's job log."""
+    from dspy_sweeps import jobs
+
+    if follow:
+        jobs.follow(job_id, address)
+    else:
+        print(jobs.logs(job_id, address), end="")
+
+
+@app.command()
+@exits_on_bad_input
+def stop(job_id: JobId, address: JobAddress = None) -> None:
+    """Stop a submitted sweep's job."""
+    from dspy_sweeps import jobs
+
+    stopped = jobs.stop(job_id, address)
+    print(f"{job_id}: " + ("stop requested" if stopped else "already finished"))
+
+
+# --- end of Ray Jobs ------------------------------------------------------------------------
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ import ray
 from ray import tune
 
 CPUS_PER_TRIAL = 0.25  # trials wait on LM endpoints, not on the CPU
+# Tune restarts a trial whose actor died (a killed worker, a lost node). A trial's own exception
+# is caught inside the trainable and reported as its result, so it is never retried.
+TRIAL_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,12 @@ def start_ray(address: str | None, project_dir: Path) -> None:
 def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any) -> Any:
     """The sweep's LM gateway as an async actor: one event loop serving every trial's calls."""
     from dspy_sweeps.gateway import GatewayCore
+    from dspy_sweeps.jobs import holding_secrets, worker_secrets
 
-    actor = ray.remote(num_cpus=0, max_concurrency=100_000)(GatewayCore)
-    return actor.remote(endpoints, str(cache_dir), budget)
+    # Restarted if its process dies; calls in flight then fail as transport errors and DSPy retries them.
+    actor = ray.remote(num_cpus=0, max_concurrency=100_000, max_restarts=-1)(holding_secrets(GatewayCore))
+    # worker_secrets(): a submitted job's LM keys, by object reference (see jobs.py)
+    return actor.remote(worker_secrets(), endpoints, str(cache_dir), budget)
 
 
 def run_trials(
@@ -82,7 +88,7 @@ def run_trials(
             storage_path=str(storage),
             verbose=0,
             callbacks=[callback],
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES, fail_fast=False),
         ),
     )
     tuner.fit()

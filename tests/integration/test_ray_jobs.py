@@ -1,0 +1,219 @@
+"""`sweep submit --follow` against a real Ray head and a real `mlflow server`, both on loopback.
+
+The demo sweep (trimmed to a baseline and one BootstrapFewShot trial) runs as a Ray job whose
+driver is `sweep run`; the job ships the project as its working_dir and the package as
+py_modules. A canary secret travels with it and must appear nowhere a user or another
+tenant of the cluster could read it: not in the job's entrypoint, runtime_env or metadata,
+not in its log, not in the CLI's output. Afterwards the head is stopped and nothing of it
+may be left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = REPO / ".venv" / "bin"
+OFFLINE = {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # or LiteLLM hangs offline fetching a price map
+# A grid of one trial, and names of its own in the MLflow server the session's tests share.
+OVERRIDES = [
+    "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]",
+    "promote.model=demo-ray-job",
+    "tracking.mlflow.experiment=demo-ray-job",
+]
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class RayHead:
+    """`ray start --head --block` on loopback with its own temp dir, ports and auth token."""
+
+    process: subprocess.Popen
+    temp_dir: Path
+    dashboard: str
+    env: dict[str, str]  # what a client needs for this cluster: auth mode and token
+    stopped: bool = False
+
+    def processes(self) -> list[str]:
+        """Processes still running with this cluster's temp dir on their command line."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # not a process, or it just exited
+                continue
+            if str(self.temp_dir) in cmdline and entry.name != str(os.getpid()):
+                found.append(f"{entry.name} {cmdline[:160]}")
+        return found
+
+    def stop(self) -> list[str]:
+        """SIGTERM to `ray start --block` stops all it started; return leftovers (then killed, by pid)."""
+        if not self.stopped:
+            self.stopped = True
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        deadline = time.monotonic() + 15  # workers notice their raylet is gone within seconds
+        while (leftovers := self.processes()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for line in leftovers:
+            try:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return leftovers
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[RayHead]:
+    """A real Ray head on 127.0.0.1: dashboard on, token auth on, every port picked free.
+
+    Not `ray stop` afterwards: it stops every Ray on the machine, other tests' too. The temp
+    dir is short because Unix socket paths are limited to about 107 bytes.
+    """
+    temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    dashboard_port = free_port()
+    ports = {
+        "--port": free_port(), "--dashboard-port": dashboard_port, "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+        "--metrics-export-port": free_port(), "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(), "--runtime-env-agent-port": free_port(),
+    }  # fmt: skip
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {
+        **os.environ, **OFFLINE, **auth, "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's entrypoint is this venv's `sweep`
+    }  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--temp-dir", str(temp_dir),
+        "--num-cpus", "2", "--num-gpus", "0", "--disable-usage-stats",
+        *(str(x) for pair in ports.items() for x in pair),
+    ]  # fmt: skip
+    log_path = temp_dir / "ray-start.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(cmd, env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        head = RayHead(process, temp_dir, f"http://127.0.0.1:{dashboard_port}", auth)
+        try:
+            _wait_for_dashboard(head, log_path)
+            yield head
+        finally:
+            head.stop()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_dashboard(head: RayHead, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers (401 without a token): it is up
+        except OSError:
+            assert head.process.poll() is None, f"ray start exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the dashboard did not answer in {timeout}s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+
+def sweep_in_parallel(commands: list[list[str]], env: dict[str, str]) -> list[subprocess.CompletedProcess]:
+    """`sweep ARGS` for each command, all at once (each pays the CLI's start-up)."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(
+            lambda args: subprocess.run([str(BIN / "sweep"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                                        timeout=120), commands))  # fmt: skip
+
+
+def test_bad_address_and_unknown_job_are_one_line_errors(ray_head: RayHead) -> None:
+    env = {**os.environ, **ray_head.env}
+    env.pop("RAY_ADDRESS", None)
+    cases = [
+        (["submit", "sweeps/demo.yaml", "--address", "http://127.0.0.1:9"], "--address http://127.0.0.1:9"),
+        (["submit", "sweeps/nope.yaml", "--address", ray_head.dashboard], "sweeps/nope.yaml: no such sweep file"),
+        (["submit", "sweeps/demo.yaml"], "--address: give the Ray dashboard's address"),
+        (["status", "sweep-demo-00000000", "--address", ray_head.dashboard], "job sweep-demo-00000000: no such job"),
+    ]
+    for (args, expected), run in zip(cases, sweep_in_parallel([args for args, _ in cases], env)):
+        assert run.returncode == 2, (args, run.stdout, run.stderr)
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (args, run.stderr)
+
+
+def test_submit_follow_runs_the_sweep_as_a_ray_job(ray_head: RayHead, mlflow_server: str) -> None:
+    canary = "sk-canary-" + os.urandom(8).hex()
+    env = {**os.environ, **OFFLINE, **ray_head.env, "MLFLOW_TRACKING_URI": mlflow_server, "SWEEP_CANARY": canary}
+    env.pop("RAY_ADDRESS", None)
+    submitted = subprocess.run(
+        [str(BIN / "sweep"), "submit", "sweeps/demo.yaml", "--address", ray_head.dashboard,
+         *(arg for o in OVERRIDES for arg in ("--set", o)), "--secret", "SWEEP_CANARY", "--follow"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    output = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, output[-4000:]
+    job_id = submitted.stdout.splitlines()[0].strip()
+    assert job_id.startswith("sweep-demo-")
+    assert "promoted v1 as @champion" in submitted.stdout  # the job's log, streamed
+
+    from ray.job_submission import JobSubmissionClient
+
+    token = {"Authorization": f"Bearer {ray_head.env['RAY_AUTH_TOKEN']}"}  # Ray may be imported here already
+    client = JobSubmissionClient(ray_head.dashboard, headers=token)
+    info = client.get_job_info(job_id)
+    assert info.status.value == "SUCCEEDED"
+    assert info.driver_info is not None  # `sweep run` joined this cluster (it did not start a Ray of its own)
+    assert info.entrypoint == shlex.join(["sweep", "run", "sweeps/demo.yaml", *(a for o in OVERRIDES for a in ("--set", o))])
+    assert info.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == mlflow_server
+    assert info.runtime_env["working_dir"].startswith("gcs://") and len(info.runtime_env["py_modules"]) == 1
+    assert info.metadata["dspy_sweeps.secrets"] == "SWEEP_CANARY"  # the name, for the record; never the value
+
+    # The canary is nowhere a user of the cluster can read it.
+    every_job = json.dumps([j.dict() for j in client.list_jobs()], default=str)
+    assert canary not in every_job
+    assert canary not in client.get_job_logs(job_id)
+    assert canary not in output
+    ray_logs = "".join(p.read_text(errors="replace") for p in ray_head.temp_dir.rglob("*.log") if p.is_file())
+    ray_logs += "".join(p.read_text(errors="replace") for p in ray_head.temp_dir.rglob("*.out") if p.is_file())
+    ray_logs += "".join(p.read_text(errors="replace") for p in ray_head.temp_dir.rglob("*.err") if p.is_file())
+    assert canary not in ray_logs
+    shipped = [p for p in ray_head.temp_dir.rglob("job-secrets-*") if p.is_file()]
+    assert not shipped, f"the job's secrets file was not deleted: {shipped}"
+
+    from mlflow.tracking import MlflowClient
+
+    tracking = MlflowClient(mlflow_server)
+    runs = tracking.search_runs([tracking.get_experiment_by_name("demo-ray-job").experiment_id])
+    assert len(runs) == 3  # the sweep's parent run and two trials
+    champion = tracking.get_model_version_by_alias("demo-ray-job", "champion")
+    assert champion.tags["optimizer"] == "bootstrap_fewshot"
+
+    commands = [["status", job_id], ["logs", job_id], ["stop", job_id]]  # --address from $RAY_ADDRESS
+    status, logs, stop = sweep_in_parallel(commands, {**env, "RAY_ADDRESS": ray_head.dashboard})
+    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout, status.stderr
+    assert logs.returncode == 0 and "promoted v1 as @champion" in logs.stdout and canary not in logs.stdout, logs.stderr
+    assert stop.returncode == 0 and f"{job_id}: already finished" in stop.stdout, stop.stderr
+
+    leftovers = ray_head.stop()
+    assert not leftovers, "processes of the Ray head still running:\n" + "\n".join(leftovers)
