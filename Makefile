@@ -1,6 +1,8 @@
 # make demo   set up (idempotent) and run the offline demo sweep end to end
 # make test   set up and run the whole test suite (what CI runs)
-# make bench  measure CLI start-up and the demo's wall time into BENCHMARKS.md
+# make bench  CLI start-up, the demo's wall time and throughput (issue 4) into BENCHMARKS.md:
+#             about 15 minutes on 2 quiet cores; BENCH_QUICK=1 make bench checks the bench itself
+# make reliability  repeat the fault, bad-input and security tests into RELIABILITY.md
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 export DSPY_SWEEPS_DATA_MIRROR ?= $(abspath ../shared/datasets)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench reliability clean
 
 setup: $(STAMP)
 
@@ -30,6 +32,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+reliability: setup
+	$(BIN)/python bench/reliability.py --repeat 3
 
 clean:
 	rm -rf .sweeps

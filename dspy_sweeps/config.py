@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import string
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,7 @@ from dspy_sweeps.errors import SweepError
 
 OPTIMIZER_KINDS = ("none", "bootstrap_fewshot", "mipro_v2", "gepa")
 SIM_PREFIX = "sim/"
+SERVED_PREFIX = "openai/"  # LiteLLM's route to an OpenAI-compatible server such as vLLM
 
 
 class _Strict(BaseModel):
@@ -59,8 +61,47 @@ class DataSpec(_Strict):
         return [self.source] if isinstance(self.source, str) else list(self.source)
 
 
+# What a serve command template may name; `args` are appended verbatim (they may hold JSON braces).
+SERVE_PLACEHOLDERS = ("model", "host", "port", "python", "answer_key")
+
+
+class ServeSpec(_Strict):
+    """A student the sweep hosts itself: each replica is a Ray actor holding `gpus` GPUs and running
+    the engine's OpenAI-compatible server; requests go to the served name `serve.model`."""
+
+    engine: Literal["vllm", "sglang", "sim"]  # sim: the simulated endpoint (test/demo double)
+    model: str = Field(min_length=1, description="checkpoint to serve: a Hugging Face id or a path on the node")
+    gpus: int = Field(default=1, ge=0, description="GPUs per replica (0: CPU-only, e.g. the simulated engine)")
+    replicas: int = Field(default=1, gt=0)
+    args: list[str] = Field(default=[], description="appended to the command line as they are")
+    command: list[str] | None = Field(
+        default=None, min_length=1,
+        description="command line template replacing the engine's default; placeholders {model} {host} {port} "
+        "{python} {answer_key}",
+    )  # fmt: skip
+    startup_timeout_s: float = Field(default=900.0, gt=0, description="seconds to wait for GET /health")
+    cpus: float = Field(default=1.0, ge=0, description="CPUs per replica, reserved in Ray")
+
+    @model_validator(mode="after")
+    def _known_placeholders(self) -> ServeSpec:
+        for part in self.command or ():
+            try:
+                names = {name for _, name, _, _ in string.Formatter().parse(part) if name is not None}
+            except ValueError as exc:
+                raise ValueError(f"command: {part!r} is not a valid template ({exc}; write {{{{ for a literal brace)")
+            unknown = sorted(names - set(SERVE_PLACEHOLDERS))
+            if unknown:
+                valid = ", ".join(f"{{{p}}}" for p in SERVE_PLACEHOLDERS)
+                raise ValueError(f"command: unknown placeholder {{{unknown[0]}}} (valid: {valid})")
+        return self
+
+
 class ModelSpec(_Strict):
-    """A student or teacher LM. Keys are never written here: `api_key_env` names the variable."""
+    """A student or teacher LM. Keys are never written here: `api_key_env` names the variable.
+
+    A student with `serve` is hosted by the sweep: `model` may be left out, and is then (and must
+    be, if given) `openai/<serve.model>`, the name the served engine answers to.
+    """
 
     name: str
     model: str
@@ -73,6 +114,30 @@ class ModelSpec(_Strict):
     tpm: int | None = Field(default=None, gt=0, description="tokens per minute, shared by all trials")
     cost_per_hour: float | None = Field(default=None, ge=0, description="self-hosted: dollars per busy hour")
     timeout_s: float = Field(default=600.0, gt=0)
+    serve: ServeSpec | None = Field(default=None, description="host this student on the sweep's Ray cluster")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _served_model_name(cls, data: Any) -> Any:
+        """A served student's model defaults to the name its engine answers to."""
+        if not isinstance(data, dict) or data.get("model") is not None:
+            return data
+        serve = data.get("serve")
+        served = serve.get("model") if isinstance(serve, dict) else getattr(serve, "model", None)
+        return {**data, "model": SERVED_PREFIX + served} if isinstance(served, str) else data
+
+    @model_validator(mode="after")
+    def _served_alone(self) -> ModelSpec:
+        if self.serve is None:
+            return self
+        if self.api_base is not None:
+            raise ValueError("api_base: a served student gets its URLs from its replicas; remove api_base (or serve)")
+        if self.model != SERVED_PREFIX + self.serve.model:
+            raise ValueError(
+                f"model: a served student's requests go to the served name, so model must be "
+                f"'{SERVED_PREFIX}{self.serve.model}' (or left out), not {self.model!r}"
+            )
+        return self
 
     @property
     def simulated(self) -> bool:
@@ -146,9 +211,24 @@ class Sweep(_Strict):
     num_threads: int = Field(default=8, gt=0, description="DSPy threads inside each trial")
     sim: SimSpec = SimSpec()
 
+    @model_validator(mode="after")
+    def _serving(self) -> Sweep:
+        for i, teacher in enumerate(self.teachers):
+            if teacher.serve is not None:
+                raise ValueError(f"teachers.{i}.serve: only students are served by the sweep; give the teacher an api_base")
+        names = [s.name for s in self.students if s.serve is not None]
+        if len(names) != len(set(names)):
+            raise ValueError(f"students: served students need distinct names (got {names})")
+        return self
+
     @property
     def models(self) -> list[ModelSpec]:
         return [*self.students, *self.teachers]
+
+    @property
+    def served(self) -> list[ModelSpec]:
+        """The students the sweep hosts itself."""
+        return [s for s in self.students if s.serve is not None]
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -251,7 +331,20 @@ def _describe(exc: ValidationError) -> str:
         return f"{field}: unknown optimizer kind {error['input']!r} (valid: {', '.join(OPTIMIZER_KINDS)})"
     if error["type"] == "missing":
         return f"{field}: required field is missing"
+    if error["type"] == "value_error":  # our own validators: the input is a whole mapping, not worth echoing
+        return _value_error(loc, str(error["ctx"]["error"]))
     return f"{field}: {error['msg']} (got {error['input']!r})"
+
+
+_SUBFIELD = re.compile(r"^[\w.]+: ")
+
+
+def _value_error(loc: list[str], message: str) -> str:
+    """A validator's message; one that starts with a sub-field (`model: ...`) extends the path."""
+    if not loc:
+        return message
+    field = ".".join(loc)
+    return f"{field}.{message}" if _SUBFIELD.match(message) else f"{field}: {message}"
 
 
 def _unknown_key(loc: tuple) -> str:

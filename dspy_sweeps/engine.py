@@ -1,4 +1,4 @@
-"""Run a prepared sweep: simulator (if any), Ray trials, results, tracking, promotion.
+"""Run a prepared sweep: simulator and served students (if any), Ray trials, results, tracking, promotion.
 
 `run_sweep(prepared, state, address, console)` is what `sweep run` calls after the
 preflight checks; every trial's record is written as soon as it finishes.
@@ -12,17 +12,21 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dspy_sweeps.config import Sweep
+from dspy_sweeps.config import ModelSpec, Sweep
 from dspy_sweeps.data import Dataset
+from dspy_sweeps.errors import SweepError
 from dspy_sweeps.imports import restore_program
-from dspy_sweeps.lms import check_endpoints, endpoint_for, resolve
+from dspy_sweeps.jobs import check_tracking_for_cluster
+from dspy_sweeps.lms import check_endpoints, endpoint_for, resolve, served_models
 from dspy_sweeps.preflight import Prepared
 from dspy_sweeps.registry import Decision, best, promote
 from dspy_sweeps.results import TrialRecord, write_records
+from dspy_sweeps.serving import served_students
 from dspy_sweeps.state import State
 from dspy_sweeps.tracking import Trackers, tracking_uri
 from dspy_sweeps.trial import TrialResult
@@ -35,58 +39,105 @@ class SweepOutcome:
 
 
 def run_sweep(prepared: Prepared, state: State, address: str | None, console: Console) -> SweepOutcome:
-    from dspy_sweeps import runner
+    """Start what the sweep needs, run its trials, promote the winner, and stop everything again.
 
+    Order: simulator, Ray, served students (their replicas are Ray actors), endpoint checks,
+    trials, promotion (which re-scores on the student, so the replicas are still up); then, each
+    in a `finally`, the replicas stop, Ray stops, the simulator stops.
+    """
     sweep = prepared.sweep
-    with simulator(sweep, prepared.data, state, console) as sim_url:
-        check_endpoints([(role, resolve(s, sim_url)) for role, s in _roles(sweep)])
-        endpoints = {s.model_dump_json(): endpoint_for(s, resolve(s, sim_url)) for _, s in _roles(sweep)}
-        trackers = Trackers.open(sweep, state, prepared.data.fingerprint)
-        records: list[TrialRecord] = []
-        trials = {t.id: t for t in prepared.trials}
-        with _progress(console, len(trials)) as progress:
-            task = progress.add_task("trials", total=len(trials))
-
-            def on_outcome(outcome: runner.Outcome) -> None:
-                trial = trials[outcome.trial_id]
-                result = _result(outcome)
-                program_path = _save_program(state, sweep.name, trial.id, result)
-                record = TrialRecord.of(sweep.name, trial, result, program_path, prepared.data.fingerprint)
-                records.append(record)
-                write_records(state.results(sweep.name), records)
-                trackers.log_trial(trial, record, result)
-                progress.advance(task)
-                status = f"{record.val_score:.3f}" if record.status == "ok" else f"[red]{record.status}[/]: {record.error}"
-                progress.console.print(f"  {trial.id}  val {status}")
-
-            from dspy_sweeps.gateway import Budget
-            from dspy_sweeps.worker import TrialContext, execute_trial
-
-            runner.start_ray(address, Path.cwd())
-            try:
-                budget = Budget(sweep.budget.max_lm_calls, sweep.budget.max_usd)
-                gateway = runner.start_gateway(list({e.id: e for e in endpoints.values()}.values()), state.cache, budget)
-                endpoint_ids = {key: e.id for key, e in endpoints.items()}
-                ctx = TrialContext(sweep.name, trials, prepared.data, gateway, endpoint_ids, str(state.root))
-                runner.run_trials(
-                    list(trials), execute_trial, ctx, name=sweep.name, storage=state.ray,
-                    parallelism=sweep.parallelism, on_outcome=on_outcome,
-                )  # fmt: skip
-            finally:
-                runner.stop_ray()
-        decision = _promote(prepared, records, trackers, state, sim_url) if sweep.promote else None
-        trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")
+    key = _answer_key(prepared, state)
+    with simulator(sweep, key, state, console) as sim_url:
+        # Outside endpoints first: a typo in an api_base costs seconds, not a Ray start-up.
+        check_endpoints([(role, resolve(s, sim_url)) for role, s in _roles(sweep) if s.serve is None])
+        with _ray(sweep, state, address), served_students(sweep, state, key, console) as served:
+            specs = {s.model_dump_json(): s for _, s in _roles(sweep)}  # the key trials know their LMs by
+            resolved = {k: _resolve(s, sim_url, served) for k, s in specs.items()}
+            _check_served(sweep, resolved)
+            endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
+            trackers = Trackers.open(sweep, state, prepared.data.fingerprint)
+            records = _run_trials(prepared, state, endpoints, trackers, console)
+            decision = _promote(prepared, records, trackers, state, resolved) if sweep.promote else None
+            trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")
     return SweepOutcome(records, decision)
 
 
-def _roles(sweep: Sweep) -> Iterator[tuple[str, object]]:
+@contextlib.contextmanager
+def _ray(sweep: Sweep, state: State, address: str | None) -> Iterator[None]:
+    from dspy_sweeps import runner
+
+    runner.start_ray(address, Path.cwd())
+    try:
+        check_tracking_for_cluster(tracking_uri(sweep.tracking.mlflow, state))
+        yield
+    finally:
+        runner.stop_ray()
+
+
+def _resolve(spec: ModelSpec, sim_url: str | None, served: dict[str, list[str]]) -> ModelSpec:
+    """The spec as it is called: a simulated model at the simulator, a served student at its replicas."""
+    if spec.serve is not None:
+        return spec.model_copy(update={"api_base": list(served[spec.name]), "serve": None})
+    return resolve(spec, sim_url)
+
+
+def _check_served(sweep: Sweep, resolved: dict[str, ModelSpec]) -> None:
+    """Each replica answers GET /models and serves the name requests will use (`serve.model`)."""
+    for i, student in enumerate(sweep.students):
+        if student.serve is None:
+            continue
+        for base in resolved[student.model_dump_json()].api_bases:
+            models = served_models(base, f"students.{i} ({student.name})")
+            if models and student.serve.model not in models:
+                raise SweepError(
+                    f"students.{i}.serve: the server at {base} serves {sorted(models)}, not {student.serve.model!r}, "
+                    "the name requests use (drop --served-model-name from args, or serve that name)"
+                )
+
+
+def _run_trials(
+    prepared: Prepared, state: State, endpoints: dict[str, Any], trackers: Trackers, console: Console
+) -> list[TrialRecord]:
+    """Every trial on Ray, all LM calls through one gateway; each record is saved and tracked as it lands."""
+    from dspy_sweeps import runner
+    from dspy_sweeps.gateway import Budget
+    from dspy_sweeps.worker import TrialContext, execute_trial
+
+    sweep, trials = prepared.sweep, {t.id: t for t in prepared.trials}
+    budget = Budget(sweep.budget.max_lm_calls, sweep.budget.max_usd)
+    gateway = runner.start_gateway(list({e.id: e for e in endpoints.values()}.values()), state.cache, budget)
+    endpoint_ids = {key: e.id for key, e in endpoints.items()}
+    ctx = TrialContext(sweep.name, trials, prepared.data, gateway, endpoint_ids, str(state.root))
+    records: list[TrialRecord] = []
+    with _progress(console, len(trials)) as progress:
+        task = progress.add_task("trials", total=len(trials))
+
+        def on_outcome(outcome: runner.Outcome) -> None:
+            trial, result = trials[outcome.trial_id], _result(outcome)
+            program_path = _save_program(state, sweep.name, trial.id, result)
+            record = TrialRecord.of(sweep.name, trial, result, program_path, prepared.data.fingerprint)
+            records.append(record)
+            write_records(state.results(sweep.name), records)
+            trackers.log_trial(trial, record, result)
+            progress.advance(task)
+            status = f"{record.val_score:.3f}" if record.status == "ok" else f"[red]{record.status}[/]: {record.error}"
+            progress.console.print(f"  {trial.id}  val {status}")
+
+        runner.run_trials(
+            list(trials), execute_trial, ctx, name=sweep.name, storage=state.ray,
+            parallelism=sweep.parallelism, on_outcome=on_outcome,
+        )  # fmt: skip
+    return records
+
+
+def _roles(sweep: Sweep) -> Iterator[tuple[str, ModelSpec]]:
     yield from ((f"students.{i}", s) for i, s in enumerate(sweep.students))
     yield from ((f"teachers.{i}", s) for i, s in enumerate(sweep.teachers))
 
 
 def _result(outcome) -> TrialResult:
     if outcome.error is not None:
-        return TrialResult(trial_id=outcome.trial_id, status="failed", error=outcome.error)
+        return TrialResult(trial_id=outcome.trial_id, status="failed", error=outcome.error, reason="error")
     return TrialResult(**outcome.result)
 
 
@@ -101,13 +152,15 @@ def _save_program(state: State, sweep: str, trial_id: str, result: TrialResult) 
     return path
 
 
-def _promote(prepared: Prepared, records: list[TrialRecord], trackers: Trackers, state: State, sim_url: str | None) -> Decision:
+def _promote(
+    prepared: Prepared, records: list[TrialRecord], trackers: Trackers, state: State, resolved: dict[str, ModelSpec]
+) -> Decision:
     sweep = prepared.sweep
     winner = best(records)
     if winner is None:
         return Decision(False, "no trial finished, so there is nothing to promote")
     program = restore_program(sweep.program, Path(winner.program_path).read_text())
-    student = resolve(next(s for s in sweep.students if s.model == winner.student), sim_url)
+    student = resolved[next(s for s in sweep.students if s.model == winner.student).model_dump_json()]
 
     def rescore(program_json: str) -> float:
         from dspy_sweeps.imports import load_object
@@ -117,27 +170,36 @@ def _promote(prepared: Prepared, records: list[TrialRecord], trackers: Trackers,
         champion = restore_program(sweep.program, program_json)
         champion.set_lm(build_lm(student))
         metric = load_object(sweep.metric, "metric")
-        score, _ = evaluate(champion, to_examples(prepared.data.test, prepared.data.inputs), metric, sweep.num_threads)
-        return score
+        return evaluate(champion, to_examples(prepared.data.test, prepared.data.inputs), metric, sweep.num_threads).score
 
     uri = tracking_uri(sweep.tracking.mlflow, state)
     return promote(sweep.promote, winner, trackers.mlflow.run_ids[winner.trial_id], program, uri, rescore)
 
 
+def _answer_key(prepared: Prepared, state: State) -> Path | None:
+    """The simulated endpoint's answer key (the sweep's own data), if a simulated model or a
+    served student on the `sim` engine needs one."""
+    sweep = prepared.sweep
+    commands = [" ".join(s.serve.command or ()) for s in sweep.served if s.serve is not None]
+    needed = any(m.simulated for m in sweep.models) or any(s.serve.engine == "sim" for s in sweep.served if s.serve)
+    if not needed and not any("{answer_key}" in c for c in commands):
+        return None
+    return write_answer_key(prepared.data, state.sim / sweep.name / "answer_key.jsonl")
+
+
 @contextlib.contextmanager
-def simulator(sweep: Sweep, data: Dataset, state: State, console: Console) -> Iterator[str | None]:
-    """Start the simulated endpoint when the sweep names `sim/` models; its answer key is the sweep's data."""
+def simulator(sweep: Sweep, key: Path | None, state: State, console: Console) -> Iterator[str | None]:
+    """Start the simulated endpoint when the sweep names `sim/` models; `key` is the sweep's answer key."""
     models = sorted({m.model.removeprefix("sim/") for m in sweep.models if m.simulated})
     if not models:
         yield None
         return
     from dspy_sweeps.sim.launch import SimServer
 
-    workdir = state.sim / sweep.name
-    key = write_answer_key(data, workdir / "answer_key.jsonl")
+    assert key is not None
     spec = sweep.sim
     with SimServer(
-        key, workdir, models=models, max_num_seqs=spec.max_num_seqs, ttft_ms=spec.ttft_ms,
+        key, state.sim / sweep.name, models=models, max_num_seqs=spec.max_num_seqs, ttft_ms=spec.ttft_ms,
         per_token_ms=spec.per_token_ms, time_scale=spec.time_scale,
     ) as sim:  # fmt: skip
         console.print(f"[yellow]SIMULATED[/] LM endpoint (test/demo double, not a real model) at {sim.base_url}")

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 Body = dict[str, Any]
+REPLICA_COOLDOWN_S = 5.0  # a replica that refused or dropped a connection gets no requests for this long
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,18 @@ class GatewayError(Exception):
         super().__init__(message)
         self.kind, self.status, self.retry_after = kind, status, retry_after
 
+    def __reduce__(self) -> tuple:
+        # Ray pickles it back to the trial; the default would call GatewayError(message) and fail,
+        # and the trial would see an unretryable "failed to deserialize" instead of, say, a transport error.
+        return (type(self), (self.kind, str(self), self.status, self.retry_after))
+
 
 @dataclass
 class _EndpointState:
     endpoint: Endpoint
     slots: asyncio.Semaphore
     in_flight: dict[str, int] = field(default_factory=dict)  # per replica base URL
+    down_until: dict[str, float] = field(default_factory=dict)  # replica -> when to try it again
     paused_until: float = 0.0
     requests: deque = field(default_factory=deque)  # start times of requests in the last minute
     tokens: deque = field(default_factory=deque)  # (time, total tokens) of answers in the last minute
@@ -109,6 +116,7 @@ class GatewayCore:
         self.stats: dict[str, CallStats] = {}
         self.session: Any = None
         self.sending = 0  # calls on their way to an endpoint: they count against the budget already
+        self.draws: dict[tuple[str, str], int] = {}  # (trial, request) -> sampled draws so far
         self.started = time.monotonic()
 
     # -- the call path -------------------------------------------------------------------
@@ -118,22 +126,20 @@ class GatewayCore:
         stats = self.stats.setdefault(trial_id, CallStats())
         stats.requested += 1
         state = self.endpoints[endpoint_id]
-        cacheable = not body.get("temperature")  # sampled calls (temperature > 0) must stay distinct
-        key = _key(endpoint_id, body)
-        if cacheable and self.cache is not None and (hit := self.cache.get(key)) is not None:
+        key = self._request_key(trial_id, endpoint_id, body)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
             stats.cache_hits += 1
             return hit
-        if cacheable and key in self.pending:
+        if key in self.pending:
             stats.merged += 1
             return await asyncio.shield(self.pending[key])
         self._check_budget()
         future = asyncio.get_running_loop().create_future()
-        if cacheable:
-            self.pending[key] = future
+        self.pending[key] = future
         self.sending += 1
         try:
             response = await self._send(state, body, stats)
-            if cacheable and self.cache is not None:
+            if self.cache is not None:
                 self.cache.set(key, response)
             future.set_result(response)
             return response
@@ -145,6 +151,18 @@ class GatewayCore:
         finally:
             self.sending -= 1
             self.pending.pop(key, None)
+
+    def _request_key(self, trial_id: str, endpoint_id: str, body: Body) -> str:
+        """Identical requests share a key. A sampled request (temperature > 0) is the trial's n-th
+        draw of that request instead: draws stay distinct (never merged), and a re-run of the
+        trial replays its own draws from the cache. DSPy's rollout ids do not reach an engine
+        in DSPy 3.4, so the draw count stands in for them."""
+        key = _key(endpoint_id, body)
+        if not body.get("temperature"):
+            return key
+        draw = self.draws.get((trial_id, key), 0)
+        self.draws[(trial_id, key)] = draw + 1
+        return _key(endpoint_id, {"body": body, "trial": trial_id, "draw": draw})
 
     async def _send(self, state: _EndpointState, body: Body, stats: CallStats) -> Body:
         endpoint = state.endpoint
@@ -212,10 +230,16 @@ class GatewayCore:
     async def _post(self, state: _EndpointState, body: Body) -> tuple[Body, float]:
         if not state.endpoint.api_bases:
             return await _litellm_call(state.endpoint, body)
-        base = min(state.in_flight, key=state.in_flight.__getitem__)  # least-loaded replica
+        base = _pick_replica(state)
         state.in_flight[base] += 1
         try:
             return await self._http_call(state.endpoint, base, body), 0.0
+        except GatewayError as exc:
+            if exc.kind == "transport":
+                # A dead replica fails fast, so least-loaded would pick it again and again; skip it
+                # for a while so DSPy's retry reaches a live one (a restarted one is back after this).
+                state.down_until[base] = time.monotonic() + REPLICA_COOLDOWN_S
+            raise
         finally:
             state.in_flight[base] -= 1
 
@@ -234,6 +258,9 @@ class GatewayCore:
                 text = await response.text()
                 if response.status == 200:
                     return _parse_completion(text, endpoint)
+                if _kind(response.status) == "auth":
+                    variable = endpoint.api_key_env or "no key variable (api_key_env is not set)"
+                    raise GatewayError("auth", f"{endpoint.model} refused the key from {variable} (HTTP {response.status})", response.status)
                 retry_after = _seconds(response.headers.get("Retry-After"))
                 raise GatewayError(_kind(response.status), f"{endpoint.model}: HTTP {response.status}: {text[:300]}",
                                    response.status, retry_after)  # fmt: skip
@@ -294,6 +321,13 @@ class GatewayCore:
             self.cache.close()
 
 
+def _pick_replica(state: _EndpointState) -> str:
+    """The least-loaded replica among those not cooling down after a transport failure (all, if none is)."""
+    now = time.monotonic()
+    up = [base for base in state.in_flight if state.down_until.get(base, 0.0) <= now] or list(state.in_flight)
+    return min(up, key=state.in_flight.__getitem__)
+
+
 def _key(endpoint_id: str, body: Body) -> str:
     return hashlib.sha256(json.dumps([endpoint_id, body], sort_keys=True, default=str).encode()).hexdigest()
 
@@ -338,7 +372,7 @@ async def _litellm_call(endpoint: Endpoint, body: Body) -> tuple[Body, float]:
         raise GatewayError("rate_limit", f"{endpoint.model}: rate limited", 429, _retry_after(exc)) from None
     except litellm.AuthenticationError:
         variable = endpoint.api_key_env or "the provider's key variable"
-        raise GatewayError("auth", f"{endpoint.model}: the provider refused the key in {variable}", 401) from None
+        raise GatewayError("auth", f"{endpoint.model} refused the key from {variable} (HTTP 401)", 401) from None
     except (litellm.APIConnectionError, litellm.Timeout) as exc:
         raise GatewayError("transport", f"{endpoint.model}: {type(exc).__name__}") from None
     except litellm.APIError as exc:

@@ -62,7 +62,7 @@ def check_keys(sweep: Sweep) -> None:
             if spec.api_key_env:
                 if not os.environ.get(spec.api_key_env):
                     raise SweepError(f"{role}.{i} ({spec.model}): API key variable {spec.api_key_env} is not set")
-            elif not spec.api_base:
+            elif not spec.api_base and spec.serve is None:  # self-hosted endpoints take no cloud key
                 _check_litellm_env(f"{role}.{i}", spec.model)
 
 
@@ -143,6 +143,10 @@ class GatewayEngine:
             body = ray.get(self.gateway.complete.remote(self.trial_id, self.endpoint_id, openai_body(request)))
         except ray.exceptions.RayTaskError as exc:
             raise lm_error(exc.cause) from None
+        except ray.exceptions.RayActorError as exc:  # the gateway is restarting: retryable like a dropped connection
+            from dspy import lm15
+
+            raise lm15.TransportError(f"LM gateway unavailable: {exc}") from None
         return response_from_openai_chat(body, model=request.model)
 
     def stream(self, request: Any) -> Any:

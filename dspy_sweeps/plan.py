@@ -52,7 +52,8 @@ def expand_grid(settings: dict[str, Any]) -> list[dict[str, Any]]:
 def _trial(sweep: Sweep, kind: str, settings: dict, student: ModelSpec, teacher: ModelSpec | None, seed: int) -> Trial:
     identity = {
         "program": sweep.program, "metric": sweep.metric, "kind": kind, "settings": settings, "seed": seed,
-        "student": student.model_dump(), "teacher": teacher.model_dump() if teacher else None,
+        "student": student.model_dump(exclude_none=True),
+        "teacher": teacher.model_dump(exclude_none=True) if teacher else None,
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     teacher_name = f"-{teacher.name}" if teacher and kind != "none" else ""

@@ -25,6 +25,7 @@ class TrialRecord:
     seed: int
     status: str
     error: str | None
+    reason: str | None
     val_score: float | None
     test_score: float | None
     lm_calls: int
@@ -32,6 +33,7 @@ class TrialRecord:
     cache_hits: int
     merged_calls: int
     failed_calls: int
+    failed_examples: int
     estimated_calls: int
     prompt_tokens: int
     completion_tokens: int
@@ -46,9 +48,10 @@ class TrialRecord:
         return cls(
             sweep=sweep, trial_id=trial.id, kind=trial.kind, settings=json.dumps(trial.settings, sort_keys=True),
             student=trial.student.model, teacher=trial.teacher.model if trial.teacher and trial.kind != "none" else None,
-            seed=trial.seed, status=result.status, error=result.error, val_score=result.val_score,
+            seed=trial.seed, status=result.status, error=result.error, reason=result.reason, val_score=result.val_score,
             test_score=result.test_score, lm_calls=result.lm_calls, calls_requested=result.calls_requested,
             cache_hits=result.cache_hits, merged_calls=result.merged_calls, failed_calls=result.failed_calls,
+            failed_examples=result.failed_examples,
             estimated_calls=trial.estimated_calls, prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens, latency_s=result.latency_s, cost_usd=result.cost_usd,
             duration_s=result.duration_s, program_path=str(program_path) if program_path else None,
@@ -72,8 +75,8 @@ def leaderboard(path: Path) -> list[dict[str, Any]]:
     import duckdb
 
     query = """
-        SELECT trial_id, kind, settings, student, teacher, seed, status, error, val_score, test_score,
-               lm_calls, calls_requested, cache_hits, merged_calls, failed_calls, prompt_tokens,
+        SELECT trial_id, kind, settings, student, teacher, seed, status, error, reason, val_score, test_score,
+               lm_calls, calls_requested, cache_hits, merged_calls, failed_calls, failed_examples, prompt_tokens,
                completion_tokens, cost_usd, duration_s, program_path, data_fingerprint
         FROM read_parquet(?)
         ORDER BY status = 'ok' DESC, val_score DESC NULLS LAST, lm_calls ASC, trial_id

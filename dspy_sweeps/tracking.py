@@ -19,7 +19,7 @@ from dspy_sweeps.trial import TrialResult
 
 MLFLOW_PARAM_LIMIT = 6000  # MLflow rejects longer parameter values
 FIGURES = (
-    "val_score", "test_score", "lm_calls", "calls_requested", "cache_hits", "merged_calls", "failed_calls",
+    "val_score", "test_score", "lm_calls", "calls_requested", "cache_hits", "merged_calls", "failed_calls", "failed_examples",
     "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "duration_s",
 )  # fmt: skip
 
@@ -51,19 +51,23 @@ def figures(record: TrialRecord) -> dict[str, float]:
 
 
 class WandbLogger:
-    """Offline runs land under the state dir (`wandb sync` uploads them later)."""
+    """Offline runs land under the state dir (`wandb sync` uploads them later). An online W&B that
+    cannot be reached within `ONLINE_TIMEOUT_S` switches the rest of the sweep to offline runs."""
+
+    ONLINE_TIMEOUT_S = 20
 
     def __init__(self, spec: WandbSpec, sweep: str, state: State) -> None:
         self.spec, self.sweep, self.state = spec, sweep, state
+        self.mode = spec.mode
         os.environ.setdefault("WANDB_SILENT", "true")
         state.wandb.mkdir(parents=True, exist_ok=True)
 
     def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> None:
         import wandb
 
-        run = wandb.init(
+        run = self._init(
             project=self.spec.project, entity=self.spec.entity, group=self.sweep, job_type=trial.kind,
-            name=trial.id, config=trial_config(trial, record), mode=self.spec.mode, dir=str(self.state.wandb),
+            name=trial.id, config=trial_config(trial, record), dir=str(self.state.wandb),
             reinit="create_new", tags=[record.status],
         )  # fmt: skip
         run.summary.update({**figures(record), "status": record.status, "error": record.error or ""})
@@ -73,6 +77,17 @@ class WandbLogger:
                 table.add_data(*(json.dumps(p[k], ensure_ascii=False) for k in ("inputs", "prediction", "gold")), p["score"])
             run.log({"val_predictions": table})
         run.finish(exit_code=0 if record.status == "ok" else 1)
+
+    def _init(self, **kwargs: Any) -> Any:
+        import wandb
+
+        if self.mode == "online":
+            try:
+                return wandb.init(mode="online", settings=wandb.Settings(init_timeout=self.ONLINE_TIMEOUT_S), **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any failure to reach W&B means: keep the data offline
+                print(f"W&B is unreachable ({type(exc).__name__}); logging offline under {self.state.wandb} (`wandb sync` uploads later)")
+                self.mode = "offline"
+        return wandb.init(mode=self.mode, **kwargs)
 
     def close(self, status: str) -> None:
         pass

@@ -33,6 +33,7 @@ class TrialResult:
     trial_id: str
     status: str  # "ok" | "failed" | "cut" (stopped by the sweep's budget)
     error: str | None = None
+    reason: str | None = None  # why it failed: "endpoint", "auth", "budget", "error"
     val_score: float | None = None
     test_score: float | None = None
     lm_calls: int = 0  # calls sent to an endpoint
@@ -40,6 +41,7 @@ class TrialResult:
     cache_hits: int = 0
     merged_calls: int = 0
     failed_calls: int = 0
+    failed_examples: int = 0  # examples not scored because their LM calls failed
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0
@@ -57,16 +59,17 @@ def run_trial(trial: Trial, data: Dataset, lms: TrialLMs, workdir: Path) -> Tria
     trainset, valset, testset = (to_examples(rows, data.inputs) for rows in (data.train, data.val, data.test))
     with dspy.context(lm=lms.student):
         program = compile_program(trial, build_program(trial.program), metric, lms, trainset, valset, workdir)
-        val_score, predictions = evaluate(program, valset, metric, trial.num_threads)
-        test_score, _ = evaluate(program, testset, metric, trial.num_threads)
+        val = evaluate(program, valset, metric, trial.num_threads)
+        test = evaluate(program, testset, metric, trial.num_threads)
     return TrialResult(
         trial_id=trial.id,
         status="ok",
-        val_score=val_score,
-        test_score=test_score,
+        val_score=val.score,
+        test_score=test.score,
+        failed_examples=val.failed + test.failed,
         duration_s=round(time.monotonic() - start, 3),
         program=json.dumps(program.dump_state(), sort_keys=True, default=str),
-        predictions=predictions,
+        predictions=val.records,
     )
 
 
@@ -110,22 +113,69 @@ def feedback_metric(metric: Callable) -> Callable:
     return gepa_metric
 
 
-def evaluate(program: Any, examples: list, metric: Callable, num_threads: int) -> tuple[float, list[dict]]:
-    """Mean metric in [0, 1] and one record per example (inputs, outputs, gold labels, score)."""
-    import dspy
+class EndpointFailure(Exception):
+    """Too many examples could not be scored because their LM calls failed (not wrong answers)."""
 
-    evaluator = dspy.Evaluate(devset=examples, metric=metric, num_threads=num_threads, display_progress=False)
-    result = evaluator(program)
+
+def lm_call_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean the LM call failed, as opposed to the program or its answer."""
+    from dspy.utils.exceptions import LMAuthError, LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError
+
+    from dspy_sweeps.lms import BudgetSpent
+
+    return (LMTransportError, LMRateLimitError, LMTimeoutError, LMServerError, LMAuthError, BudgetSpent)
+
+
+@dataclass
+class Evaluation:
+    score: float  # mean metric over the examples that could be scored
+    records: list[dict[str, Any]]
+    failed: int  # examples whose LM calls failed: counted apart, never scored 0
+
+
+def evaluate(program: Any, examples: list, metric: Callable, num_threads: int, max_failed: float = 0.1) -> Evaluation:
+    """Score `program` on `examples`. An example whose LM call failed is not a wrong answer: it
+    is counted apart, and past `max_failed` of them the trial fails with reason "endpoint"."""
+    import dspy
+    from dspy.utils.exceptions import AdapterParseError
+    from dspy.utils.parallelizer import ParallelExecutor
+
+    failures, bugs = lm_call_errors(), []
+
+    def score(example: Any) -> tuple[Any, Any, float | None, BaseException | None] | None:
+        try:
+            prediction = program(**example.inputs())
+        except failures as exc:
+            return example, None, None, exc
+        except AdapterParseError:  # the model answered, badly: a wrong answer
+            return example, dspy.Prediction(), 0.0, None
+        except Exception as exc:  # the program's own bug fails the trial, it is not a score
+            bugs.append(exc)
+            return None
+        return example, prediction, float(metric(example, prediction)), None
+
+    # ParallelExecutor logs and swallows exceptions; `score` returns them so none is lost.
+    executor = ParallelExecutor(num_threads=num_threads, max_errors=len(examples) + 1, disable_progress_bar=True)
+    results = executor.execute(score, examples)
+    if bugs:
+        raise bugs[0]
+    failed = [r for r in results if r[3] is not None]
+    if len(failed) > max_failed * len(examples):
+        cause = failed[0][3]
+        raise EndpointFailure(
+            f"endpoint: {len(failed)} of {len(examples)} examples could not be scored ({type(cause).__name__}: {cause})"
+        )
+    scored = [r for r in results if r[3] is None]
     records = [
         {
             "inputs": dict(example.inputs()),
-            "prediction": dict(prediction.items()) if prediction is not None else {},
+            "prediction": dict(prediction.items()),
             "gold": {k: v for k, v in example.items() if k not in example.inputs().keys()},
-            "score": float(score),
+            "score": value,
         }
-        for example, prediction, score in result.results
+        for example, prediction, value, _ in scored
     ]
-    return result.score / 100.0, records
+    return Evaluation(sum(r["score"] for r in records) / max(len(records), 1), records, len(failed))
 
 
 def to_examples(rows: list[dict[str, Any]], inputs: tuple[str, ...]) -> list[Any]:

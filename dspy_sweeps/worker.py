@@ -38,10 +38,8 @@ def execute_trial(trial_id: str, ctx: TrialContext) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         result = run_trial(trial, ctx.data, TrialLMs(student, teacher), workdir)
-    except Exception as exc:
-        if not ray.get(ctx.gateway.exhausted.remote()):
-            raise
-        result = TrialResult(trial_id, "cut", error=f"stopped when the sweep's budget was spent ({type(exc).__name__})")
+    except Exception as exc:  # noqa: BLE001 - a trial's failure is its result, with the reason
+        result = failed(trial_id, exc, budget_spent=ray.get(ctx.gateway.exhausted.remote()))
     stats = ray.get(ctx.gateway.trial_stats.remote(trial_id))
     return asdict(
         dataclasses.replace(
@@ -51,6 +49,23 @@ def execute_trial(trial_id: str, ctx: TrialContext) -> dict[str, Any]:
             cost_usd=round(stats.cost_usd, 6),
         )  # fmt: skip
     )
+
+
+def failed(trial_id: str, exc: BaseException, budget_spent: bool) -> TrialResult:
+    """A failed trial and why: the budget, a refused key, the endpoint, or the program itself."""
+    from dspy import lm15
+    from dspy.utils.exceptions import LMAuthError
+
+    from dspy_sweeps.trial import EndpointFailure, lm_call_errors
+
+    message = f"{type(exc).__name__}: {exc}"[:1000]
+    if budget_spent:
+        return TrialResult(trial_id, "cut", error=f"stopped when the sweep's budget was spent ({type(exc).__name__})", reason="budget")
+    if isinstance(exc, (LMAuthError, lm15.AuthError)):
+        return TrialResult(trial_id, "failed", error=str(exc), reason="auth")
+    if isinstance(exc, (EndpointFailure, *lm_call_errors())):
+        return TrialResult(trial_id, "failed", error=message, reason="endpoint")
+    return TrialResult(trial_id, "failed", error=message, reason="error")
 
 
 def _lm(ctx: TrialContext, spec: Any, trial_id: str) -> Any:

@@ -97,6 +97,7 @@ class SimServer:
 
     def _environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+        env["DSPY_SWEEPS_SIM_FOLLOW_PARENT"] = "1"  # exit with this process, even if it is SIGKILLed
         if self.api_key:
             env[API_KEY_ENV] = self.api_key
         return env
@@ -180,9 +181,19 @@ class SimServer:
         return self._admin("GET", "/sim/faults")["faults"]
 
     def stats(self) -> dict[str, Any]:
-        """Counters: {"auth_rejected": n, "models": {name: {requests, ok, faults: {mode: n}, invalid,
-        prompt_tokens, completion_tokens, peak_running, running, waiting, hanging}}}."""
+        """Counters: {"auth_rejected": n, "latency": {max_num_seqs, ttft_ms, per_token_ms, time_scale},
+        "models": {name: {requests, ok, faults: {mode: n}, invalid, prompt_tokens, completion_tokens,
+        peak_running, running, waiting, hanging, unique_requests, unique_decode_tokens, slot_seconds}}}.
+
+        `unique_requests` counts distinct answered request bodies and `unique_decode_tokens` the
+        tokens they decoded; `slot_seconds` is busy slot-seconds (answered requests' service time
+        plus the elapsed part of running ones)."""
         return self._admin("GET", "/sim/stats")
+
+    def requests(self, since: int = 0) -> dict[str, list[list[Any]]]:
+        """Answered requests per model from the `since`-th on: [slot start, slot end (Unix s),
+        decode tokens, body digest, sampled (temperature > 0)]."""
+        return self._admin("GET", f"/sim/requests?since={since}")["models"]
 
     def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None

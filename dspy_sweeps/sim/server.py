@@ -9,7 +9,8 @@ batch grows. Replies come from `dspy_sweeps.sim.answers`. Every response carries
 
 TEST FACILITY, outside /v1 (see `dspy_sweeps.sim.faults`): `POST /sim/faults` and `GET /sim/faults`
 inject endpoint failures deterministically (500, 429 + Retry-After, 401, garbage, hang) and
-`GET /sim/stats` returns per-model counters. With `api_key` set, every /v1 request must carry
+`GET /sim/stats` returns per-model counters (including what `make bench` needs: distinct request
+bodies, busy slot-seconds) and `GET /sim/requests` the log of answered requests. With `api_key` set, every /v1 request must carry
 `Authorization: Bearer <key>` (vLLM's `--api-key`); /health, /metrics and /sim stay open.
 No request header value is ever logged or echoed (the server keeps no access log).
 """
@@ -17,9 +18,11 @@ No request header value is ever logged or echoed (the server keeps no access log
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import math
+import os
 import signal
 import socket
 import sys
@@ -65,23 +68,53 @@ class ModelEngine:
     invalid: int = 0  # of which rejected with 400
     hanging: int = 0  # requests held open by the hang fault right now
     faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULT_MODES, 0))
+    # Measurement for `make bench`: distinct request bodies answered, the tokens they decoded,
+    # and busy slot-seconds (the integral of `running` over time).
+    unique_requests: int = 0
+    unique_decode_tokens: int = 0
+    seen: set[str] = field(default_factory=set)
+    busy_slot_s: float = 0.0
+    busy_since: float = field(default_factory=time.monotonic)  # when `running` last changed
+    log: list[tuple[float, float, int, str, bool]] = field(default_factory=list)  # see get_requests
 
-    async def generate(self, latency: LatencyModel, output_tokens: int) -> None:
-        """Wait for a batch slot, then spend prefill and decode time for `output_tokens`."""
+    async def generate(self, latency: LatencyModel, output_tokens: int) -> tuple[float, float]:
+        """Wait for a batch slot, then spend prefill and decode time for `output_tokens`.
+
+        Returns when the request got its slot and when it let it go (Unix time)."""
         self.waiting += 1
         try:
             await self.slots.acquire()
         finally:
             self.waiting -= 1
-        self.running += 1
+        self._set_running(self.running + 1)
+        start = time.time()
         self.peak_running = max(self.peak_running, self.running)
         try:
             await asyncio.sleep(latency.seconds(latency.ttft_ms))
             per_token_ms = latency.per_token_ms * (1 + self.running / 100)
             await asyncio.sleep(latency.seconds(output_tokens * per_token_ms))
         finally:
-            self.running -= 1
+            self._set_running(self.running - 1)
             self.slots.release()
+        return start, time.time()
+
+    def _set_running(self, running: int) -> None:
+        now = time.monotonic()
+        self.busy_slot_s += self.running * (now - self.busy_since)
+        self.running, self.busy_since = running, now
+
+    def slot_seconds(self) -> float:
+        """Busy slot-seconds so far: answered requests' service time plus the elapsed part of running ones."""
+        return self.busy_slot_s + self.running * (time.monotonic() - self.busy_since)
+
+    def answered(self, body: dict[str, Any], decode_tokens: int, start: float, end: float) -> None:
+        """Count an answered request; identical bodies (any key order) count once as unique."""
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        if digest not in self.seen:
+            self.seen.add(digest)
+            self.unique_requests += 1
+            self.unique_decode_tokens += decode_tokens
+        self.log.append((start, end, decode_tokens, digest, float(body.get("temperature") or 0) > 0))
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -95,6 +128,9 @@ class ModelEngine:
             "running": self.running,
             "waiting": self.waiting,
             "hanging": self.hanging,
+            "unique_requests": self.unique_requests,
+            "unique_decode_tokens": self.unique_decode_tokens,
+            "slot_seconds": round(self.slot_seconds(), 6),
         }
 
 
@@ -270,7 +306,8 @@ async def _complete(
         ]
     prompt_tokens = estimate_tokens("".join(message_text(m) for m in messages))
     output_tokens = [estimate_tokens(t) for t in texts]
-    await engine.generate(state.latency, max(output_tokens))
+    start, end = await engine.generate(state.latency, max(output_tokens))
+    engine.answered(body, max(output_tokens), start, end)
     engine.prompt_tokens += prompt_tokens
     engine.generation_tokens += sum(output_tokens)
     engine.successes += 1
@@ -400,13 +437,31 @@ async def post_faults(request: web.Request) -> web.Response:
 
 async def get_stats(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    latency = state.latency
     return web.json_response(
         {
             "simulated": True,
             "auth_rejected": state.auth_rejected,
+            "latency": {
+                "max_num_seqs": latency.max_num_seqs, "ttft_ms": latency.ttft_ms,
+                "per_token_ms": latency.per_token_ms, "time_scale": latency.time_scale,
+            },  # fmt: skip
             "models": {name: engine.stats() for name, engine in state.engines.items()},
         }
     )
+
+
+async def get_requests(request: web.Request) -> web.Response:
+    """Answered requests per model, oldest first: [slot start, slot end (Unix s), decode tokens,
+    body digest, sampled (temperature > 0)].
+
+    `?since=N` skips each model's first N entries, so a poller fetches only what is new."""
+    since = request.query.get("since", "0")
+    if not since.isdigit():
+        raise _error(web.HTTPBadRequest, f"since must be a whole number of entries, not {since!r}")
+    since = int(since)
+    engines = request.app[STATE].engines
+    return web.json_response({"simulated": True, "models": {n: e.log[since:] for n, e in engines.items()}})
 
 
 def _check_models(faults: Sequence[Fault], served: Sequence[str] | dict[str, Any]) -> None:
@@ -455,6 +510,7 @@ def create_app(
     app.router.add_get("/sim/faults", get_faults)
     app.router.add_post("/sim/faults", post_faults)
     app.router.add_get("/sim/stats", get_stats)
+    app.router.add_get("/sim/requests", get_requests)
     return app
 
 
@@ -489,11 +545,24 @@ async def _run(app: web.Application, host: str, port: int, port_file: Path | Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if os.environ.get(FOLLOW_PARENT_ENV):
+        watchdog = loop.create_task(_stop_when_orphaned(os.getppid(), stop))  # noqa: F841 - kept alive by the loop
     try:
         await stop.wait()
     finally:
         app[STATE].closing.set()  # let hung requests go, or cleanup would wait for them
         await runner.cleanup()
+
+
+FOLLOW_PARENT_ENV = "DSPY_SWEEPS_SIM_FOLLOW_PARENT"
+
+
+async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
+    """Started by a sweep, the simulator has its own process group, so a SIGKILLed sweep would
+    leave it running: it stops itself once it has been re-parented."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    stop.set()
 
 
 def serve(

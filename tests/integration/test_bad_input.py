@@ -166,8 +166,10 @@ def test_every_bad_file_is_a_case(repo: Path) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_exits_2_with_one_line(case: str, runs: dict[str, Future[Run]]) -> None:
+@pytest.mark.reliability
+def test_bad_input_exits_2_with_one_line(case: str, runs: dict[str, Future[Run]], reliability) -> None:
     run = runs[case].result()
+    reliability("bad input: malformed sweep files (CLI)", runs=1, faults_injected=1)
     assert run.returncode == 2, f"exit {run.returncode}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     lines = run.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0] != "error: ", run.stderr
@@ -179,6 +181,7 @@ def test_bad_input_exits_2_with_one_line(case: str, runs: dict[str, Future[Run]]
     assert not (run.state / "sim").exists()
     timing = f"{run.cpu_seconds:.1f} s CPU, {run.seconds:.1f} s"
     assert run.cpu_seconds < CPU_LIMIT_S and run.seconds < WALL_LIMIT_S, timing
+    reliability("bad input: malformed sweep files (CLI)", faults_survived=1)
 
 
 def test_each_bad_file_says_how_to_run_it_and_what_is_wrong(repo: Path) -> None:

@@ -40,7 +40,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     state = tmp_path_factory.mktemp("state")
     key = write_answer_key(load_dataset(load_sweep(REPO / "sweeps/demo.yaml").data), state / "teacher-key.jsonl")
     with SimServer(key, state / "teacher-sim", models=("teacher",), time_scale=0.02) as teacher:
-        env = {"SWEEP_TEACHER_KEY": CANARY, "OPENAI_API_KEY": CANARY, "WANDB_API_KEY": CANARY}
+        env = {
+            "SWEEP_TEACHER_KEY": CANARY, "OPENAI_API_KEY": CANARY, "WANDB_API_KEY": CANARY,
+            "AWS_ACCESS_KEY_ID": CANARY, "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_SESSION_TOKEN": CANARY,
+        }  # fmt: skip
         overrides = [
             "--set", "teachers.0.model=openai/teacher", "--set", f"teachers.0.api_base={teacher.base_url}",
             "--set", "teachers.0.api_key_env=SWEEP_TEACHER_KEY",
@@ -126,12 +129,13 @@ def test_ask_and_load_in_fresh_processes(demo: dict) -> None:
     assert "ANSWER " in loaded.stdout and "MLFLOW Solve" in loaded.stdout
 
 
-def test_no_secret_reaches_state_outputs_or_artifacts(demo: dict) -> None:
-    for run in (demo["first"], demo["second"]):
-        assert CANARY not in run.stdout + run.stderr
+@pytest.mark.reliability
+def test_no_secret_reaches_state_outputs_or_artifacts(demo: dict, reliability) -> None:
+    outputs = [run.stdout + run.stderr for run in (demo["first"], demo["second"])]
     files = [p for p in demo["state"].rglob("*") if p.is_file()]
+    leaks = [p for p in files if CANARY.encode() in p.read_bytes()] + [o for o in outputs if CANARY in o]
+    reliability("secrets: canary keys in env, api_key_env, AWS variables", runs=1, secrets_found=len(leaks))
     assert len(files) > 50, "the state dir should hold results, programs, cache, MLflow and W&B files"
-    leaks = [p for p in files if CANARY.encode() in p.read_bytes()]
     assert leaks == []
 
 

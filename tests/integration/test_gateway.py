@@ -74,15 +74,21 @@ def test_a_new_gateway_on_the_same_cache_sends_nothing(sim: SimServer, tmp_path:
     assert metric(sim, "vllm:request_success_total") == before
 
 
-def test_sampled_requests_are_neither_merged_nor_cached(sim: SimServer, tmp_path: Path) -> None:
-    async def scenario() -> GatewayCore:
+def test_sampled_requests_stay_distinct_and_replay_on_a_rerun(sim: SimServer, tmp_path: Path) -> None:
+    sampled = {**body("q2"), "temperature": 1.0}
+
+    async def draw_three(trial: str) -> GatewayCore:
         gateway = GatewayCore([endpoint(sim)], str(tmp_path / "cache"))
-        sampled = {**body("q2"), "temperature": 1.0}
-        await asyncio.gather(*(gateway.complete("t", "sim/student|", sampled) for _ in range(3)))
+        await asyncio.gather(*(gateway.complete(trial, "sim/student|", sampled) for _ in range(3)))
         await gateway.close()
         return gateway
 
-    assert run(scenario()).trial_stats("t").sent == 3
+    first = run(draw_three("t")).trial_stats("t")
+    assert (first.sent, first.merged) == (3, 0), "three draws are three calls, never merged"
+    rerun = run(draw_three("t")).trial_stats("t")
+    assert (rerun.sent, rerun.cache_hits) == (0, 3), "a re-run of the trial replays its draws"
+    other = run(draw_three("u")).trial_stats("u")
+    assert other.sent == 3, "another trial draws its own samples"
 
 
 def test_in_flight_requests_fill_but_never_exceed_the_endpoint_cap(sim: SimServer, tmp_path: Path) -> None:

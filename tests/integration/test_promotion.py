@@ -49,8 +49,11 @@ def never_rescored(program_json: str) -> float:
     raise AssertionError("same data fingerprint: the champion's recorded score is used")
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("better_first", [True, False])
-def test_concurrent_promotions_end_with_the_better_program(mlflow_server: str, tmp_path: Path, better_first: bool) -> None:
+def test_concurrent_promotions_end_with_the_better_program(
+    mlflow_server: str, tmp_path: Path, better_first: bool, reliability
+) -> None:
     from mlflow.tracking import MlflowClient
 
     model = f"race-{uuid.uuid4().hex[:8]}"
@@ -73,11 +76,16 @@ def test_concurrent_promotions_end_with_the_better_program(mlflow_server: str, t
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
-    assert errors == []
     client = MlflowClient(mlflow_server)
     champion = client.get_model_version_by_alias(model, "champion")
+    versions = len(client.search_model_versions(f"name = '{model}'"))
+    reliability(
+        "two sweeps promoting at once (mlflow server)", runs=1, faults_injected=1,
+        faults_survived=int(not errors and champion.tags["trial"] == "better"), duplicate_versions=versions - 3,
+    )  # fmt: skip
+    assert errors == []
     assert champion.tags["trial"] == "better"
-    assert len(client.search_model_versions(f"name = '{model}'")) == 3  # one version per promotion
+    assert versions == 3  # one version per promotion
     assert decisions["better"].promoted
 
 

@@ -164,3 +164,29 @@ def test_start_failure_reports_the_log(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="exited with code") as error:
         SimServer(tmp_path / "missing.jsonl", tmp_path).start()
     assert "missing.jsonl" in str(error.value)
+
+
+def test_stats_count_unique_bodies_busy_slot_seconds_and_log_requests(key_file: Path, tmp_path: Path) -> None:
+    # time_scale 0.1: one 40 ms ttft plus ~1 token of decode is ~4.5 ms of slot time per request.
+    with SimServer(key_file, tmp_path, models=("student",), time_scale=0.1) as sim:
+        hello = {"model": "student", "messages": [{"role": "user", "content": "Hello"}]}
+        again = {"messages": [{"content": "Hello", "role": "user"}], "model": "student"}  # same body, other key order
+        other = {"model": "student", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0.7}
+        with ThreadPoolExecutor(3) as pool:
+            statuses = list(pool.map(lambda b: http(f"{sim.base_url}/chat/completions", b)[0], [hello, again, other]))
+        stats = sim.stats()
+        log = sim.requests()["student"]
+        assert sim.requests(since=2)["student"] == log[2:]
+        assert http(sim.root_url + "/sim/requests?since=x")[0] == 400
+
+    counters = stats["models"]["student"]
+    assert statuses == [200] * 3 and counters["ok"] == 3
+    assert counters["unique_requests"] == 2
+    assert stats["latency"] == {"max_num_seqs": 64, "ttft_ms": 40.0, "per_token_ms": 4.5, "time_scale": 0.1}
+    assert len(log) == 3 and len({digest for _, _, _, digest, _ in log}) == 2
+    assert sorted(sampled for *_, sampled in log) == [False, False, True]
+    service = [end - start for start, end, *_ in log]
+    assert all(s >= 0.004 for s in service)
+    assert counters["slot_seconds"] == pytest.approx(sum(service), rel=0.05, abs=0.002)
+    decode = {digest: tokens for _, _, tokens, digest, _ in log}
+    assert counters["unique_decode_tokens"] == sum(decode.values()) > 0

@@ -1,0 +1,416 @@
+"""Students hosted by the sweep itself: each replica is a Ray actor running an OpenAI-compatible server.
+
+    with served_students(sweep, state, answer_key) as urls:   # Ray is already initialised
+        urls["llama-8b"]   # ["http://10.0.0.5:40123/v1", "http://10.0.0.6:38411/v1"]
+
+A student with `serve: {engine: vllm, model: ..., gpus: 1, replicas: 2}` gets `replicas` actors.
+Each holds `gpus` GPUs (Ray sets CUDA_VISIBLE_DEVICES, which the server inherits), picks a
+free port on its node once, so its URL stays the same across restarts, and runs the engine's
+command line (`vllm serve ...`, `python -m sglang.launch_server ...`, or the simulated endpoint
+for tests) in a process group of its own. A supervisor thread waits for `GET /health`,
+restarts the server on the same port when it dies, and kills the whole group on stop.
+
+No server may outlive the sweep, so three things stop it: the context manager stops every
+replica on the way out (also on an error or Ctrl-C); the actor stops its server when its
+process exits normally (atexit, `__del__`); and a guard process beside each server
+(`python -m dspy_sweeps.serving --guard`) kills the server's group when the actor's process
+dies without cleaning up (SIGKILL, `ray.kill`, a crashed node).
+
+Each replica's server output and the supervisor's notes go to `<state>/serve/<sweep>/<replica>.log`
+on the replica's node. Standard library at import; Ray is imported where it is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dspy_sweeps.errors import SweepError
+
+if TYPE_CHECKING:
+    from dspy_sweeps.config import ModelSpec, ServeSpec, Sweep
+    from dspy_sweeps.state import State
+
+# `args` are appended after these; `{python}` is the replica's own interpreter, so a server
+# module installed beside the project (sglang, the simulated endpoint) is the one that runs.
+DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
+    "vllm": ("vllm", "serve", "{model}", "--host", "{host}", "--port", "{port}"),
+    "sglang": ("{python}", "-m", "sglang.launch_server", "--model-path", "{model}", "--host", "{host}", "--port", "{port}"),
+    "sim": (
+        "{python}", "-m", "dspy_sweeps.sim", "--answer-key", "{answer_key}",
+        "--host", "{host}", "--port", "{port}", "--model", "{model}",
+    ),
+}  # fmt: skip
+STOP_GRACE_S = 15.0  # SIGTERM, then this long for the server (and vLLM's engine processes) to exit
+MAX_FAILED_RESTARTS = 3  # a server that dies this many times in a row before /health is given up
+GUARD_POLL_S = 0.5
+PLACEMENT_SLACK_S = 120.0  # on top of startup_timeout_s: time for Ray (or an autoscaler) to place a replica
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def render_command(spec: ServeSpec, *, host: str, port: int, python: str = sys.executable,
+                   answer_key: str | Path | None = None) -> list[str]:  # fmt: skip
+    """The engine's command line for one replica: the template filled in, then `args` as they are."""
+    template = spec.command or DEFAULT_COMMANDS[spec.engine]
+    if answer_key is None and any("{answer_key}" in part for part in template):
+        raise SweepError("serve: the command names {answer_key}, but this sweep has no answer key to give it")
+    values = {"model": spec.model, "host": host, "port": str(port), "python": python, "answer_key": str(answer_key or "")}
+    return [part.format_map(values) for part in template] + list(spec.args)
+
+
+def base_url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+def free_port(host: str) -> int:
+    """A port nobody listens on now. Chosen once per replica, so a restarted server keeps its URL."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _executable(command: list[str]) -> list[str]:
+    """A bare program name (`vllm`) found beside the replica's Python wins over PATH: Ray workers
+    started from an unactivated virtualenv do not have its bin/ on PATH."""
+    if os.sep in command[0]:
+        return command
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return [shutil.which(command[0], path=search) or command[0], *command[1:]]
+
+
+# -- process groups ----------------------------------------------------------------------
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _has_running_member(pgid)
+
+
+def _has_running_member(pgid: int) -> bool:
+    """killpg also finds zombies, which an init that never reaps (as in some containers) keeps forever."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            state, _, group = text[text.rindex(")") + 2 :].split()[:3]  # after "pid (comm) "
+            if int(group) == pgid and state != "Z":
+                return True
+    return False
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _wait_group_gone(pgid: int, timeout: float, process: subprocess.Popen | None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None:
+            process.poll()  # reap the leader: a zombie still counts as a member of its group
+        if not _group_alive(pgid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def terminate_group(pgid: int, grace: float = STOP_GRACE_S, process: subprocess.Popen | None = None) -> None:
+    """SIGTERM the whole group, SIGKILL whatever is left after `grace` seconds."""
+    _signal_group(pgid, signal.SIGTERM)
+    if not _wait_group_gone(pgid, grace, process):
+        _signal_group(pgid, signal.SIGKILL)
+        _wait_group_gone(pgid, 5.0, process)
+
+
+def _guard(pgid: int, log: str) -> None:
+    """Run beside a server: when the replica actor's process is gone (we were re-parented), stop
+    the server's group; when the group is gone, exit."""
+    parent = os.getppid()
+    while _group_alive(pgid):
+        if os.getppid() != parent:
+            with open(log, "a") as f:
+                f.write(f"[dspy-sweeps guard] the replica's actor is gone; stopping server group {pgid}\n")
+            terminate_group(pgid)
+            return
+        time.sleep(GUARD_POLL_S)
+
+
+# -- one replica -------------------------------------------------------------------------
+
+
+class Replica:
+    """One supervised server process. A Ray actor (see `_actor_class`); plain Python otherwise."""
+
+    def __init__(self, label: str, spec: ServeSpec, answer_key: str | None, log_dir: str, host: str | None = None) -> None:
+        if host is None:
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        self.label, self.spec, self.host = label, spec, host
+        self.port = free_port(host)
+        self.command = _executable(render_command(spec, host=host, port=self.port, answer_key=answer_key))
+        self.log_path = Path(log_dir) / f"{label}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_text("")  # this run's log only; restarts append
+        self.pids: list[int] = []
+        self.failure: str | None = None
+        self.healthy = False  # the current server answered /health and has not exited since
+        self._process: subprocess.Popen | None = None
+        self._guard: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        atexit.register(self.stop)
+
+    @property
+    def url(self) -> str:
+        return base_url(self.host, self.port)
+
+    def start(self) -> str:
+        """Start the server and return its base URL once /health answers; RuntimeError (with the
+        log's tail) if it exits or stays unhealthy for `startup_timeout_s`."""
+        self._thread = threading.Thread(target=self._supervise, name=f"serve-{self.label}", daemon=True)
+        self._thread.start()
+        while not self._ready.wait(0.1):
+            if self.failure is not None:
+                self.stop()
+                raise RuntimeError(self.failure)
+            if self._stopping.is_set():
+                raise RuntimeError(f"replica {self.label} was stopped before its server was ready")
+        return self.url
+
+    def status(self) -> dict[str, Any]:
+        process = self._process
+        return {
+            "label": self.label, "url": self.url, "pids": list(self.pids), "restarts": max(len(self.pids) - 1, 0),
+            "healthy": self.healthy and process is not None and process.poll() is None, "failure": self.failure,
+        }  # fmt: skip
+
+    def stop(self) -> None:
+        """Kill the server's whole process group and its guard; safe to call twice, from any thread."""
+        with self._lock:
+            self._stopping.set()
+            process, guard = self._process, self._guard
+        if process is not None and process.poll() is None:  # once reaped, the supervisor cleans up its group
+            terminate_group(process.pid, STOP_GRACE_S, process)
+        if guard is not None:
+            guard.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                guard.wait(5)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()
+
+    # -- supervision (runs in its own thread) --
+
+    def _supervise(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            process = self._spawn()
+            if process is None:
+                return
+            healthy = self._wait_healthy(process)
+            if healthy:
+                failures, self.healthy = 0, True
+                self._ready.set()
+                self._note(f"server pid {process.pid} is healthy at {self.url}")
+                process.wait()
+                self.healthy = False
+            exited = process.poll() is not None
+            terminate_group(process.pid, 0 if exited else STOP_GRACE_S, process)  # what is left of its group
+            if self._stopping.is_set():
+                return
+            failures += 0 if healthy else 1
+            if not healthy and (not self._ready.is_set() or failures >= MAX_FAILED_RESTARTS):
+                self.failure = self._failure_message(process, exited)
+                self._note(f"giving up: {self.failure.splitlines()[0]}")
+                return
+            self._note(f"server pid {process.pid} exited with code {process.returncode}; restarting on port {self.port}")
+            self._stopping.wait(min(2.0**failures, 30.0))
+
+    def _spawn(self) -> subprocess.Popen | None:
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            with self.log_path.open("ab") as log:
+                self._process = subprocess.Popen(
+                    self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                )
+            self.pids.append(self._process.pid)
+            self._guard = self._start_guard(self._process.pid)
+        self._note(f"started server pid {self._process.pid}: {' '.join(self.command)}")
+        return self._process
+
+    def _start_guard(self, pgid: int) -> subprocess.Popen:
+        old = self._guard
+        if old is not None and old.poll() is None:
+            old.terminate()
+        command = [sys.executable, "-m", "dspy_sweeps.serving", "--guard", str(pgid), "--log", str(self.log_path)]
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _wait_healthy(self, process: subprocess.Popen) -> bool:
+        deadline = time.monotonic() + self.spec.startup_timeout_s
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the node's own address: no proxy
+        health = self.url.removesuffix("/v1") + "/health"
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if process.poll() is not None:
+                return False
+            with contextlib.suppress(urllib.error.URLError, OSError):
+                with opener.open(health, timeout=2) as response:
+                    if response.status == 200:
+                        return True
+            time.sleep(0.2)
+        return False
+
+    def _failure_message(self, process: subprocess.Popen, exited: bool) -> str:
+        if exited:
+            what = f"exited with code {process.returncode} before GET /health answered"
+        else:
+            what = f"did not answer GET /health within {self.spec.startup_timeout_s:.0f} s"
+        lines = self.log_path.read_text(errors="replace").splitlines()[-30:]
+        return f"replica {self.label}: `{' '.join(self.command)}` {what}\n--- last lines of {self.log_path} ---\n" + "\n".join(lines)
+
+    def _note(self, message: str) -> None:
+        with self.log_path.open("a") as f:
+            f.write(f"[dspy-sweeps {time.strftime('%H:%M:%S')}] {self.label}: {message}\n")
+
+
+# -- all replicas of a sweep -------------------------------------------------------------
+
+
+def _actor_class(spec: ServeSpec) -> Any:
+    import ray
+
+    # max_concurrency: status() and stop() must answer while start() waits for /health.
+    return ray.remote(
+        num_gpus=spec.gpus, num_cpus=spec.cpus, max_concurrency=4, max_restarts=0, scheduling_strategy="SPREAD"
+    )(Replica)
+
+
+@contextlib.contextmanager
+def served_students(sweep: Sweep, state: State, answer_key: Path | None, console: Any = None) -> Iterator[dict[str, list[str]]]:
+    """Start every replica of every served student, yield {student name: replica base URLs}, and
+    stop them all on the way out. Ray must be initialised; SweepError if a replica cannot start."""
+    if not sweep.served:
+        yield {}
+        return
+    log_dir = state.root / "serve" / sweep.name
+    key = str(answer_key) if answer_key is not None else None
+    actors: dict[str, list[Any]] = {}
+    try:
+        for student in sweep.served:
+            assert student.serve is not None
+            cls = _actor_class(student.serve)
+            labels = [f"{student.name}-{i}" for i in range(student.serve.replicas)]
+            actors[student.name] = [cls.remote(label, student.serve, key, str(log_dir)) for label in labels]
+        urls = _await_replicas(sweep, actors)
+        for name, bases in urls.items():
+            _say(console, f"serving student {name}: {len(bases)} replica(s) at {', '.join(bases)} (logs in {log_dir})")
+        _warn_if_no_room_for_trials(console)
+        yield urls
+    finally:
+        _stop_replicas(actors, console)
+
+
+def _await_replicas(sweep: Sweep, actors: dict[str, list[Any]]) -> dict[str, list[str]]:
+    import ray
+
+    where = {s.name: (f"students.{i}", s) for i, s in enumerate(sweep.students)}
+    starting = {name: [a.start.remote() for a in handles] for name, handles in actors.items()}
+    urls: dict[str, list[str]] = {}
+    for name, refs in starting.items():
+        field, student = where[name]
+        assert student.serve is not None
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=student.serve.startup_timeout_s + PLACEMENT_SLACK_S)
+        if pending:
+            raise SweepError(f"{field}.serve: {len(pending)} of {len(refs)} replicas of {name} did not start in time; "
+                             f"{_resources_hint(student)}")  # fmt: skip
+        try:
+            urls[name] = ray.get(refs)
+        except ray.exceptions.RayError as exc:  # a task error (the server failed) or the actor could not be made
+            raise SweepError(f"{field}.serve: {getattr(exc, 'cause', None) or exc}") from None
+    return urls
+
+
+def _resources_hint(student: ModelSpec) -> str:
+    import ray
+
+    spec = student.serve
+    assert spec is not None
+    free = ray.available_resources()
+    return (f"each replica needs {spec.gpus} GPU(s) and {spec.cpus:g} CPU(s); the cluster has "
+            f"{free.get('GPU', 0):g} GPU(s) and {free.get('CPU', 0):g} CPU(s) free")  # fmt: skip
+
+
+def _warn_if_no_room_for_trials(console: Any) -> None:
+    import ray
+
+    from dspy_sweeps.runner import CPUS_PER_TRIAL
+
+    free = ray.available_resources().get("CPU", 0.0)
+    if free < CPUS_PER_TRIAL:
+        _say(console, f"[yellow]warning[/]: the served students hold the cluster's CPUs ({free:g} free, a trial needs "
+                      f"{CPUS_PER_TRIAL:g}); trials wait until an autoscaler adds some (or lower serve.cpus)")  # fmt: skip
+
+
+def _stop_replicas(actors: dict[str, list[Any]], console: Any) -> None:
+    """Stop every replica, report restarts, then kill the actors (their guards catch what is left)."""
+    import ray
+
+    handles = [a for group in actors.values() for a in group]
+    if not handles:
+        return
+    with contextlib.suppress(Exception):
+        for status in ray.get([a.status.remote() for a in handles], timeout=10):
+            if status["restarts"]:
+                _say(console, f"replica {status['label']} restarted {status['restarts']} time(s) (pids {status['pids']})")
+    with contextlib.suppress(Exception):
+        ray.get([a.stop.remote() for a in handles], timeout=STOP_GRACE_S + 15)
+    for actor in handles:
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
+
+
+def _say(console: Any, message: str) -> None:
+    if console is not None:
+        console.print(message)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dspy_sweeps.serving", description="internal: a served replica's guard")
+    parser.add_argument("--guard", type=int, required=True, metavar="PGID", help="the server's process group")
+    parser.add_argument("--log", required=True, help="the replica's log, for a note when the guard acts")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the sweep must not remove the safety net
+    _guard(args.guard, args.log)
+
+
+if __name__ == "__main__":
+    _main()

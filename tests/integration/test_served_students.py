@@ -1,0 +1,325 @@
+"""Students served by the sweep itself, with the simulated endpoint as the engine (`engine: sim`).
+
+The slow tests run the demo through the real CLI with a student of two replicas: one kills a
+replica's server mid-sweep (the sweep must finish, the replica must come back on its port, and
+nothing may be left running); one interrupts the sweep with Ctrl-C (nothing may be left running).
+The fast ones cover the command templates, the sweep file's rules, a replica's restart and its
+guard without Ray, and the gateway steering retries away from a dead replica.
+
+Run: `LITELLM_LOCAL_MODEL_COST_MAP=True .venv/bin/python -m pytest tests/integration/test_served_students.py -q`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dspy_sweeps.config import ServeSpec, load_sweep
+from dspy_sweeps.errors import SweepError
+from dspy_sweeps.serving import Replica, free_port, render_command
+
+REPO = Path(__file__).resolve().parents[2]
+SWEEP = REPO / ".venv" / "bin" / "sweep"
+DEMO = REPO / "sweeps" / "demo.yaml"
+# cpus: 0.5, so two replicas leave a 2-core machine's Ray room for trials (0.25 CPU each);
+# time scale 1: a trial takes ~10 s, long enough for a killed replica to come back and take calls again.
+SERVED = (
+    "students=[{name: small, model: openai/student, serve: {engine: sim, model: student, gpus: 0, replicas: 2, "
+    'cpus: 0.5, args: [--time-scale, "1"]}}]'
+)
+SMALL_GRID = ["--set", "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]", "--set", "promote=null"]
+
+
+# -- processes, seen through /proc (no psutil needed) -------------------------------------
+
+
+def processes_mentioning(text: str) -> dict[int, list[str]]:
+    """Live (not zombie) processes whose command line contains `text`: pid -> argv."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if argv and text in " ".join(argv) and stat[stat.rindex(")") + 2] != "Z":
+            found[int(entry.name)] = argv
+    return found
+
+
+def replica_servers(state: Path) -> dict[int, tuple[str, int]]:
+    """The served student's simulated servers (not the teacher's simulator, which has a port file): pid -> (host, port)."""
+    servers = {}
+    for pid, argv in processes_mentioning(str(state)).items():
+        if "dspy_sweeps.sim" in argv and "--port-file" not in argv:
+            servers[pid] = (argv[argv.index("--host") + 1], int(argv[argv.index("--port") + 1]))
+    return servers
+
+
+def requests_served(host: str, port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/sim/stats", timeout=1) as response:
+            return json.load(response)["models"]["student"]["requests"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def start_sweep(state: Path, log: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "DSPY_SWEEPS_STATE": str(state)}
+    command = [str(SWEEP), "run", str(DEMO), "--set", SERVED, *overrides]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, sweep: subprocess.Popen | None = None) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        if sweep is not None and sweep.poll() is not None:
+            raise AssertionError(f"the sweep exited ({sweep.returncode}) before {what}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- the whole path through the CLI ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_killed_replica_is_restarted_the_sweep_finishes_and_nothing_is_left(tmp_path: Path) -> None:
+    state, log = tmp_path / "state", tmp_path / "sweep.log"
+    sweep = start_sweep(state, log, *SMALL_GRID)
+    try:
+        servers = wait_for(lambda: len(replica_servers(state)) == 2 and replica_servers(state), 120, "two replicas", sweep)
+        busy = wait_for(lambda: next((p for p, a in servers.items() if requests_served(*a)), None), 120, "calls", sweep)
+        killed_port = servers[busy][1]
+        os.kill(busy, signal.SIGKILL)
+        seen, rejoined = {busy}, 0  # every pid seen on the killed replica's port; calls its successor took
+        deadline = time.monotonic() + 240
+        while sweep.poll() is None and time.monotonic() < deadline:
+            for pid, (host, port) in replica_servers(state).items():
+                if port == killed_port and pid != busy:
+                    seen.add(pid)
+                    rejoined = max(rejoined, requests_served(host, port))
+            time.sleep(0.1)
+        sweep.wait(timeout=240)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    output = log.read_text()
+    assert sweep.returncode == 0, output[-3000:]
+    import duckdb
+
+    statuses = duckdb.sql(f"SELECT status, lm_calls FROM '{state}/results/demo.parquet'").fetchall()
+    assert len(statuses) == 2 and all(status == "ok" and calls > 0 for status, calls in statuses), statuses
+    assert len(seen) >= 2, f"no new server took over port {killed_port} after pid {busy} was killed"
+    assert rejoined > 0, "the restarted replica got no calls: the gateway should use it again after its cool-down"
+    replica_logs = "".join(p.read_text() for p in (state / "serve" / "demo").glob("small-*.log"))
+    assert f"exited with code -9; restarting on port {killed_port}" in replica_logs
+    assert "restarted 1 time(s)" in output
+    assert processes_mentioning(str(state)) == {}, "a server (or its guard) outlived the sweep"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_replica(tmp_path: Path) -> None:
+    state, log = tmp_path / "state", tmp_path / "sweep.log"
+    sweep = start_sweep(state, log, *SMALL_GRID)
+    try:
+        wait_for(lambda: len(replica_servers(state)) == 2, 120, "two replicas", sweep)
+        sweep.send_signal(signal.SIGINT)
+        sweep.wait(timeout=60)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode != 0
+    assert processes_mentioning(str(state)) == {}, "a server (or its guard) outlived the interrupted sweep"
+
+
+# -- a replica without Ray ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def answer_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    key = tmp_path_factory.mktemp("key") / "answer_key.jsonl"
+    key.write_text("".join(json.dumps({"inputs": {"question": f"q{i}"}, "labels": {"answer": str(i)}}) + "\n" for i in range(20)))
+    return key
+
+
+def sim_spec(**changes) -> ServeSpec:
+    return ServeSpec(**{"engine": "sim", "model": "student", "gpus": 0, "args": ["--time-scale", "0.01"], "startup_timeout_s": 30, **changes})
+
+
+def test_a_replica_restarts_on_its_port_and_stops_its_whole_group(tmp_path: Path, answer_key: Path) -> None:
+    replica = Replica("r-0", sim_spec(), str(answer_key), str(tmp_path / "logs"), host="127.0.0.1")
+    try:
+        url = replica.start()
+        first = replica.pids[0]
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: replica.status()["healthy"] and replica.status()["restarts"] == 1, 20, "the restart")
+        assert replica.url == url and requests_served("127.0.0.1", replica.port) == 0  # same port, a fresh server
+    finally:
+        replica.stop()
+    assert processes_mentioning(str(tmp_path)) == {}
+    assert replica.status()["pids"][0] == first and not replica.status()["healthy"]
+
+
+def test_a_server_that_never_gets_healthy_fails_start_with_its_log(tmp_path: Path, answer_key: Path) -> None:
+    spec = sim_spec(command=["{python}", "-c", "import sys; print('no GPU here'); sys.exit(3)"], args=[])
+    replica = Replica("r-0", spec, str(answer_key), str(tmp_path / "logs"), host="127.0.0.1")
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code 3 before GET /health.*no GPU here"):
+        replica.start()
+    assert processes_mentioning(str(tmp_path)) == {}
+
+
+def test_the_guard_stops_the_server_when_the_replica_process_dies(tmp_path: Path, answer_key: Path) -> None:
+    """What happens when Ray SIGKILLs a replica actor: its cleanup never runs, its guard acts."""
+    code = textwrap.dedent(f"""
+        import time
+        from dspy_sweeps.config import ServeSpec
+        from dspy_sweeps.serving import Replica
+        spec = ServeSpec(engine="sim", model="student", gpus=0, startup_timeout_s=30)
+        print(Replica("r-0", spec, {str(answer_key)!r}, {str(tmp_path / "logs")!r}, host="127.0.0.1").start(), flush=True)
+        time.sleep(120)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "DSPY_SWEEPS_SIM_FOLLOW_PARENT"}  # the guard must do it
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().startswith("http://127.0.0.1:")
+        assert len(processes_mentioning(str(tmp_path))) == 2  # the server and its guard
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_for(lambda: not processes_mentioning(str(tmp_path)), 20, "the guard to stop the server and exit")
+    assert "the replica's actor is gone" in (tmp_path / "logs" / "r-0.log").read_text()
+
+
+# -- the gateway and a dead replica ------------------------------------------------------
+
+
+def test_the_gateway_sends_retries_to_a_live_replica(tmp_path: Path, answer_key: Path) -> None:
+    from dspy_sweeps.gateway import Endpoint, GatewayCore, GatewayError
+
+    live = Replica("live", sim_spec(), str(answer_key), str(tmp_path / "logs"), host="127.0.0.1")
+    dead = f"http://127.0.0.1:{free_port('127.0.0.1')}/v1"  # nothing listens there
+
+    async def calls() -> tuple[int, int]:
+        endpoint = Endpoint(id="student|", model="student", api_bases=(dead, live.url))
+        gateway = GatewayCore([endpoint], None)
+        failures = 0
+        for i in range(20):  # one at a time: least-loaded alone would pick the dead replica every time
+            body = {"messages": [{"role": "user", "content": f"[[ ## question ## ]]\nq{i}"}]}
+            for _ in range(2):  # DSPy's retry, in short
+                try:
+                    await gateway.complete("t", "student|", body)
+                    break
+                except GatewayError as exc:
+                    assert exc.kind == "transport"
+                    failures += 1
+        await gateway.close()
+        return failures, gateway.trial_stats("t").sent
+
+    try:
+        live.start()
+        failures, sent = asyncio.run(calls())
+    finally:
+        live.stop()
+    assert (failures, sent) == (1, 20)  # the dead replica costs one attempt, then sits out its cool-down
+
+
+# -- command templates and the sweep file --------------------------------------------------
+
+
+def test_default_commands_fill_in_model_host_port_then_args() -> None:
+    vllm = ServeSpec(engine="vllm", model="meta-llama/Llama-3.1-8B-Instruct", args=["--max-num-seqs", "256"])
+    assert render_command(vllm, host="10.0.0.5", port=8001) == [
+        "vllm", "serve", "meta-llama/Llama-3.1-8B-Instruct", "--host", "10.0.0.5", "--port", "8001", "--max-num-seqs", "256",
+    ]  # fmt: skip
+    sglang = ServeSpec(engine="sglang", model="Qwen/Qwen2.5-7B-Instruct")
+    assert render_command(sglang, host="h", port=1, python="/py") == [
+        "/py", "-m", "sglang.launch_server", "--model-path", "Qwen/Qwen2.5-7B-Instruct", "--host", "h", "--port", "1",
+    ]  # fmt: skip
+    sim = ServeSpec(engine="sim", model="student", args=["--time-scale", "0.05"])
+    assert render_command(sim, host="h", port=2, python="/py", answer_key="/k.jsonl") == [
+        "/py", "-m", "dspy_sweeps.sim", "--answer-key", "/k.jsonl", "--host", "h", "--port", "2", "--model", "student",
+        "--time-scale", "0.05",
+    ]  # fmt: skip
+
+
+def test_a_command_template_replaces_the_default_and_args_stay_verbatim() -> None:
+    spec = ServeSpec(
+        engine="vllm", model="m", command=["/opt/venv/bin/vllm", "serve", "{model}", "--port={port}", "--host", "{host}", "{{x}}"],
+        args=["--override-generation-config", '{"temperature": 0}'],
+    )  # fmt: skip
+    assert render_command(spec, host="h", port=9) == [
+        "/opt/venv/bin/vllm", "serve", "m", "--port=9", "--host", "h", "{x}", "--override-generation-config", '{"temperature": 0}',
+    ]  # fmt: skip
+
+
+def test_a_template_that_needs_an_answer_key_without_one_is_refused() -> None:
+    with pytest.raises(SweepError, match="answer_key"):
+        render_command(ServeSpec(engine="sim", model="student"), host="h", port=1)
+
+
+def load_with(student: str) -> object:
+    return load_sweep(DEMO, [f"students=[{student}]"])
+
+
+def test_a_served_student_gets_its_model_from_the_served_name() -> None:
+    sweep = load_with("{name: llama-8b, serve: {engine: vllm, model: meta-llama/Llama-3.1-8B-Instruct, gpus: 1, replicas: 2, "
+                      'args: [--max-num-seqs, "256"]}}')  # fmt: skip
+    student = sweep.students[0]
+    assert student.model == "openai/meta-llama/Llama-3.1-8B-Instruct"
+    assert (student.serve.gpus, student.serve.replicas, student.serve.args) == (1, 2, ["--max-num-seqs", "256"])
+    assert (student.serve.startup_timeout_s, student.serve.cpus, student.serve.command) == (900, 1, None)
+    assert sweep.served == [student] and not student.simulated
+    assert load_with("{name: s, model: openai/m, serve: {engine: sim, model: m, gpus: 0}}").students[0].serve.gpus == 0
+
+
+@pytest.mark.parametrize(
+    ("student", "message"),
+    [
+        ("{name: s, api_base: 'http://h:8000/v1', serve: {engine: vllm, model: m}}", "students.0.api_base: a served student gets its URLs"),
+        ("{name: s, model: openai/other, serve: {engine: vllm, model: m}}", "students.0.model: a served student's requests go to the served name, so model must be 'openai/m'"),
+        ("{name: s, model: sim/m, serve: {engine: vllm, model: m}}", "must be 'openai/m' (or left out)"),
+        ("{name: s, serve: {engine: tgi, model: m}}", "students.0.serve.engine: Input should be 'vllm', 'sglang' or 'sim'"),
+        ("{name: s, serve: {engine: vllm, model: m, gpu: 1}}", "students.0.serve.gpu: unknown key 'gpu' (did you mean 'gpus'?)"),
+        ("{name: s, serve: {engine: vllm, model: m, gpus: -1}}", "students.0.serve.gpus: Input should be greater than or equal to 0"),
+        ("{name: s, serve: {engine: vllm, model: m, replicas: 0}}", "students.0.serve.replicas: Input should be greater than 0"),
+        ("{name: s, serve: {engine: vllm, model: m, command: [vllm, '{modle}']}}", "students.0.serve.command: unknown placeholder {modle} (valid: {model}, {host}, {port}"),
+        ("{name: s, serve: {engine: vllm, model: m, command: []}}", "students.0.serve.command: List should have at least 1 item"),
+        ("{name: s}", "students.0.model: required field is missing"),
+    ],
+)  # fmt: skip
+def test_bad_serve_specs_are_explained(student: str, message: str) -> None:
+    with pytest.raises(SweepError) as error:
+        load_with(student)
+    assert message in str(error.value)
+
+
+def test_teachers_are_not_served_and_served_names_are_distinct() -> None:
+    with pytest.raises(SweepError, match=r"teachers\.0\.serve: only students are served"):
+        load_sweep(DEMO, ["teachers=[{name: t, serve: {engine: vllm, model: m}}]"])
+    with pytest.raises(SweepError, match="served students need distinct names"):
+        load_with("{name: s, serve: {engine: sim, model: a}}, {name: s, serve: {engine: sim, model: b}}")
+
+
+def test_a_gateway_error_survives_the_trip_back_through_ray() -> None:
+    """Ray pickles the gateway's exception to the trial, whose DSPy retries transport errors only if it arrives intact."""
+    import pickle
+
+    from dspy_sweeps.gateway import GatewayError
+
+    error = pickle.loads(pickle.dumps(GatewayError("transport", "student: ServerDisconnectedError", None, 1.5)))
+    assert (error.kind, str(error), error.status, error.retry_after) == ("transport", "student: ServerDisconnectedError", None, 1.5)
