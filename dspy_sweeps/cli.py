@@ -6,6 +6,7 @@ each command imports what it needs. Bad input exits 2 with one line on stderr.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -79,6 +80,7 @@ def run(
     set_: Overrides = None,
     state_dir: StateDir = None,
     address: Annotated[str | None, typer.Option(help="Ray address to join (default: start a local Ray)")] = None,
+    resume: Annotated[bool, typer.Option(help="Keep trials that already finished; run only the rest")] = False,
 ) -> None:
     """Run every trial of a sweep in parallel on Ray, track them, and promote the winner."""
     from dspy_sweeps.engine import run_sweep
@@ -90,7 +92,13 @@ def run(
     console = _console()
     prepared = _prepare(sweep_file, set_)
     console.print(f"[bold]{prepared.sweep.name}[/]: {len(prepared.trials)} trials, about {prepared.estimated_calls:,} LM calls")
-    outcome = run_sweep(prepared, State.at(state_dir), address, console)
+    state = State.at(state_dir)
+    try:
+        outcome = run_sweep(prepared, state, address, console, resume=resume)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise SweepError(f"the state directory {state.root} is full ({exc.strerror}); free space, then run again with --resume") from None
     console.print(leaderboard_table([r.__dict__ for r in outcome.records]))
     if outcome.decision is not None:
         console.print(decision_line(outcome.decision))

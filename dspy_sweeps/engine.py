@@ -7,6 +7,7 @@ preflight checks; every trial's record is written as soon as it finishes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from dspy_sweeps.jobs import check_tracking_for_cluster
 from dspy_sweeps.lms import check_endpoints, endpoint_for, resolve, served_models
 from dspy_sweeps.preflight import Prepared
 from dspy_sweeps.registry import Decision, best, promote
-from dspy_sweeps.results import TrialRecord, write_records
+from dspy_sweeps.results import TrialRecord, read_records, write_records
 from dspy_sweeps.serving import served_students
 from dspy_sweeps.state import State
 from dspy_sweeps.tracking import Trackers, tracking_uri
@@ -38,7 +39,9 @@ class SweepOutcome:
     decision: Decision | None
 
 
-def run_sweep(prepared: Prepared, state: State, address: str | None, console: Console) -> SweepOutcome:
+def run_sweep(
+    prepared: Prepared, state: State, address: str | None, console: Console, resume: bool = False
+) -> SweepOutcome:
     """Start what the sweep needs, run its trials, promote the winner, and stop everything again.
 
     Order: simulator, Ray, served students (their replicas are Ray actors), endpoint checks,
@@ -55,8 +58,8 @@ def run_sweep(prepared: Prepared, state: State, address: str | None, console: Co
             resolved = {k: _resolve(s, sim_url, served) for k, s in specs.items()}
             _check_served(sweep, resolved)
             endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
-            trackers = Trackers.open(sweep, state, prepared.data.fingerprint)
-            records = _run_trials(prepared, state, endpoints, trackers, console)
+            trackers = Trackers.open(sweep, state, prepared.data.fingerprint, resume)
+            records = _run_trials(prepared, state, endpoints, trackers, console, resume)
             decision = _promote(prepared, records, trackers, state, resolved) if sweep.promote else None
             trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")
     return SweepOutcome(records, decision)
@@ -96,7 +99,7 @@ def _check_served(sweep: Sweep, resolved: dict[str, ModelSpec]) -> None:
 
 
 def _run_trials(
-    prepared: Prepared, state: State, endpoints: dict[str, Any], trackers: Trackers, console: Console
+    prepared: Prepared, state: State, endpoints: dict[str, Any], trackers: Trackers, console: Console, resume: bool
 ) -> list[TrialRecord]:
     """Every trial on Ray, all LM calls through one gateway; each record is saved and tracked as it lands."""
     from dspy_sweeps import runner
@@ -104,30 +107,47 @@ def _run_trials(
     from dspy_sweeps.worker import TrialContext, execute_trial
 
     sweep, trials = prepared.sweep, {t.id: t for t in prepared.trials}
+    records = _finished(state, prepared) if resume else []
+    pending = [trial_id for trial_id in trials if trial_id not in {r.trial_id for r in records}]
     budget = Budget(sweep.budget.max_lm_calls, sweep.budget.max_usd)
     gateway = runner.start_gateway(list({e.id: e for e in endpoints.values()}.values()), state.cache, budget)
     endpoint_ids = {key: e.id for key, e in endpoints.items()}
     ctx = TrialContext(sweep.name, trials, prepared.data, gateway, endpoint_ids, str(state.root))
-    records: list[TrialRecord] = []
     with _progress(console, len(trials)) as progress:
-        task = progress.add_task("trials", total=len(trials))
+        task = progress.add_task("trials", total=len(trials), completed=len(records))
+        if records:
+            progress.console.print(f"  resuming: {len(records)} finished trials kept, {len(pending)} to run")
 
         def on_outcome(outcome: runner.Outcome) -> None:
             trial, result = trials[outcome.trial_id], _result(outcome)
             program_path = _save_program(state, sweep.name, trial.id, result)
             record = TrialRecord.of(sweep.name, trial, result, program_path, prepared.data.fingerprint)
             records.append(record)
+            write_records(state.results(sweep.name), records)  # saved before tracking, which may fail
+            run_id = trackers.log_trial(trial, record, result)
+            records[-1] = dataclasses.replace(record, mlflow_run_id=run_id, tracked=True)
             write_records(state.results(sweep.name), records)
-            trackers.log_trial(trial, record, result)
             progress.advance(task)
             status = f"{record.val_score:.3f}" if record.status == "ok" else f"[red]{record.status}[/]: {record.error}"
             progress.console.print(f"  {trial.id}  val {status}")
+            if record.reason == "auth":  # a refused key fails every trial that uses it: stop now
+                raise SweepError(f"{record.error}; sweep stopped (finished trials are kept: fix the key, then --resume)")
 
-        runner.run_trials(
-            list(trials), execute_trial, ctx, name=sweep.name, storage=state.ray,
-            parallelism=sweep.parallelism, on_outcome=on_outcome,
-        )  # fmt: skip
+        if pending:
+            runner.run_trials(
+                pending, execute_trial, ctx, name=sweep.name, storage=state.ray,
+                parallelism=sweep.parallelism, on_outcome=on_outcome,
+            )  # fmt: skip
     return records
+
+
+def _finished(state: State, prepared: Prepared) -> list[TrialRecord]:
+    """For --resume: the trials of this plan that already finished on the same data."""
+    planned = {t.id for t in prepared.trials}
+    return [
+        r for r in read_records(state.results(prepared.sweep.name))
+        if r.status == "ok" and r.tracked and r.trial_id in planned and r.data_fingerprint == prepared.data.fingerprint
+    ]  # fmt: skip
 
 
 def _roles(sweep: Sweep) -> Iterator[tuple[str, ModelSpec]]:
@@ -173,7 +193,7 @@ def _promote(
         return evaluate(champion, to_examples(prepared.data.test, prepared.data.inputs), metric, sweep.num_threads).score
 
     uri = tracking_uri(sweep.tracking.mlflow, state)
-    return promote(sweep.promote, winner, trackers.mlflow.run_ids[winner.trial_id], program, uri, rescore)
+    return promote(sweep.promote, winner, winner.mlflow_run_id, program, uri, rescore)
 
 
 def _answer_key(prepared: Prepared, state: State) -> Path | None:

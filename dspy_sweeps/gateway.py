@@ -99,6 +99,7 @@ class _EndpointState:
     tokens: deque = field(default_factory=deque)  # (time, total tokens) of answers in the last minute
     running: int = 0
     busy_since: float | None = None
+    refused: GatewayError | None = None  # a refused key: no further call is sent to this endpoint
     busy_s: float = 0.0
     slot_s: float = 0.0
 
@@ -126,6 +127,8 @@ class GatewayCore:
         stats = self.stats.setdefault(trial_id, CallStats())
         stats.requested += 1
         state = self.endpoints[endpoint_id]
+        if state.refused is not None:
+            raise state.refused
         key = self._request_key(trial_id, endpoint_id, body)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             stats.cache_hits += 1
@@ -173,6 +176,8 @@ class GatewayCore:
                 try:
                     response, cost = await self._post(state, body)
                 except GatewayError as exc:
+                    if exc.kind == "auth":
+                        state.refused = exc
                     if exc.kind != "rate_limit" or attempt == 7:
                         raise
                     # A 429 pauses the whole endpoint, so concurrent trials do not storm it too.

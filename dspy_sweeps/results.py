@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -42,6 +43,8 @@ class TrialRecord:
     duration_s: float
     program_path: str | None
     data_fingerprint: str
+    mlflow_run_id: str | None = None
+    tracked: bool = False  # logged to W&B and MLflow; --resume re-runs a trial that was not
 
     @classmethod
     def of(cls, sweep: str, trial: Trial, result: TrialResult, program_path: Path | None, fingerprint: str) -> TrialRecord:
@@ -68,6 +71,16 @@ def write_records(path: Path, records: list[TrialRecord]) -> None:
     tmp = path.with_suffix(".parquet.tmp")
     pq.write_table(pa.Table.from_pylist([asdict(r) for r in records]), tmp)
     os.replace(tmp, path)
+
+
+def read_records(path: Path) -> list[TrialRecord]:
+    """The records a sweep has written so far (none if it never wrote any)."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return []
+    names = {f.name for f in dataclasses.fields(TrialRecord)}
+    return [TrialRecord(**{k: v for k, v in row.items() if k in names}) for row in pq.read_table(path).to_pylist()]
 
 
 def leaderboard(path: Path) -> list[dict[str, Any]]:

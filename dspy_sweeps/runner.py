@@ -43,6 +43,21 @@ def start_ray(address: str | None, project_dir: Path) -> None:
         configure_logging=False,
         runtime_env={"env_vars": env_vars},
     )
+    _start_reaper()
+
+
+def _start_reaper() -> None:
+    """If this process started the Ray instance, make sure none of it outlives us (see reaper.py)."""
+    import subprocess
+    import sys
+
+    node = ray._private.worker._global_node  # Ray's own record of the node this driver runs
+    if node is None or not node.head:  # joined a cluster someone else runs: not ours to clean up
+        return
+    subprocess.Popen(
+        [sys.executable, "-m", "dspy_sweeps.reaper", str(os.getpid())],
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any) -> Any:
@@ -91,7 +106,12 @@ def run_trials(
             failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES, fail_fast=False),
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    except Exception:
+        if callback.error is not None:  # `on_outcome` stopped the sweep: that is the error to report
+            raise callback.error from None
+        raise
     return callback.outcomes
 
 
@@ -99,6 +119,7 @@ class _OutcomeCallback(tune.Callback):
     def __init__(self, on_outcome: Callable[[Outcome], None]) -> None:
         self.on_outcome = on_outcome
         self.outcomes: list[Outcome] = []
+        self.error: Exception | None = None
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         outcome = json.loads(result["outcome"])
@@ -110,11 +131,15 @@ class _OutcomeCallback(tune.Callback):
 
     def _emit(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
-        self.on_outcome(outcome)
+        try:
+            self.on_outcome(outcome)
+        except Exception as exc:
+            self.error = exc  # Tune wraps it in a TuneError; run_trials raises the original
+            raise
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config for restoring; the driver-side handler cannot (and need not) go with it.
-        return {"on_outcome": None, "outcomes": []}
+        return {"on_outcome": None, "outcomes": [], "error": None}
 
 
 def _reason(error: BaseException | None) -> str:

@@ -25,13 +25,13 @@ FIGURES = (
 
 
 class TrialLogger(Protocol):
-    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> None: ...
+    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None: ...
     def close(self, status: str) -> None: ...
 
 
 class NullLogger:
-    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> None:
-        pass
+    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
+        return None
 
     def close(self, status: str) -> None:
         pass
@@ -62,7 +62,7 @@ class WandbLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         state.wandb.mkdir(parents=True, exist_ok=True)
 
-    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> None:
+    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
         import wandb
 
         run = self._init(
@@ -77,6 +77,7 @@ class WandbLogger:
                 table.add_data(*(json.dumps(p[k], ensure_ascii=False) for k in ("inputs", "prediction", "gold")), p["score"])
             run.log({"val_predictions": table})
         run.finish(exit_code=0 if record.status == "ok" else 1)
+        return None
 
     def _init(self, **kwargs: Any) -> Any:
         import wandb
@@ -96,7 +97,7 @@ class WandbLogger:
 class MlflowLogger:
     """Child runs carry params, metrics, tags and the program (JSON state + metadata)."""
 
-    def __init__(self, spec: MlflowSpec, sweep: Sweep, state: State, fingerprint: str) -> None:
+    def __init__(self, spec: MlflowSpec, sweep: Sweep, state: State, fingerprint: str, resume: bool = False) -> None:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(spec, state)
@@ -108,10 +109,18 @@ class MlflowLogger:
         location = None if self.uri.startswith("http") else (state.root / "mlartifacts").as_uri()
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name, location)
         tags = {"dspy_sweeps.sweep": sweep.name, "data_fingerprint": fingerprint}
-        self.parent = self.client.create_run(self.experiment_id, run_name=sweep.name, tags=tags).info.run_id
-        self.run_ids: dict[str, str] = {}
+        previous = self._last_parent(sweep.name) if resume else None
+        self.parent = previous or self.client.create_run(self.experiment_id, run_name=sweep.name, tags=tags).info.run_id
 
-    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> None:
+    def _last_parent(self, sweep: str) -> str | None:
+        """A resumed sweep goes on under the parent run it started, so its trials stay together."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.`dspy_sweeps.sweep` = '{sweep}'", order_by=["attributes.start_time DESC"],
+        )  # fmt: skip
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        return parents[0].info.run_id if parents else None
+
+    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
         from mlflow.entities import Metric, Param, RunTag
 
         tags = {"mlflow.parentRunId": self.parent, "trial": trial.id, "optimizer": trial.kind, "status": record.status}
@@ -125,7 +134,7 @@ class MlflowLogger:
             self.client.log_text(run_id, result.program, "program/program.json")
             self.client.log_dict(run_id, program_metadata(self.sweep, trial, record), "program/metadata.json")
         self.client.set_terminated(run_id, "FINISHED" if record.status == "ok" else "FAILED")
-        self.run_ids[trial.id] = run_id
+        return run_id
 
     def close(self, status: str) -> None:
         self.client.set_terminated(self.parent, status)
@@ -156,15 +165,17 @@ class Trackers:
     mlflow: TrialLogger
 
     @classmethod
-    def open(cls, sweep: Sweep, state: State, fingerprint: str) -> Trackers:
+    def open(cls, sweep: Sweep, state: State, fingerprint: str, resume: bool = False) -> Trackers:
         spec = sweep.tracking
         wandb = WandbLogger(spec.wandb, sweep.name, state) if spec.wandb and spec.wandb.mode != "disabled" else NullLogger()
-        mlflow = MlflowLogger(spec.mlflow, sweep, state, fingerprint) if spec.mlflow else NullLogger()
+        mlflow = MlflowLogger(spec.mlflow, sweep, state, fingerprint, resume) if spec.mlflow else NullLogger()
         return cls(wandb, mlflow)
 
-    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> None:
+    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
+        """Log to both; returns the trial's MLflow run id (promotion registers from it)."""
+        run_id = self.mlflow.log_trial(trial, record, result)
         self.wandb.log_trial(trial, record, result)
-        self.mlflow.log_trial(trial, record, result)
+        return run_id
 
     def close(self, status: str) -> None:
         self.wandb.close(status)

@@ -142,10 +142,16 @@ def evaluate(program: Any, examples: list, metric: Callable, num_threads: int, m
 
     failures, bugs = lm_call_errors(), []
 
+    failed_so_far: list[BaseException] = []
+    give_up_after = max_failed * len(examples)
+
     def score(example: Any) -> tuple[Any, Any, float | None, BaseException | None] | None:
+        if len(failed_so_far) > give_up_after:  # the endpoint is down: stop spending calls on it
+            return example, None, None, failed_so_far[0]
         try:
             prediction = program(**example.inputs())
         except failures as exc:
+            failed_so_far.append(exc)
             return example, None, None, exc
         except AdapterParseError:  # the model answered, badly: a wrong answer
             return example, dspy.Prediction(), 0.0, None

@@ -62,7 +62,7 @@ def failed(trial_id: str, exc: BaseException, budget_spent: bool) -> TrialResult
     if budget_spent:
         return TrialResult(trial_id, "cut", error=f"stopped when the sweep's budget was spent ({type(exc).__name__})", reason="budget")
     if isinstance(exc, (LMAuthError, lm15.AuthError)):
-        return TrialResult(trial_id, "failed", error=str(exc), reason="auth")
+        return TrialResult(trial_id, "failed", error=str(exc).strip().splitlines()[0], reason="auth")
     if isinstance(exc, (EndpointFailure, *lm_call_errors())):
         return TrialResult(trial_id, "failed", error=message, reason="endpoint")
     return TrialResult(trial_id, "failed", error=message, reason="error")

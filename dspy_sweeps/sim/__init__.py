@@ -6,7 +6,9 @@ so optimiser sweeps make real, repeatable differences offline. Start it with
 
 Test facility: inject endpoint failures (500, 429 with Retry-After, 401, garbage, hang) with
 `SimServer(..., faults=[...])`, `sim.set_faults(...)` or `POST /sim/faults`, and read counters
-from `sim.stats()` / `GET /sim/stats`; see `dspy_sweeps.sim.faults`.
+from `sim.stats()` / `GET /sim/stats`; see `dspy_sweeps.sim.faults`. For `make bench` the
+counters include distinct request bodies and busy slot-seconds, and `sim.requests()` /
+`GET /sim/requests` lists every answered request (slot start and end, tokens, body digest).
 """
 
 from dspy_sweeps.sim.launch import SimServer

@@ -3,47 +3,27 @@ token counts equal the endpoint's own, and a spent budget stops the sweep with t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
 import pytest
+from sweep_helpers import demo_answer_key, pointed_at, sim_total, sweep_cli
 
-from dspy_sweeps.config import load_sweep
-from dspy_sweeps.data import load_dataset
-from dspy_sweeps.engine import write_answer_key
 from dspy_sweeps.sim.launch import SimServer
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def sim(tmp_path: Path) -> Iterator[SimServer]:
-    key = write_answer_key(load_dataset(load_sweep(REPO / "sweeps/demo.yaml").data), tmp_path / "key.jsonl")
-    with SimServer(key, tmp_path / "sim", time_scale=0.02) as server:
+    with SimServer(demo_answer_key(tmp_path / "key.jsonl"), tmp_path / "sim", time_scale=0.02) as server:
         yield server
 
 
-def sweep_run(sim: SimServer, state: Path, *overrides: str) -> subprocess.CompletedProcess:
-    models = [
-        "--set", "students.0.model=openai/student", "--set", f"students.0.api_base={sim.base_url}",
-        "--set", "teachers.0.model=openai/teacher", "--set", f"teachers.0.api_base={sim.base_url}",
-        "--set", "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: [2, 4]}]", "--set", "promote=null",
-    ]  # fmt: skip
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    return subprocess.run(
-        [str(REPO / ".venv/bin/sweep"), "run", "sweeps/demo.yaml", "--state-dir", str(state), *models, *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-
-
-def sim_total(sim: SimServer, name: str) -> float:
-    text = urllib.request.urlopen(sim.base_url.removesuffix("/v1") + "/metrics").read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+def sweep_run(sim: SimServer, state: Path, *overrides: str):
+    grid = ["--set", "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: [2, 4]}]", "--set", "promote=null"]
+    return sweep_cli("run", "sweeps/demo.yaml", *pointed_at(sim), *grid, *overrides, state=state)
 
 
 def test_trial_token_counts_equal_the_endpoints_own(sim: SimServer, tmp_path: Path) -> None:

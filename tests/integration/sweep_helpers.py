@@ -1,0 +1,42 @@
+"""Helpers for tests that run the demo sweep through the CLI against a simulator they own
+(so they can read its counters and inject its faults)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from dspy_sweeps.config import load_sweep
+from dspy_sweeps.data import load_dataset
+from dspy_sweeps.engine import write_answer_key
+from dspy_sweeps.sim.launch import SimServer
+
+REPO = Path(__file__).resolve().parents[2]
+SWEEP = REPO / ".venv" / "bin" / "sweep"
+BOOTSTRAP_ONLY = "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]"
+
+
+def demo_answer_key(path: Path) -> Path:
+    return write_answer_key(load_dataset(load_sweep(REPO / "sweeps/demo.yaml").data), path)
+
+
+def pointed_at(sim: SimServer, students: tuple[str, ...] = ("student",)) -> list[str]:
+    """--set overrides that make the demo's students and teacher "real" endpoints on `sim`."""
+    entries = ", ".join(f"{{name: {m}, model: openai/{m}, api_base: '{sim.base_url}', timeout_s: 10}}" for m in students)
+    return [
+        "--set", f"students=[{entries}]",
+        "--set", "teachers.0.model=openai/teacher", "--set", f"teachers.0.api_base={sim.base_url}",
+    ]  # fmt: skip
+
+
+def sweep_cli(*args: str, state: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
+    cmd = [str(SWEEP), *args, "--state-dir", str(state)]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def sim_total(sim: SimServer, name: str) -> float:
+    text = urllib.request.urlopen(sim.root_url + "/metrics").read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))

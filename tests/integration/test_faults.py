@@ -1,0 +1,175 @@
+"""Faults injected into a running sweep (issue: reliability). Each case records its figures for
+`make reliability`; the endpoint faults come from the simulator's fault injection (a test facility)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import psutil
+import pytest
+from sweep_helpers import BOOTSTRAP_ONLY, REPO, SWEEP, demo_answer_key, pointed_at, sweep_cli
+
+from dspy_sweeps.sim.launch import SimServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[SimServer]:
+    key = demo_answer_key(tmp_path / "key.jsonl")
+    with SimServer(key, tmp_path / "sim", models=("student", "student2", "teacher"), time_scale=0.02) as server:
+        yield server
+
+
+def rows(state: Path) -> list[dict]:
+    result = duckdb.sql(f"SELECT * FROM '{state}/results/demo.parquet'")
+    return [dict(zip(result.columns, row, strict=True)) for row in result.fetchall()]
+
+
+def test_endpoint_faults_are_retried_or_fail_only_their_trials(sim: SimServer, tmp_path: Path, reliability) -> None:
+    """student: a short run of 500s, garbage and a 429 (retried, recovered); student2: down for good."""
+    sim.set_faults("error500", count=4, model="student")
+    sim.set_faults("garbage", count=3, model="student", append=True)
+    sim.set_faults("rate_limit", count=2, retry_after=1, model="teacher", append=True)
+    sim.set_faults("error500", model="student2", append=True)
+    result = sweep_cli(
+        "run", "sweeps/demo.yaml", *pointed_at(sim, ("student", "student2")), "--set", BOOTSTRAP_ONLY,
+        "--set", "promote=null", state=tmp_path / "state",
+    )  # fmt: skip
+    records = rows(tmp_path / "state")
+    healthy = [r for r in records if "student2" not in r["student"]]
+    broken = [r for r in records if "student2" in r["student"]]
+    scored_failures = sum(r["failed_examples"] for r in records if r["status"] == "ok")
+    reliability(
+        "endpoint: 500s, 429 Retry-After, garbage (short) and 500s (for good)", runs=1, faults_injected=4,
+        faults_survived=int(all(r["status"] == "ok" for r in healthy)) * 3 + int(all(r["reason"] == "endpoint" for r in broken)),
+        trials_lost=len([r for r in healthy if r["status"] != "ok"]), failed_calls_scored=scored_failures,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(healthy) == 2 and all(r["status"] == "ok" for r in healthy)
+    assert len(broken) == 2 and all(r["status"] == "failed" and r["reason"] == "endpoint" for r in broken)
+    assert all(r["val_score"] is None for r in broken), "a failed call is never scored as a wrong answer"
+    faults = sim.stats()["models"]
+    assert faults["student"]["faults"]["error500"] == 4 and faults["teacher"]["faults"]["rate_limit"] == 2
+
+
+def test_a_refused_key_stops_the_sweep_at_once(sim: SimServer, tmp_path: Path, reliability) -> None:
+    sim.set_faults("unauthorized", model="teacher")
+    result = sweep_cli(
+        "run", "sweeps/demo.yaml", *pointed_at(sim), "--set", "teachers.0.api_key_env=SWEEP_TEACHER_KEY",
+        "--set", BOOTSTRAP_ONLY, state=tmp_path / "state", env={"SWEEP_TEACHER_KEY": "sk-wrong"},
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # Ray logs its own lines too
+    refused = sim.stats()["models"]["teacher"]["faults"].get("unauthorized", 0)
+    stopped = result.returncode == 2 and len(lines) == 1 and "SWEEP_TEACHER_KEY" in lines[0]
+    reliability("401 from a teacher", runs=1, faults_injected=1, faults_survived=int(stopped))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and "teacher" in lines[0] and "SWEEP_TEACHER_KEY" in lines[0], result.stderr[-2000:]
+    assert "sk-wrong" not in result.stdout + result.stderr
+    assert refused <= 2, "no retries: the endpoint is not called again once it refused the key"
+
+
+def test_a_killed_trial_worker_is_retried(sim: SimServer, tmp_path: Path, reliability) -> None:
+    killed: list[int] = []
+
+    def kill_one_trial_worker(cli: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and cli.poll() is None and not killed:
+            if sim.stats()["models"]["student"]["ok"] > 20:  # the trials are under way
+                for proc in psutil.Process(cli.pid).children(recursive=True):
+                    if "ImplicitFunc" in " ".join(_cmdline(proc)):
+                        proc.kill()
+                        killed.append(proc.pid)
+                        break
+            time.sleep(0.2)
+
+    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", BOOTSTRAP_ONLY, "--set", "promote=null"]
+    result = run_with(kill_one_trial_worker, args, state=tmp_path)
+    records = rows(tmp_path)
+    reliability(
+        "SIGKILL of a running trial's worker", runs=1, faults_injected=len(killed),
+        faults_survived=int(result.returncode == 0 and all(r["status"] == "ok" for r in records)) * len(killed),
+        trials_lost=len([r for r in records if r["status"] != "ok"]),
+    )  # fmt: skip
+    assert killed, "no trial worker was found to kill"
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+
+
+def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_path: Path, reliability) -> None:
+    state = tmp_path / "state"
+    grid = "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: [1, 2, 3]}]"
+    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, "--set", "parallelism=1", "--set", "promote=null"]
+    children: list[psutil.Process] = []
+
+    def kill_driver_after_first_trial(cli: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and cli.poll() is None:
+            if (state / "results" / "demo.parquet").exists() and any(r["tracked"] for r in rows(state)):
+                children.extend(psutil.Process(cli.pid).children(recursive=True))
+                cli.send_signal(signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    killed = run_with(kill_driver_after_first_trial, args, state=state)
+    assert killed.returncode == -signal.SIGKILL, "the driver should have been killed mid-sweep"
+    before = {r["trial_id"]: r for r in rows(state)}
+    left = _alive_after(children, seconds=20)
+    resumed = sweep_cli(*args, "--resume", state=state)
+    after = {r["trial_id"]: r for r in rows(state)}
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient(f"sqlite:///{state}/mlflow.db").search_runs(
+        [MlflowClient(f"sqlite:///{state}/mlflow.db").get_experiment_by_name("demo").experiment_id]
+    )
+    children_runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    wandb_runs = list((state / "wandb" / "wandb").glob("offline-run-*"))
+    rerun = [t for t, r in before.items() if r["status"] == "ok" and after[t]["duration_s"] != r["duration_s"]]
+    reliability(
+        "SIGKILL of the driver, then --resume", runs=1, faults_injected=1,
+        faults_survived=int(resumed.returncode == 0 and not left and not rerun),
+        trials_lost=len([r for r in after.values() if r["status"] != "ok"]),
+        duplicate_versions=len(children_runs) - len(after),
+    )  # fmt: skip
+    assert left == [], f"processes outlived the killed driver: {left}"
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming:" in resumed.stdout
+    assert len(after) == 4 and all(r["status"] == "ok" for r in after.values())
+    assert rerun == [], "finished trials are not run again"
+    assert len(children_runs) == 4 and len(wandb_runs) == 4, "no duplicated MLflow or W&B runs"
+
+
+def run_with(fault, args: list[str], state: Path) -> subprocess.CompletedProcess:
+    """Run the CLI with `args` while `fault(process)` acts on it from a thread."""
+    cmd = [str(SWEEP), *args, "--state-dir", str(state)]
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    cli = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    thread = threading.Thread(target=fault, args=(cli,))
+    thread.start()
+    stdout, stderr = cli.communicate(timeout=600)
+    thread.join()
+    return subprocess.CompletedProcess(cmd, cli.returncode, stdout, stderr)
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _alive_after(processes: list[psutil.Process], seconds: float) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return []
+        time.sleep(0.5)
+    return [" ".join(_cmdline(p))[:120] for p in alive]
