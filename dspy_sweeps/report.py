@@ -11,14 +11,33 @@ from dspy_sweeps.registry import Decision
 
 
 def plan_table(prepared: Prepared) -> Table:
+    """The trials with estimated calls and cost (every call priced at the dearer of the trial's
+    student and teacher, for a typical call: an upper estimate, not a bill)."""
+    from dspy_sweeps.lms import typical_call_usd
+
+    prices = {m.model_dump_json(): typical_call_usd(m) for m in prepared.sweep.models}
     table = Table(title=f"{prepared.sweep.name}: {len(prepared.trials)} trials")
-    for column in ("trial", "optimizer", "student", "teacher", "seed", "est. LM calls"):
+    for column in ("trial", "optimizer", "student", "teacher", "seed", "est. LM calls", "est. $"):
         table.add_column(column, justify="right" if column.startswith(("seed", "est")) else "left")
+    total: float | None = 0.0
     for t in prepared.trials:
         teacher = t.teacher.name if t.teacher and t.kind != "none" else "-"
-        table.add_row(t.id, t.label, t.student.name, teacher, str(t.seed), f"{t.estimated_calls:,}")
-    table.caption = f"about {prepared.estimated_calls:,} LM calls in all (budget: {prepared.sweep.budget.max_lm_calls or 'none'})"
+        models = [t.student, t.teacher] if t.teacher and t.kind != "none" else [t.student]
+        price = [prices[m.model_dump_json()] for m in models]
+        usd = None if None in price else t.estimated_calls * max(price)
+        total = None if usd is None or total is None else total + usd
+        table.add_row(t.id, t.label, t.student.name, teacher, str(t.seed), f"{t.estimated_calls:,}", _usd(usd))
+    budget = prepared.sweep.budget
+    table.caption = (
+        f"about {prepared.estimated_calls:,} LM calls and {_usd(total)} in all "
+        f"(budget: {budget.max_lm_calls or 'no'} calls, {_usd(budget.max_usd) if budget.max_usd else 'no'} $); "
+        "self-hosted students cost their busy time, known after the run"
+    )
     return table
+
+
+def _usd(value: float | None) -> str:
+    return "?" if value is None else f"${value:,.2f}"
 
 
 def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") -> Table:
