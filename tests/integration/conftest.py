@@ -22,37 +22,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` in its own process group; the whole group is stopped afterwards."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    cmd = [
-        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts"),
-    ]  # fmt: skip
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # or it hangs offline fetching a price map
-    log = (root / "server.log").open("w")
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
+class MlflowServer:
+    """`mlflow server` on loopback in its own process group, restartable on the same port and store."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        cmd = [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.root}/server.db", "--artifacts-destination", str(self.root / "artifacts"),
+        ]  # fmt: skip
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # or it hangs offline fetching a price map
+        with (self.root / "server.log").open("a") as log:
+            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return self
             except OSError:
-                assert server.poll() is None, (root / "server.log").read_text()[-2000:]
+                assert self.process.poll() is None, (self.root / "server.log").read_text()[-2000:]
                 assert time.monotonic() < deadline, "mlflow server did not start"
                 time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the whole process group (the server's gunicorn/uvicorn workers too)."""
+        if self.process is None:
+            return
+        os.killpg(self.process.pid, sig)
         try:
-            server.wait(timeout=20)
+            self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -38,8 +38,8 @@ def candidate(tmp_path: Path, uri: str, name: str, test_score: float) -> tuple[T
     client.log_dict(run_id, meta, "program/metadata.json")
     record = TrialRecord(
         sweep=name, trial_id=name, kind="bootstrap_fewshot", settings="{}", student="sim/student", teacher=None, seed=0,
-        status="ok", error=None, val_score=test_score, test_score=test_score, lm_calls=1, calls_requested=1,
-        cache_hits=0, merged_calls=0, failed_calls=0, estimated_calls=1, prompt_tokens=1, completion_tokens=1,
+        status="ok", error=None, reason=None, val_score=test_score, test_score=test_score, lm_calls=1, calls_requested=1,
+        cache_hits=0, merged_calls=0, failed_calls=0, failed_examples=0, estimated_calls=1, prompt_tokens=1, completion_tokens=1,
         latency_s=0.0, cost_usd=0.0, duration_s=0.0, program_path=str(path), data_fingerprint="fp",
     )  # fmt: skip
     return record, run_id, program
@@ -113,3 +113,47 @@ def test_a_pulled_program_never_takes_its_endpoint_from_the_artifact(mlflow_serv
     loaded = load_pulled(folder, api_base="http://127.0.0.1:8000/v1")
     lm = loaded.solve.predict.lm
     assert lm.model == "openai/student" and "203.0.113.9" not in json.dumps(lm.dump_state(), default=str)
+
+
+@pytest.mark.reliability
+def test_promotion_survives_a_tracking_server_restart(tmp_path: Path, reliability, monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    # MLflow's client retries with exponential back-off (up to minutes by default); shorter steps
+    # and more of them keep this test quick while covering the same restart.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0.5")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "10")
+    from conftest import MlflowServer
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server").start()
+    model = f"restart-{uuid.uuid4().hex[:8]}"
+    entry = candidate(tmp_path, server.url, "restarted", 0.7)
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(_promote_or_error(model, entry, server.url)))
+    try:
+        thread.start()
+        time.sleep(1.0)
+        server.stop(signal.SIGKILL)  # the server dies mid-promotion ...
+        time.sleep(3.0)
+        server.start()  # ... and comes back on the same port and store
+        thread.join(timeout=300)
+        versions = MlflowClient(server.url).search_model_versions(f"name = '{model}'")
+        survived = bool(outcome) and not isinstance(outcome[0], Exception) and len(versions) == 1
+        if survived:
+            pull(f"{model}@champion", tmp_path / "pulled", server.url)  # its artifacts are there
+        reliability("MLflow server killed and restarted during promotion", runs=1, faults_injected=1,
+                    faults_survived=int(survived), duplicate_versions=max(len(versions) - 1, 0))  # fmt: skip
+        assert outcome and not isinstance(outcome[0], Exception), outcome
+        assert len(versions) == 1, "never two versions for one promotion"
+        assert (tmp_path / "pulled" / "program.json").is_file(), "never a version without its artifacts"
+    finally:
+        server.stop()
+
+
+def _promote_or_error(model: str, entry: tuple, uri: str) -> object:
+    try:
+        return promote(Promote(model=model), *entry, uri, never_rescored)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return exc
