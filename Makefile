@@ -1,7 +1,7 @@
 # make demo   set up (idempotent) and run the offline demo sweep end to end
 # make test   set up and run the whole test suite (what CI runs)
 # make bench  CLI start-up, the demo's wall time and throughput (issue 4) into BENCHMARKS.md:
-#             about 15 minutes on 2 quiet cores; BENCH_QUICK=1 make bench checks the bench itself
+#             about 25 minutes on 2 quiet cores; BENCH_QUICK=1 make bench checks the bench itself (~9)
 # make reliability  repeat the fault, bad-input and security tests into RELIABILITY.md
 
 VENV := .venv
