@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/sweep run sweeps/demo.yaml
 	$(BIN)/sweep pull demo@champion -o .sweeps/pulled/demo
-	$(BIN)/sweep ask demo@champion question="Maya has 12 apples and buys 3 bags with 5 apples in each. How many apples does Maya have now?"
+	$(BIN)/sweep ask demo@champion question="A shop sold 30 marbles on Monday and 32 on Tuesday. How many marbles did it sell altogether?"
 
 test: setup
 	$(BIN)/python -m pytest -q
