@@ -121,7 +121,7 @@ def test_promotion_survives_a_tracking_server_restart(tmp_path: Path, reliabilit
 
     # MLflow's client retries with exponential back-off (up to minutes by default); shorter steps
     # and more of them keep this test quick while covering the same restart.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0.5")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "10")
     from conftest import MlflowServer
     from mlflow.tracking import MlflowClient
