@@ -34,21 +34,25 @@ def run_tests(repeat: int, log: Path) -> list[int]:
     return codes
 
 
-def aggregate(log: Path) -> dict[str, dict[str, int]]:
+def aggregate(log: Path) -> tuple[dict[str, dict[str, int]], dict[str, set[str]]]:
+    """Figures summed per case, and the tests (without parameters) that recorded each case."""
     cases: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIGURES, 0))
+    tests: dict[str, set[str]] = defaultdict(set)
     for line in log.read_text().splitlines():
         record = json.loads(line)
         for figure in FIGURES:
             cases[record["case"]][figure] += int(record.get(figure, 0))
-    return dict(sorted(cases.items()))
+        tests[record["case"]].add(record["test"].split("[")[0])
+    return dict(sorted(cases.items())), tests
 
 
-def render(cases: dict[str, dict[str, int]], repeat: int, codes: list[int]) -> str:
-    header = "| case | " + " | ".join(f.replace("_", " ") for f in FIGURES) + " |"
-    rows = [header, "|" + " --- |" * (len(FIGURES) + 1)]
+def render(cases: dict[str, dict[str, int]], tests: dict[str, set[str]], repeat: int, codes: list[int]) -> str:
+    header = "| case | " + " | ".join(f.replace("_", " ") for f in FIGURES) + " | reproduce |"
+    rows = [header, "|" + " --- |" * (len(FIGURES) + 2)]
     for case, figures in cases.items():
         cells = [_cell(f, figures[f]) for f in FIGURES]
-        rows.append(f"| {case} | " + " | ".join(cells) + " |")
+        command = "<br>".join(f"`.venv/bin/python -m pytest {t}`" for t in sorted(tests[case]))
+        rows.append(f"| {case} | " + " | ".join(cells) + f" | {command} |")
     passed = sum(code == 0 for code in codes)
     return (
         "# Reliability\n\n"
@@ -71,7 +75,7 @@ def main() -> None:
         log = Path(tmp) / "reliability.jsonl"
         log.touch()
         codes = run_tests(args.repeat, log)
-        report = render(aggregate(log), args.repeat, codes)
+        report = render(*aggregate(log), args.repeat, codes)
     (REPO / "RELIABILITY.md").write_text(report)
     print(report)
     sys.exit(0 if all(code == 0 for code in codes) else 1)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dspy_sweeps.errors import SweepError
 
@@ -126,6 +126,14 @@ class ModelSpec(_Strict):
         served = serve.get("model") if isinstance(serve, dict) else getattr(serve, "model", None)
         return {**data, "model": SERVED_PREFIX + served} if isinstance(served, str) else data
 
+    @field_validator("api_base")
+    @classmethod
+    def _http_urls(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for url in [value] if isinstance(value, str) else value or []:
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise ValueError(f"{url!r} is not an http:// or https:// URL (e.g. http://host:8000/v1)")
+        return value
+
     @model_validator(mode="after")
     def _served_alone(self) -> ModelSpec:
         if self.serve is None:
@@ -216,9 +224,11 @@ class Sweep(_Strict):
         for i, teacher in enumerate(self.teachers):
             if teacher.serve is not None:
                 raise ValueError(f"teachers.{i}.serve: only students are served by the sweep; give the teacher an api_base")
-        names = [s.name for s in self.students if s.serve is not None]
-        if len(names) != len(set(names)):
-            raise ValueError(f"students: served students need distinct names (got {names})")
+        for role, models in (("students", self.students), ("teachers", self.teachers)):
+            names = [m.name for m in models]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"{role}: the name {repeated[0]!r} is used twice; each needs its own name")
         return self
 
     @property

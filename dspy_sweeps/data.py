@@ -49,6 +49,7 @@ def load_dataset(spec: DataSpec) -> Dataset:
         raise SweepError("data.query: the result has no column besides the inputs, so there is nothing to learn")
     if not rows:
         raise SweepError("data: the query returned no rows")
+    _check_inputs_present(rows, spec.inputs)
     train, val, test = split_rows(rows, spec.split)
     return Dataset(tuple(spec.inputs), labels, train, val, test, _fingerprint(spec, rows))
 
@@ -62,15 +63,34 @@ def query_rows(spec: DataSpec) -> tuple[list[str], list[dict[str, Any]]]:
         _load_sources(con, spec.sources)
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
-        query = spec.query or "SELECT * FROM corpus"
+        query = (spec.query or "SELECT * FROM corpus").strip().rstrip(";")
         try:
-            result = con.execute(f"SELECT * FROM ({query.strip().rstrip(';')}) ORDER BY ALL")
+            _check_one_select(duckdb.extract_statements(query))
+            result = con.execute(f"SELECT * FROM ({query}) ORDER BY ALL")
         except duckdb.Error as exc:
             raise SweepError(f"data.query: {_first_line(exc)}") from None
         columns = [d[0] for d in result.description]
         return columns, [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
     finally:
         con.close()
+
+
+def _check_one_select(statements: list[Any]) -> None:
+    """The query reads; anything else (COPY, ATTACH, INSTALL, a second statement) is refused by name."""
+    if len(statements) != 1:
+        raise SweepError(f"data.query: one SELECT statement, not {len(statements)}")
+    kind = statements[0].type.name
+    if kind != "SELECT":
+        raise SweepError(f"data.query: only a SELECT query may run over the corpus, not {kind}")
+
+
+def _check_inputs_present(rows: list[dict[str, Any]], inputs: list[str]) -> None:
+    """A NULL input would reach the LM as the text "None": refuse it, naming the row."""
+    for row in rows:
+        for column in inputs:
+            if row[column] is None:
+                shown = ", ".join(f"{k}={str(v)[:40]!r}" for k, v in row.items() if v is not None)[:200]
+                raise SweepError(f"data: input '{column}' is NULL in the row with {shown or 'no values at all'}")
 
 
 def _load_sources(con: Any, sources: list[str]) -> None:

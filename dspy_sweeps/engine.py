@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from dspy_sweeps.registry import Decision, best, promote
 from dspy_sweeps.results import TrialRecord, read_records, write_records
 from dspy_sweeps.serving import served_students
 from dspy_sweeps.state import State
-from dspy_sweeps.tracking import Trackers, tracking_uri
+from dspy_sweeps.tracking import Trackers, check_mlflow_server, tracking_uri
 from dspy_sweeps.trial import TrialResult
 
 
@@ -49,6 +50,8 @@ def run_sweep(
     in a `finally`, the replicas stop, Ray stops, the simulator stops.
     """
     sweep = prepared.sweep
+    if sweep.tracking.mlflow is not None:
+        check_mlflow_server(tracking_uri(sweep.tracking.mlflow, state))
     key = _answer_key(prepared, state)
     with simulator(sweep, key, state, console) as sim_url:
         # Outside endpoints first: a typo in an api_base costs seconds, not a Ray start-up.
@@ -124,7 +127,13 @@ def _run_trials(
             record = TrialRecord.of(sweep.name, trial, result, program_path, prepared.data.fingerprint)
             records.append(record)
             write_records(state.results(sweep.name), records)  # saved before tracking, which may fail
-            run_id = trackers.log_trial(trial, record, result)
+            try:
+                run_id = trackers.log_trial(trial, record, result)
+            except Exception as exc:  # noqa: BLE001 - a tracker gone mid-sweep: stop with one line, keep results
+                raise SweepError(
+                    f"tracking failed for trial {trial.id} ({type(exc).__name__}: {_first_line(exc)}); "
+                    f"finished trials are saved in {state.results(sweep.name)}: fix it, then --resume"
+                ) from None
             records[-1] = dataclasses.replace(record, mlflow_run_id=run_id, tracked=True)
             write_records(state.results(sweep.name), records)
             progress.advance(task)
@@ -148,6 +157,11 @@ def _finished(state: State, prepared: Prepared) -> list[TrialRecord]:
         r for r in read_records(state.results(prepared.sweep.name))
         if r.status == "ok" and r.tracked and r.trial_id in planned and r.data_fingerprint == prepared.data.fingerprint
     ]  # fmt: skip
+
+
+def _first_line(exc: Exception) -> str:
+    """The start of an error's text, with any user:password@ in a URL blanked out."""
+    return re.sub(r"//[^/@\s]+@", "//***@", (str(exc).strip().splitlines() or [""])[0])[:300]
 
 
 def _roles(sweep: Sweep) -> Iterator[tuple[str, ModelSpec]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -30,8 +31,7 @@ def prepare(sweep: Sweep) -> Prepared:
     """Validate the sweep against its data and code; SweepError on the first problem found."""
     data = load_dataset(sweep.data)
     predictors = len(build_program(sweep.program).predictors())
-    if not callable(load_object(sweep.metric, "metric")):
-        raise SweepError(f"metric: '{sweep.metric}' is not callable")
+    _check_metric(sweep.metric)
     for i, spec in enumerate(sweep.optimizers):
         for settings in expand_grid(spec.settings):
             bind_settings(spec.kind, settings, where=f"optimizers.{i}")
@@ -45,6 +45,20 @@ def prepare(sweep: Sweep) -> Prepared:
     _check_tracking(sweep)
     check_keys(sweep)
     return prepared
+
+
+def _check_metric(path: str) -> None:
+    """A metric is called as metric(example, prediction, trace): a class or another shape fails every trial."""
+    metric = load_object(path, "metric")
+    shape = "a function of (example, prediction, trace=None)"
+    if isinstance(metric, type) or not callable(metric):
+        raise SweepError(f"metric: '{path}' is {'a class' if isinstance(metric, type) else 'not callable'}, not {shape}")
+    try:
+        inspect.signature(metric).bind(None, None)
+    except TypeError as exc:
+        raise SweepError(f"metric: '{path}' cannot be called as {shape}: {exc}") from None
+    except ValueError:  # no signature to read (a builtin): leave it to the call
+        pass
 
 
 def _check_budget(prepared: Prepared) -> None:

@@ -8,8 +8,8 @@ Programs come back as DSPy JSON state: nothing here unpickles.
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,34 +119,47 @@ def _champion_test_score(client: Any, champion: Any, fingerprint: str, rescore: 
 
 
 def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: str, uri: str, gate: str) -> str:
-    """Log the program with `mlflow.dspy` (so `mlflow.dspy.load_model` works) and register it.
+    """Save the program with `mlflow.dspy` into the trial's run (so `mlflow.dspy.load_model` works)
+    and register it, through a client for `uri`: MLflow's global URI is left alone.
 
     Idempotent: a promotion retried after a tracking-server outage finds the version it
     already registered (by its promotion id) instead of creating a second one."""
     import dspy
-    import mlflow
-    from importlib.metadata import version
+    import mlflow.dspy
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(uri)
     promotion_id = hashlib.sha256(f"{run_id}:{sha}:{gate}".encode()).hexdigest()[:16]
-    for existing in MlflowClient(uri).search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+    for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         if existing.tags.get("promotion_id") == promotion_id:
             return str(existing.version)
-    mlflow.set_tracking_uri(uri)
     # Its pickle warning is about `mlflow.dspy.load_model`; `sweep pull`/`load` read the JSON state instead.
     logging.getLogger("mlflow.dspy.save").setLevel(logging.ERROR)
     # mlflow.dspy saves dspy.settings with the model: clear the LM so no endpoint or key goes with it.
-    with dspy.context(lm=None), mlflow.start_run(run_id=run_id):
-        info = mlflow.dspy.log_model(program, name="model")
-    tags = {
+    with tempfile.TemporaryDirectory() as tmp, dspy.context(lm=None):
+        mlflow.dspy.save_model(program, f"{tmp}/model")
+        client.log_artifacts(run_id, f"{tmp}/model", "model")
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another sweep registered it first: fine
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    tags = _version_tags(winner, sha, gate, promotion_id)
+    return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
+
+
+def _version_tags(winner: TrialRecord, sha: str, gate: str, promotion_id: str) -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {
         "sweep": winner.sweep, "trial": winner.trial_id, "optimizer": winner.kind, "settings": winner.settings,
         "student": winner.student, "teacher": winner.teacher or "", "val_score": str(winner.val_score),
         "test_score": str(winner.test_score), "data_fingerprint": winner.data_fingerprint, "program_sha": sha,
         "versions": json.dumps({p: version(p) for p in ("dspy", "dspy-sweeps", "mlflow")}),
         "gate": gate, "promotion_id": promotion_id,
     }  # fmt: skip
-    mv = mlflow.register_model(info.model_uri, name, tags=tags)
-    return str(mv.version)
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:

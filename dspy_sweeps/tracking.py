@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dspy_sweeps.config import MlflowSpec, Sweep, WandbSpec
+from dspy_sweeps.errors import SweepError
 from dspy_sweeps.plan import Trial
 from dspy_sweeps.results import TrialRecord
 from dspy_sweeps.state import State
@@ -143,6 +144,33 @@ class MlflowLogger:
 def tracking_uri(spec: MlflowSpec | None, state: State) -> str:
     """The sweep's URI, else $MLFLOW_TRACKING_URI, else a SQLite file in the state dir."""
     return (spec and spec.tracking_uri) or os.environ.get("MLFLOW_TRACKING_URI") or state.mlflow_uri
+
+
+def check_mlflow_server(uri: str, timeout_s: float = 10) -> None:
+    """An http(s) tracking URI must answer before trials spend LM calls that it could not record.
+
+    Any HTTP answer counts (a 401 from an auth proxy is MLflow's to explain); only a server
+    that cannot be reached is refused. The URI is shown without its credentials.
+    """
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    shown = parts._replace(netloc=f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname).geturl().rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{shown}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return
+    except OSError as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SweepError(
+            f"tracking.mlflow: no MLflow server answers at {shown} ({reason}); start it, "
+            "or unset MLFLOW_TRACKING_URI to track in the state dir"
+        ) from None
 
 
 def program_metadata(sweep: Sweep, trial: Trial, record: TrialRecord) -> dict[str, Any]:

@@ -35,7 +35,12 @@ class MlflowServer:
             str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{self.root}/server.db", "--artifacts-destination", str(self.root / "artifacts"),
         ]  # fmt: skip
-        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # or it hangs offline fetching a price map
+        env = {
+            **os.environ,
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # or it hangs offline fetching a price map
+            # MLflow's GenAI job runner: eight busy processes of ~270 MB each that sweeps never use.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
         with (self.root / "server.log").open("a") as log:
             self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120

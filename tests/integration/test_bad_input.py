@@ -49,11 +49,25 @@ CASES: dict[str, tuple[str, ...]] = {
     "empty_split": ("data.split.val: 0.01 of 30 rows is an empty split",),
     "truncated_parquet": ("data.source: cannot read", "truncated.parquet as Parquet"),
     "unreachable_endpoint": ("students.0 (local): endpoint http://127.0.0.1:9/v1 is unreachable",),
+    "unreachable_mlflow": ("tracking.mlflow: no MLflow server answers at http://127.0.0.1:9",),
     "cloud_teacher_without_key": ("teachers.0 (openai/gpt-4o-mini): API key variable OPENAI_API_KEY is not set",),
     "api_key_env_unset": ("teachers.0 (openai/gpt-4o-mini): API key variable MISSING_KEY_VAR is not set",),
     "api_key_in_file": ("api_key_in_file.yaml: teachers.0.api_key: keys never go in sweep files", "api_key_env"),
     "unset_variable": ("unset_variable.yaml: students.0.api_base: environment variable STUDENT_URL is not set",),
     "over_budget": ("budget.max_lm_calls: the plan needs about", "over the budget of 10"),
+    "seeds_wrong_type": ("seeds_wrong_type.yaml: seeds: Input should be a valid list (got 'zero')",),
+    "negative_split": ("negative_split.yaml: data.split: train, val and test must each be greater than 0",),
+    "zero_parallelism": ("zero_parallelism.yaml: parallelism: Input should be greater than 0 (got 0)",),
+    "no_optimizers": ("no_optimizers.yaml: optimizers: List should have at least 1 item",),
+    "duplicate_student_names": ("students: the name 'small' is used twice",),
+    "api_base_not_a_url": ("students.0.api_base: 'localhost:8000' is not an http:// or https:// URL",),
+    "metric_wrong_shape": ("metric: 'pipelines.arith:SolveWordProblem' is a class, not a function of (example",),
+    "missing_source": ("data.source: no such file 'tests/assets/bad/data/no_such_file.parquet'",),
+    "non_parquet_source": ("data.source: cannot read tests/assets/bad/data/not_parquet.parquet as Parquet",),
+    "empty_table": ("data: the query returned no rows",),
+    "null_input": ("data: input 'question' is NULL in the row with answer='8'",),
+    "sql_writes_a_file": ("data.query: only a SELECT query may run over the corpus, not COPY",),
+    "sql_reads_etc_passwd": ("data.query: Permission Error: Cannot access file \"/etc/passwd\"",),
 }
 
 
@@ -176,6 +190,7 @@ def test_bad_input_exits_2_with_one_line(case: str, runs: dict[str, Future[Run]]
     for fragment in CASES[case]:
         assert fragment in lines[0]
     assert "sk-" not in run.stderr + run.stdout, "a key written in a sweep file is never echoed"
+    assert "hunter2" not in run.stderr + run.stdout, "nor a password in a tracking URI"
     # Nothing started: Ray and the simulated endpoint would each have made their folder.
     assert not (run.state / "ray").exists()
     assert not (run.state / "sim").exists()

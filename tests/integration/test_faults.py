@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -173,3 +174,52 @@ def _alive_after(processes: list[psutil.Process], seconds: float) -> list[str]:
             return []
         time.sleep(0.5)
     return [" ".join(_cmdline(p))[:120] for p in alive]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 MB tmpfs of its own for the state dir, so filling it fills nothing else (needs root, as CI has)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(sim: SimServer, small_disk: Path, reliability) -> None:
+    state, ballast = small_disk / "state", small_disk / "ballast"
+    grid = "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: [1, 2]}]"
+    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, "--set", "parallelism=1", "--set", "promote=null"]
+
+    def fill_disk_after_first_trial(cli: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and cli.poll() is None:
+            if (state / "results" / "demo.parquet").exists() and any(r["tracked"] for r in rows(state)):
+                with ballast.open("wb") as f, contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * (1 << 20))
+                return
+            time.sleep(0.2)
+
+    full = run_with(fill_disk_after_first_trial, args, state=state)
+    before = {r["trial_id"]: r for r in rows(state)}  # the last complete results file
+    ballast.unlink()
+    resumed = sweep_cli(*args, "--resume", state=state)
+    after = {r["trial_id"]: r for r in rows(state)}
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    clean = full.returncode == 2 and len(errors) == 1 and "is full" in errors[0] and "Traceback" not in full.stderr
+    rerun = [t for t, r in before.items() if r["status"] == "ok" and after[t]["duration_s"] != r["duration_s"]]
+    reliability(
+        "state directory's disk full mid-sweep, then --resume", runs=1, faults_injected=1,
+        faults_survived=int(clean and resumed.returncode == 0 and not rerun),
+        trials_lost=len([r for r in after.values() if r["status"] != "ok"]),
+    )  # fmt: skip
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert len(errors) == 1 and "the state directory" in errors[0] and "is full" in errors[0], full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming:" in resumed.stdout
+    assert len(after) == 3 and all(r["status"] == "ok" for r in after.values())
+    assert rerun == [], "trials finished before the disk filled are not run again"

@@ -4,6 +4,7 @@ a retried promotion registers nothing twice, and pulled artifacts cannot choose 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -99,6 +100,20 @@ def test_a_retried_promotion_registers_one_version(mlflow_server: str, tmp_path:
     assert len(MlflowClient(mlflow_server).search_model_versions(f"name = '{model}'")) == 1
 
 
+def test_promotion_leaves_the_callers_tracking_uri_alone(mlflow_server: str, tmp_path: Path, monkeypatch) -> None:
+    """Registering goes through MLflow's global URI; the process (and its later subprocesses) keep theirs."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mine.db")
+    record, run_id, program = candidate(tmp_path, mlflow_server, "polite", 0.7)
+    _register(f"polite-{uuid.uuid4().hex[:8]}", record, run_id, program, "sha", mlflow_server, gate="passed")
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/mine.db"
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/mine.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    _register(f"polite-{uuid.uuid4().hex[:8]}", record, run_id, program, "sha2", mlflow_server, gate="passed")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
 def test_a_pulled_program_never_takes_its_endpoint_from_the_artifact(mlflow_server: str, tmp_path: Path) -> None:
     import dspy
     from mlflow.tracking import MlflowClient
@@ -113,6 +128,43 @@ def test_a_pulled_program_never_takes_its_endpoint_from_the_artifact(mlflow_serv
     loaded = load_pulled(folder, api_base="http://127.0.0.1:8000/v1")
     lm = loaded.solve.predict.lm
     assert lm.model == "openai/student" and "203.0.113.9" not in json.dumps(lm.dump_state(), default=str)
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a tampered registry artifact could carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.reliability
+def test_pull_and_load_never_unpickle_a_tampered_artifact(mlflow_server: str, tmp_path: Path, reliability) -> None:
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+
+    client, model, marker = MlflowClient(mlflow_server), f"tampered-{uuid.uuid4().hex[:8]}", tmp_path / "payload-ran"
+    record, run_id, program = candidate(tmp_path, mlflow_server, "tampered", 0.9)
+    assert promote(Promote(model=model), record, run_id, program, mlflow_server, never_rescored).promoted
+    payloads = tmp_path / "payloads"
+    (payloads / "data").mkdir(parents=True)
+    for path in (payloads / "program.pkl", payloads / "data" / "model.pkl", payloads / "data" / "dspy_config.pkl"):
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+    client.log_artifact(run_id, str(payloads / "program.pkl"), "program")  # beside program.json
+    client.log_artifacts(run_id, str(payloads), "model")  # over mlflow.dspy's own pickles
+    folder = pull(f"{model}@champion", tmp_path / "pulled", mlflow_server)
+    loaded = load_pulled(folder, api_base="http://127.0.0.1:8000/v1")
+    executed = int(marker.exists())
+    reliability("untrusted registry: pickled payloads in the artifacts", runs=1, faults_injected=3,
+                faults_survived=3 * (1 - executed), payloads_executed=executed)  # fmt: skip
+    assert not marker.exists(), "pull/load unpickled an artifact"
+    assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "program.json"]
+    assert loaded.solve.predict.demos[0]["answer"] == "0.9"  # the program itself came back
 
 
 @pytest.mark.reliability

@@ -308,10 +308,10 @@ def test_bad_serve_specs_are_explained(student: str, message: str) -> None:
     assert message in str(error.value)
 
 
-def test_teachers_are_not_served_and_served_names_are_distinct() -> None:
+def test_teachers_are_not_served_and_student_names_are_distinct() -> None:
     with pytest.raises(SweepError, match=r"teachers\.0\.serve: only students are served"):
         load_sweep(DEMO, ["teachers=[{name: t, serve: {engine: vllm, model: m}}]"])
-    with pytest.raises(SweepError, match="served students need distinct names"):
+    with pytest.raises(SweepError, match="students: the name .s. is used twice"):
         load_with("{name: s, serve: {engine: sim, model: a}}, {name: s, serve: {engine: sim, model: b}}")
 
 
