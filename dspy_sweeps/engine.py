@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,15 +54,17 @@ def run_sweep(
     if sweep.tracking.mlflow is not None:
         check_mlflow_server(tracking_uri(sweep.tracking.mlflow, state))
     key = _answer_key(prepared, state)
-    with simulator(sweep, key, state, console) as sim_url:
+    with simulator(sweep, key, state, console) as sim_url, ThreadPoolExecutor(1) as background:
         # Outside endpoints first: a typo in an api_base costs seconds, not a Ray start-up.
         check_endpoints([(role, resolve(s, sim_url)) for role, s in _roles(sweep) if s.serve is None])
+        # Importing MLflow and creating its store takes seconds: done while Ray starts.
+        opening = background.submit(Trackers.open, sweep, state, prepared.data.fingerprint, resume)
         with _ray(sweep, state, address), served_students(sweep, state, key, console) as served:
             specs = {s.model_dump_json(): s for _, s in _roles(sweep)}  # the key trials know their LMs by
             resolved = {k: _resolve(s, sim_url, served) for k, s in specs.items()}
             _check_served(sweep, resolved)
             endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
-            trackers = Trackers.open(sweep, state, prepared.data.fingerprint, resume)
+            trackers = opening.result()
             records = _run_trials(prepared, state, endpoints, trackers, console, resume)
             decision = _promote(prepared, records, trackers, state, resolved) if sweep.promote else None
             trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")

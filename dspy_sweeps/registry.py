@@ -139,7 +139,14 @@ def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: st
     # mlflow.dspy saves dspy.settings with the model: clear the LM so no endpoint or key goes with it.
     with tempfile.TemporaryDirectory() as tmp, dspy.context(lm=None):
         mlflow.dspy.save_model(program, f"{tmp}/model")
-        client.log_artifacts(run_id, f"{tmp}/model", "model")
+        try:  # the artifacts first: a version is never registered without them
+            client.log_artifacts(run_id, f"{tmp}/model", "model")
+        except (MlflowException, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise SweepError(
+                f"promote: the artifact store refused the program ({type(exc).__name__}: {first}); nothing was "
+                "registered: fix the store, then run again with --resume"
+            ) from None
     try:
         client.create_registered_model(name)
     except MlflowException as exc:

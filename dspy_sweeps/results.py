@@ -45,6 +45,7 @@ class TrialRecord:
     data_fingerprint: str
     mlflow_run_id: str | None = None
     tracked: bool = False  # logged to W&B and MLflow; --resume re-runs a trial that was not
+    attempts: int = 1  # runs of the trial it took: a retry after a worker died, or a resume
 
     @classmethod
     def of(cls, sweep: str, trial: Trial, result: TrialResult, program_path: Path | None, fingerprint: str) -> TrialRecord:
@@ -58,7 +59,7 @@ class TrialRecord:
             estimated_calls=trial.estimated_calls, prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens, latency_s=result.latency_s, cost_usd=result.cost_usd,
             duration_s=result.duration_s, program_path=str(program_path) if program_path else None,
-            data_fingerprint=fingerprint,
+            data_fingerprint=fingerprint, attempts=result.attempts,
         )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from dspy_sweeps.trial import TrialResult
 MLFLOW_PARAM_LIMIT = 6000  # MLflow rejects longer parameter values
 FIGURES = (
     "val_score", "test_score", "lm_calls", "calls_requested", "cache_hits", "merged_calls", "failed_calls", "failed_examples",
-    "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "duration_s",
+    "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "duration_s", "attempts",
 )  # fmt: skip
 
 

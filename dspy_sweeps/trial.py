@@ -47,6 +47,7 @@ class TrialResult:
     latency_s: float = 0.0
     cost_usd: float = 0.0
     duration_s: float = 0.0
+    attempts: int = 1  # more than 1: the trial was retried after its worker died, or resumed
     program: str | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list)
 

@@ -36,6 +36,7 @@ def execute_trial(trial_id: str, ctx: TrialContext) -> dict[str, Any]:
     teacher = _lm(ctx, trial.teacher, trial_id) if trial.teacher else student
     workdir = State(Path(ctx.state_root)).trial_dir(ctx.sweep, trial_id)
     workdir.mkdir(parents=True, exist_ok=True)
+    attempt = _next_attempt(workdir)
     try:
         result = run_trial(trial, ctx.data, TrialLMs(student, teacher), workdir)
     except Exception as exc:  # noqa: BLE001 - a trial's failure is its result, with the reason
@@ -43,12 +44,21 @@ def execute_trial(trial_id: str, ctx: TrialContext) -> dict[str, Any]:
     stats = ray.get(ctx.gateway.trial_stats.remote(trial_id))
     return asdict(
         dataclasses.replace(
-            result, lm_calls=stats.sent, calls_requested=stats.requested, cache_hits=stats.cache_hits,
+            result, attempts=attempt, lm_calls=stats.sent, calls_requested=stats.requested, cache_hits=stats.cache_hits,
             merged_calls=stats.merged, failed_calls=stats.failed, prompt_tokens=stats.prompt_tokens,
             completion_tokens=stats.completion_tokens, latency_s=round(stats.latency_s, 3),
             cost_usd=round(stats.cost_usd, 6),
         )  # fmt: skip
     )
+
+
+def _next_attempt(workdir: Path) -> int:
+    """Which run of this trial this is. A trial retried after its worker died (or resumed after the
+    driver died) finds its folder used; GEPA, whose log_dir is in it, resumes from its saved state."""
+    counter = workdir / "attempts"
+    attempt = int(counter.read_text().strip() or 0) + 1 if counter.is_file() else 1
+    counter.write_text(str(attempt))
+    return attempt
 
 
 def failed(trial_id: str, exc: BaseException, budget_spent: bool) -> TrialResult:

@@ -39,6 +39,16 @@ def reset_dspy_settings() -> Iterator[None]:
     _reset_dspy()
 
 
+@pytest.fixture(autouse=True)
+def tracking_uri_left_alone() -> Iterator[None]:
+    """No test (and no library call it makes) may leave $MLFLOW_TRACKING_URI changed: every later
+    `sweep` subprocess would inherit it and track to a server that may be gone."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    after = os.environ.get("MLFLOW_TRACKING_URI")
+    assert after == before, f"MLFLOW_TRACKING_URI was left at {after!r} (was {before!r})"
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -16,6 +16,8 @@ from dspy_sweeps.sim.launch import SimServer
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = REPO / ".venv" / "bin" / "sweep"
 BOOTSTRAP_ONLY = "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]"
+# For tests whose subject is not tracking: no MLflow store or W&B runs to set up (and no promotion).
+UNTRACKED = ("--set", "tracking={wandb: null, mlflow: null}", "--set", "promote=null")
 
 
 def demo_answer_key(path: Path) -> Path:

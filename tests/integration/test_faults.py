@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 import psutil
 import pytest
-from sweep_helpers import BOOTSTRAP_ONLY, REPO, SWEEP, demo_answer_key, pointed_at, sweep_cli
+from sweep_helpers import BOOTSTRAP_ONLY, REPO, SWEEP, UNTRACKED, demo_answer_key, pointed_at, sweep_cli
 
 from dspy_sweeps.sim.launch import SimServer
 
@@ -41,8 +41,8 @@ def test_endpoint_faults_are_retried_or_fail_only_their_trials(sim: SimServer, t
     sim.set_faults("rate_limit", count=2, retry_after=1, model="teacher", append=True)
     sim.set_faults("error500", model="student2", append=True)
     result = sweep_cli(
-        "run", "sweeps/demo.yaml", *pointed_at(sim, ("student", "student2")), "--set", BOOTSTRAP_ONLY,
-        "--set", "promote=null", state=tmp_path / "state",
+        "run", "sweeps/demo.yaml", *pointed_at(sim, ("student", "student2")), "--set", BOOTSTRAP_ONLY, *UNTRACKED,
+        state=tmp_path / "state",
     )  # fmt: skip
     records = rows(tmp_path / "state")
     healthy = [r for r in records if "student2" not in r["student"]]
@@ -65,7 +65,7 @@ def test_a_refused_key_stops_the_sweep_at_once(sim: SimServer, tmp_path: Path, r
     sim.set_faults("unauthorized", model="teacher")
     result = sweep_cli(
         "run", "sweeps/demo.yaml", *pointed_at(sim), "--set", "teachers.0.api_key_env=SWEEP_TEACHER_KEY",
-        "--set", BOOTSTRAP_ONLY, state=tmp_path / "state", env={"SWEEP_TEACHER_KEY": "sk-wrong"},
+        "--set", BOOTSTRAP_ONLY, *UNTRACKED, state=tmp_path / "state", env={"SWEEP_TEACHER_KEY": "sk-wrong"},
     )  # fmt: skip
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # Ray logs its own lines too
     refused = sim.stats()["models"]["teacher"]["faults"].get("unauthorized", 0)
@@ -77,36 +77,44 @@ def test_a_refused_key_stops_the_sweep_at_once(sim: SimServer, tmp_path: Path, r
     assert refused <= 2, "no retries: the endpoint is not called again once it refused the key"
 
 
-def test_a_killed_trial_worker_is_retried(sim: SimServer, tmp_path: Path, reliability) -> None:
+def test_a_killed_trial_worker_is_retried_and_gepa_resumes(sim: SimServer, tmp_path: Path, reliability) -> None:
+    """GEPA's worker is killed once GEPA has saved its state in the trial's folder; Tune retries the
+    trial, whose GEPA finds its log_dir and resumes; the baseline trial beside it is untouched."""
     killed: list[int] = []
+    gepa_states: list[Path] = []
 
-    def kill_one_trial_worker(cli: subprocess.Popen) -> None:
+    def kill_the_gepa_worker(cli: subprocess.Popen) -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and cli.poll() is None and not killed:
-            if sim.stats()["models"]["student"]["ok"] > 20:  # the trials are under way
-                for proc in psutil.Process(cli.pid).children(recursive=True):
-                    if "ImplicitFunc" in " ".join(_cmdline(proc)):
-                        proc.kill()
-                        killed.append(proc.pid)
-                        break
-            time.sleep(0.2)
+            gepa_states[:] = list((tmp_path / "trials").glob("demo/gepa-*/gepa/gepa_state.bin"))
+            finished = len(rows(tmp_path)) if (tmp_path / "results" / "demo.parquet").exists() else 0
+            workers = [p for p in psutil.Process(cli.pid).children(recursive=True) if "ImplicitFunc" in " ".join(_cmdline(p))]
+            if gepa_states and finished == 1 and len(workers) == 1:  # the baseline is done: GEPA's is the one left
+                workers[0].kill()
+                killed.append(workers[0].pid)
+            time.sleep(0.1)
 
-    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", BOOTSTRAP_ONLY, "--set", "promote=null"]
-    result = run_with(kill_one_trial_worker, args, state=tmp_path)
-    records = rows(tmp_path)
+    grid = "optimizers=[{kind: gepa, max_metric_calls: 150}]"
+    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, *UNTRACKED]
+    result = run_with(kill_the_gepa_worker, args, state=tmp_path)
+    records = {r["kind"]: r for r in rows(tmp_path)}
+    survived = result.returncode == 0 and all(r["status"] == "ok" for r in records.values())
     reliability(
-        "SIGKILL of a running trial's worker", runs=1, faults_injected=len(killed),
-        faults_survived=int(result.returncode == 0 and all(r["status"] == "ok" for r in records)) * len(killed),
-        trials_lost=len([r for r in records if r["status"] != "ok"]),
+        "SIGKILL of a running trial's worker (GEPA, mid-run)", runs=1, faults_injected=len(killed),
+        faults_survived=int(survived and records["gepa"]["attempts"] == 2) * len(killed),
+        trials_lost=len([r for r in records.values() if r["status"] != "ok"]),
     )  # fmt: skip
-    assert killed, "no trial worker was found to kill"
+    assert killed, "GEPA's worker was not found running after it saved its state"
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+    assert sorted(records) == ["gepa", "none"] and all(r["status"] == "ok" for r in records.values())
+    assert records["gepa"]["attempts"] == 2, "retried once, in the folder where GEPA saved its state"
+    assert gepa_states[0].is_file(), "GEPA's saved state stayed in the trial's folder for the retry"
+    assert records["none"]["attempts"] == 1, "the other trial was not disturbed"
 
 
 def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_path: Path, reliability) -> None:
     state = tmp_path / "state"
-    grid = "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: [1, 2, 3]}]"
+    grid = "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: [1, 2]}]"
     args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, "--set", "parallelism=1", "--set", "promote=null"]
     children: list[psutil.Process] = []
 
@@ -142,9 +150,9 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
     assert left == [], f"processes outlived the killed driver: {left}"
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming:" in resumed.stdout
-    assert len(after) == 4 and all(r["status"] == "ok" for r in after.values())
+    assert len(after) == 3 and all(r["status"] == "ok" for r in after.values())
     assert rerun == [], "finished trials are not run again"
-    assert len(children_runs) == 4 and len(wandb_runs) == 4, "no duplicated MLflow or W&B runs"
+    assert len(children_runs) == 3 and len(wandb_runs) == 3, "no duplicated MLflow or W&B runs"
 
 
 def run_with(fault, args: list[str], state: Path) -> subprocess.CompletedProcess:
@@ -190,8 +198,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(sim: SimServer, small_disk: Path, reliability) -> None:
     state, ballast = small_disk / "state", small_disk / "ballast"
-    grid = "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: [1, 2]}]"
-    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, "--set", "parallelism=1", "--set", "promote=null"]
+    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", BOOTSTRAP_ONLY, "--set", "parallelism=1", "--set", "promote=null"]
 
     def fill_disk_after_first_trial(cli: subprocess.Popen) -> None:
         deadline = time.monotonic() + 240
@@ -221,5 +228,5 @@ def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(sim: SimServ
     assert "Traceback" not in full.stderr, full.stderr[-3000:]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming:" in resumed.stdout
-    assert len(after) == 3 and all(r["status"] == "ok" for r in after.values())
+    assert len(after) == 2 and all(r["status"] == "ok" for r in after.values())
     assert rerun == [], "trials finished before the disk filled are not run again"

@@ -4,7 +4,6 @@ a retried promotion registers nothing twice, and pulled artifacts cannot choose 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -32,7 +31,8 @@ def candidate(tmp_path: Path, uri: str, name: str, test_score: float) -> tuple[T
     path = tmp_path / f"{name}.json"
     path.write_text(program_json)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("promotion") or client.get_experiment(client.create_experiment("promotion"))
+    local = None if uri.startswith("http") else (tmp_path / "mlartifacts").as_uri()  # not ./mlruns in the repo
+    experiment = client.get_experiment_by_name("promotion") or client.get_experiment(client.create_experiment("promotion", local))
     run_id = client.create_run(experiment.experiment_id, run_name=name).info.run_id
     client.log_text(run_id, program_json, "program/program.json")
     meta = {"program": "pipelines.arith:Solve", "student": {"name": "small", "model": "sim/student"}, "sweep": name, "inputs": ["question"]}
@@ -98,20 +98,6 @@ def test_a_retried_promotion_registers_one_version(mlflow_server: str, tmp_path:
     versions = {_register(model, record, run_id, program, "sha", mlflow_server, gate="passed") for _ in range(2)}
     assert len(versions) == 1
     assert len(MlflowClient(mlflow_server).search_model_versions(f"name = '{model}'")) == 1
-
-
-def test_promotion_leaves_the_callers_tracking_uri_alone(mlflow_server: str, tmp_path: Path, monkeypatch) -> None:
-    """Registering goes through MLflow's global URI; the process (and its later subprocesses) keep theirs."""
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mine.db")
-    record, run_id, program = candidate(tmp_path, mlflow_server, "polite", 0.7)
-    _register(f"polite-{uuid.uuid4().hex[:8]}", record, run_id, program, "sha", mlflow_server, gate="passed")
-    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/mine.db"
-    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/mine.db"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    _register(f"polite-{uuid.uuid4().hex[:8]}", record, run_id, program, "sha2", mlflow_server, gate="passed")
-    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_a_pulled_program_never_takes_its_endpoint_from_the_artifact(mlflow_server: str, tmp_path: Path) -> None:
@@ -202,6 +188,28 @@ def test_promotion_survives_a_tracking_server_restart(tmp_path: Path, reliabilit
         assert (tmp_path / "pulled" / "program.json").is_file(), "never a version without its artifacts"
     finally:
         server.stop()
+
+
+@pytest.mark.reliability
+def test_an_unwritable_artifact_store_fails_cleanly_and_registers_nothing(tmp_path: Path, reliability) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from dspy_sweeps.errors import SweepError
+
+    uri, model = f"sqlite:///{tmp_path}/mlflow.db", f"unwritable-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "store").write_text("a file where the artifact folder should be")  # root ignores file modes
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("unwritable", artifact_location=(tmp_path / "store" / "artifacts").as_uri())
+    run_id = client.create_run(experiment, run_name="unwritable").info.run_id
+    record, _, program = candidate(tmp_path, uri, "unwritable", 0.7)
+    with pytest.raises(SweepError) as error:
+        promote(Promote(model=model), record, run_id, program, uri, never_rescored)
+    versions = client.search_model_versions(f"name = '{model}'")
+    clean = len(str(error.value).splitlines()) == 1 and "nothing was registered" in str(error.value)
+    reliability("artifact store unwritable during promotion", runs=1, faults_injected=1,
+                faults_survived=int(clean and not versions), duplicate_versions=len(versions))  # fmt: skip
+    assert clean, str(error.value)
+    assert versions == [], "never a registered version without its artifacts"
 
 
 def _promote_or_error(model: str, entry: tuple, uri: str) -> object:

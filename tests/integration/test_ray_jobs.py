@@ -1,4 +1,5 @@
-"""`sweep submit --follow` against a real Ray head and a real `mlflow server`, both on loopback.
+"""`sweep submit --follow` against a real Ray head and a real `mlflow server`, both on loopback:
+the remote path end to end, from the job's trials to `sweep pull` over HTTP.
 
 The demo sweep (trimmed to a baseline and one BootstrapFewShot trial) runs as a Ray job whose
 driver is `sweep run`; the job ships the project as its working_dir and the package as
@@ -208,6 +209,14 @@ def test_submit_follow_runs_the_sweep_as_a_ray_job(ray_head: RayHead, mlflow_ser
     assert len(runs) == 3  # the sweep's parent run and two trials
     champion = tracking.get_model_version_by_alias("demo-ray-job", "champion")
     assert champion.tags["optimizer"] == "bootstrap_fewshot"
+    with tempfile.TemporaryDirectory() as pulled:  # and `sweep pull` reads it back from the server over HTTP
+        pull = subprocess.run(
+            [str(BIN / "sweep"), "pull", "demo-ray-job@champion", "-o", pulled], cwd=REPO, env=env,
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert pull.returncode == 0, pull.stderr[-2000:]
+        meta = json.loads((Path(pulled) / "metadata.json").read_text())
+    assert meta["trial_id"] == champion.tags["trial"] and meta["registry"]["tracking_uri"] == mlflow_server
 
     commands = [["status", job_id], ["logs", job_id], ["stop", job_id]]  # --address from $RAY_ADDRESS
     status, logs, stop = sweep_in_parallel(commands, {**env, "RAY_ADDRESS": ray_head.dashboard})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from sweep_helpers import demo_answer_key, pointed_at, sim_total, sweep_cli
+from sweep_helpers import UNTRACKED, demo_answer_key, pointed_at, sim_total, sweep_cli
 
 from dspy_sweeps.sim.launch import SimServer
 
@@ -22,7 +22,7 @@ def sim(tmp_path: Path) -> Iterator[SimServer]:
 
 
 def sweep_run(sim: SimServer, state: Path, *overrides: str):
-    grid = ["--set", "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: [2, 4]}]", "--set", "promote=null"]
+    grid = ["--set", "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: [2, 4]}]", *UNTRACKED]
     return sweep_cli("run", "sweeps/demo.yaml", *pointed_at(sim), *grid, *overrides, state=state)
 
 
