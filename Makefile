@@ -27,8 +27,10 @@ demo: setup
 	$(BIN)/sweep pull demo@champion -o .sweeps/pulled/demo
 	$(BIN)/sweep ask demo@champion question="A shop sold 30 marbles on Monday and 32 on Tuesday. How many marbles did it sell altogether?"
 
+# Two test files at a time: most of a sweep test is waiting on Ray, an endpoint or a server.
+# Whole files go to one worker, so a module's shared sweep or Ray head is set up once.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -70,7 +70,11 @@ def write_records(path: Path, records: list[TrialRecord]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(pa.Table.from_pylist([asdict(r) for r in records]), tmp)
+    try:
+        pq.write_table(pa.Table.from_pylist([asdict(r) for r in records]), tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: no half-written file is left beside the results
+        raise
     os.replace(tmp, path)
 
 
