@@ -30,7 +30,8 @@ def run_tests(repeat: int, log: Path) -> list[int]:
     codes = []
     for i in range(repeat):
         print(f"reliability run {i + 1}/{repeat}", flush=True)
-        codes.append(subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "reliability"], cwd=REPO, env=env).returncode)
+        command = [sys.executable, "-m", "pytest", "-q", "-m", "reliability", "-n", "2", "--dist", "loadfile"]
+        codes.append(subprocess.run(command, cwd=REPO, env=env).returncode)
     return codes
 
 

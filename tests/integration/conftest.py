@@ -1,4 +1,5 @@
-"""Servers that integration tests share: a real `mlflow server` on loopback."""
+"""Servers that integration tests share: a real `mlflow server` on loopback, and the simulated
+endpoint (student, a second student and a teacher) that the fault and crash tests inject into."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from dspy_sweeps.sim.launch import SimServer
 
 BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
 
@@ -73,3 +78,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[SimServer]:
+    from sweep_helpers import demo_answer_key
+
+    from dspy_sweeps.sim.launch import SimServer
+
+    key = demo_answer_key(tmp_path / "key.jsonl")
+    with SimServer(key, tmp_path / "sim", models=("student", "student2", "teacher"), time_scale=0.02) as server:
+        yield server

@@ -8,6 +8,8 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from dspy_sweeps.config import load_sweep
 from dspy_sweeps.data import load_dataset
 from dspy_sweeps.engine import write_answer_key
@@ -42,3 +44,9 @@ def sweep_cli(*args: str, state: Path, env: dict[str, str] | None = None, timeou
 def sim_total(sim: SimServer, name: str) -> float:
     text = urllib.request.urlopen(sim.root_url + "/metrics").read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def rows(state: Path) -> list[dict]:
+    """The demo sweep's result records in `state`."""
+    # One open file: the sweep replaces this file while the fault threads poll it.
+    return pq.read_table(state / "results" / "demo.parquet").to_pylist()

@@ -1,0 +1,177 @@
+"""Crashes during a sweep (issue: reliability): a trial's worker, the driver itself and the state
+directory's disk. Finished work is never lost or redone, nothing is left running, and each case
+records its figures for `make reliability`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from sweep_helpers import BOOTSTRAP_ONLY, REPO, SWEEP, UNTRACKED, pointed_at, rows, sweep_cli
+
+from dspy_sweeps.sim.launch import SimServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+
+
+def test_a_killed_trial_worker_is_retried_and_gepa_resumes(sim: SimServer, tmp_path: Path, reliability) -> None:
+    """GEPA's worker is killed once GEPA has saved its state in the trial's folder; Tune retries the
+    trial, whose GEPA finds its log_dir and resumes; the baseline trial beside it is untouched."""
+    killed: list[int] = []
+    gepa_states: list[Path] = []
+
+    def kill_the_gepa_worker(cli: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and cli.poll() is None and not killed:
+            gepa_states[:] = list((tmp_path / "trials").glob("demo/gepa-*/gepa/gepa_state.bin"))
+            finished = len(rows(tmp_path)) if (tmp_path / "results" / "demo.parquet").exists() else 0
+            workers = [p for p in psutil.Process(cli.pid).children(recursive=True) if "ImplicitFunc" in " ".join(_cmdline(p))]
+            if gepa_states and finished == 1 and len(workers) == 1:  # the baseline is done: GEPA's is the one left
+                workers[0].kill()
+                killed.append(workers[0].pid)
+            time.sleep(0.1)
+
+    grid = "optimizers=[{kind: gepa, max_metric_calls: 150}]"
+    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, *UNTRACKED]
+    result = run_with(kill_the_gepa_worker, args, state=tmp_path)
+    records = {r["kind"]: r for r in rows(tmp_path)}
+    survived = result.returncode == 0 and all(r["status"] == "ok" for r in records.values())
+    reliability(
+        "SIGKILL of a running trial's worker (GEPA, mid-run)", runs=1, faults_injected=len(killed),
+        faults_survived=int(survived and records["gepa"]["attempts"] == 2) * len(killed),
+        trials_lost=len([r for r in records.values() if r["status"] != "ok"]),
+    )  # fmt: skip
+    assert killed, "GEPA's worker was not found running after it saved its state"
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(records) == ["gepa", "none"] and all(r["status"] == "ok" for r in records.values())
+    assert records["gepa"]["attempts"] == 2, "retried once, in the folder where GEPA saved its state"
+    assert gepa_states[0].is_file(), "GEPA's saved state stayed in the trial's folder for the retry"
+    assert records["none"]["attempts"] == 1, "the other trial was not disturbed"
+
+
+def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_path: Path, reliability) -> None:
+    state = tmp_path / "state"
+    grid = "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: [1, 2]}]"
+    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, "--set", "parallelism=1", "--set", "promote=null"]
+    children: list[psutil.Process] = []
+
+    def kill_driver_after_first_trial(cli: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and cli.poll() is None:
+            if (state / "results" / "demo.parquet").exists() and any(r["tracked"] for r in rows(state)):
+                children.extend(psutil.Process(cli.pid).children(recursive=True))
+                cli.send_signal(signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    killed = run_with(kill_driver_after_first_trial, args, state=state)
+    assert killed.returncode == -signal.SIGKILL, "the driver should have been killed mid-sweep"
+    before = {r["trial_id"]: r for r in rows(state)}
+    left = _alive_after(children, seconds=20)
+    resumed = sweep_cli(*args, "--resume", state=state)
+    after = {r["trial_id"]: r for r in rows(state)}
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient(f"sqlite:///{state}/mlflow.db").search_runs(
+        [MlflowClient(f"sqlite:///{state}/mlflow.db").get_experiment_by_name("demo").experiment_id]
+    )
+    children_runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    wandb_runs = list((state / "wandb" / "wandb").glob("offline-run-*"))
+    rerun = [t for t, r in before.items() if r["status"] == "ok" and after[t]["duration_s"] != r["duration_s"]]
+    reliability(
+        "SIGKILL of the driver, then --resume", runs=1, faults_injected=1,
+        faults_survived=int(resumed.returncode == 0 and not left and not rerun),
+        trials_lost=len([r for r in after.values() if r["status"] != "ok"]),
+        duplicate_versions=len(children_runs) - len(after),
+    )  # fmt: skip
+    assert left == [], f"processes outlived the killed driver: {left}"
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming:" in resumed.stdout
+    assert len(after) == 3 and all(r["status"] == "ok" for r in after.values())
+    assert rerun == [], "finished trials are not run again"
+    assert len(children_runs) == 3 and len(wandb_runs) == 3, "no duplicated MLflow or W&B runs"
+
+
+def run_with(fault, args: list[str], state: Path) -> subprocess.CompletedProcess:
+    """Run the CLI with `args` while `fault(process)` acts on it from a thread."""
+    cmd = [str(SWEEP), *args, "--state-dir", str(state)]
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    cli = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    thread = threading.Thread(target=fault, args=(cli,))
+    thread.start()
+    stdout, stderr = cli.communicate(timeout=600)
+    thread.join()
+    return subprocess.CompletedProcess(cmd, cli.returncode, stdout, stderr)
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _alive_after(processes: list[psutil.Process], seconds: float) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return []
+        time.sleep(0.5)
+    return [" ".join(_cmdline(p))[:120] for p in alive]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 MB tmpfs of its own for the state dir, so filling it fills nothing else (needs root, as CI has)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(sim: SimServer, small_disk: Path, reliability) -> None:
+    state, ballast = small_disk / "state", small_disk / "ballast"
+    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", BOOTSTRAP_ONLY, "--set", "parallelism=1", "--set", "promote=null"]
+
+    def fill_disk_after_first_trial(cli: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and cli.poll() is None:
+            if (state / "results" / "demo.parquet").exists() and any(r["tracked"] for r in rows(state)):
+                with ballast.open("wb") as f, contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * (1 << 20))
+                return
+            time.sleep(0.2)
+
+    full = run_with(fill_disk_after_first_trial, args, state=state)
+    before = {r["trial_id"]: r for r in rows(state)}  # the last complete results file
+    ballast.unlink()
+    resumed = sweep_cli(*args, "--resume", state=state)
+    after = {r["trial_id"]: r for r in rows(state)}
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    clean = full.returncode == 2 and len(errors) == 1 and "is full" in errors[0] and "Traceback" not in full.stderr
+    rerun = [t for t, r in before.items() if r["status"] == "ok" and after[t]["duration_s"] != r["duration_s"]]
+    reliability(
+        "state directory's disk full mid-sweep, then --resume", runs=1, faults_injected=1,
+        faults_survived=int(clean and resumed.returncode == 0 and not rerun),
+        trials_lost=len([r for r in after.values() if r["status"] != "ok"]),
+    )  # fmt: skip
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert len(errors) == 1 and "the state directory" in errors[0] and "is full" in errors[0], full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming:" in resumed.stdout
+    assert len(after) == 2 and all(r["status"] == "ok" for r in after.values())
+    assert rerun == [], "trials finished before the disk filled are not run again"
