@@ -20,6 +20,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = REPO / ".venv" / "bin" / "sweep"
 CANARY = "sk-canary-7f3c9e1d5b"
+# Where a key can enter a sweep: the teacher's api_key_env variable, provider and tracker
+# variables LiteLLM and W&B read on their own, and the AWS credentials boto3 reads.
+CANARY_VARIABLES = (
+    "SWEEP_TEACHER_KEY", "OPENAI_API_KEY", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+)  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +45,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     state = tmp_path_factory.mktemp("state")
     key = write_answer_key(load_dataset(load_sweep(REPO / "sweeps/demo.yaml").data), state / "teacher-key.jsonl")
     with SimServer(key, state / "teacher-sim", models=("teacher",), time_scale=0.02) as teacher:
-        env = {
-            "SWEEP_TEACHER_KEY": CANARY, "OPENAI_API_KEY": CANARY, "WANDB_API_KEY": CANARY,
-            "AWS_ACCESS_KEY_ID": CANARY, "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_SESSION_TOKEN": CANARY,
-        }  # fmt: skip
+        env = dict.fromkeys(CANARY_VARIABLES, CANARY)
         overrides = [
             "--set", "teachers.0.model=openai/teacher", "--set", f"teachers.0.api_base={teacher.base_url}",
             "--set", "teachers.0.api_key_env=SWEEP_TEACHER_KEY",
@@ -134,7 +136,9 @@ def test_no_secret_reaches_state_outputs_or_artifacts(demo: dict, reliability) -
     outputs = [run.stdout + run.stderr for run in (demo["first"], demo["second"])]
     files = [p for p in demo["state"].rglob("*") if p.is_file()]
     leaks = [p for p in files if CANARY.encode() in p.read_bytes()] + [o for o in outputs if CANARY in o]
-    reliability("secrets: canary keys in env, api_key_env, AWS variables", runs=1, secrets_found=len(leaks))
+    planted = len(CANARY_VARIABLES)
+    reliability("secrets: canary keys in env, api_key_env, AWS variables", runs=1, faults_injected=planted,
+                faults_survived=planted if not leaks else 0, secrets_found=len(leaks))  # fmt: skip
     assert len(files) > 50, "the state dir should hold results, programs, cache, MLflow and W&B files"
     assert leaks == []
 
