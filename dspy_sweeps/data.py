@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.config import DataSpec, Split
-from dspy_sweeps.errors import SweepError
+from dspy_sweeps.errors import SweepError, first_line
 
 _REMOTE = ("http://", "https://", "s3://", "gs://", "r2://", "hf://")
 _SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "dev": "val", "test": "test"}
@@ -68,7 +68,7 @@ def query_rows(spec: DataSpec) -> tuple[list[str], list[dict[str, Any]]]:
             _check_one_select(duckdb.extract_statements(query))
             result = con.execute(f"SELECT * FROM ({query}) ORDER BY ALL")
         except duckdb.Error as exc:
-            raise SweepError(f"data.query: {_first_line(exc)}") from None
+            raise SweepError(f"data.query: {first_line(exc)}") from None
         columns = [d[0] for d in result.description]
         return columns, [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
     finally:
@@ -104,7 +104,7 @@ def _load_sources(con: Any, sources: list[str]) -> None:
     try:
         con.execute("CREATE TABLE corpus AS SELECT * FROM read_parquet(?)", [sources])
     except duckdb.Error as exc:
-        raise SweepError(f"data.source: cannot read {', '.join(sources)} as Parquet: {_first_line(exc)}") from None
+        raise SweepError(f"data.source: cannot read {', '.join(sources)} as Parquet: {first_line(exc)}") from None
 
 
 def _load_httpfs(con: Any) -> None:
@@ -167,7 +167,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0]

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dspy_sweeps.config import ModelSpec, Sweep
 from dspy_sweeps.data import Dataset
-from dspy_sweeps.errors import SweepError
+from dspy_sweeps.errors import SweepError, first_line
 from dspy_sweeps.imports import restore_program
 from dspy_sweeps.jobs import check_tracking_for_cluster
 from dspy_sweeps.lms import check_endpoints, endpoint_for, resolve, served_models
@@ -134,7 +133,7 @@ def _run_trials(
                 run_id = trackers.log_trial(trial, record, result)
             except Exception as exc:  # noqa: BLE001 - a tracker gone mid-sweep: stop with one line, keep results
                 raise SweepError(
-                    f"tracking failed for trial {trial.id} ({type(exc).__name__}: {_first_line(exc)}); "
+                    f"tracking failed for trial {trial.id} ({type(exc).__name__}: {first_line(exc)}); "
                     f"finished trials are saved in {state.results(sweep.name)}: fix it, then --resume"
                 ) from None
             records[-1] = dataclasses.replace(record, mlflow_run_id=run_id, tracked=True)
@@ -160,11 +159,6 @@ def _finished(state: State, prepared: Prepared) -> list[TrialRecord]:
         r for r in read_records(state.results(prepared.sweep.name))
         if r.status == "ok" and r.tracked and r.trial_id in planned and r.data_fingerprint == prepared.data.fingerprint
     ]  # fmt: skip
-
-
-def _first_line(exc: Exception) -> str:
-    """The start of an error's text, with any user:password@ in a URL blanked out."""
-    return re.sub(r"//[^/@\s]+@", "//***@", (str(exc).strip().splitlines() or [""])[0])[:300]
 
 
 def _roles(sweep: Sweep) -> Iterator[tuple[str, ModelSpec]]:

@@ -1,4 +1,7 @@
-"""The one exception type for bad input: the CLI prints it as one line and exits 2."""
+"""The one exception type for bad input (the CLI prints it as one line and exits 2), and the
+one-line form of another library's error that goes into such a message."""
+
+import re
 
 
 class SweepError(Exception):
@@ -6,3 +9,8 @@ class SweepError(Exception):
 
     The message is complete on its own and names the file, field or row at fault.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's first line, at most 300 characters, with any user:password@ in a URL blanked out."""
+    return re.sub(r"//[^/@\s]+@", "//***@", (str(exc).strip().splitlines() or [""])[0])[:300]

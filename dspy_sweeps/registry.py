@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dspy_sweeps.config import ModelSpec, Promote
-from dspy_sweeps.errors import SweepError
+from dspy_sweeps.errors import SweepError, first_line
 from dspy_sweeps.results import TrialRecord
 
 CHALLENGER = "challenger"
@@ -142,9 +142,8 @@ def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: st
         try:  # the artifacts first: a version is never registered without them
             client.log_artifacts(run_id, f"{tmp}/model", "model")
         except (MlflowException, OSError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
             raise SweepError(
-                f"promote: the artifact store refused the program ({type(exc).__name__}: {first}); nothing was "
+                f"promote: the artifact store refused the program ({type(exc).__name__}: {first_line(exc)}); nothing was "
                 "registered: fix the store, then run again with --resume"
             ) from None
     try:
