@@ -1,5 +1,6 @@
 # make demo   set up (idempotent) and run the offline demo sweep end to end
-# make test   set up and run the whole test suite (what CI runs)
+# make test   set up and run the whole test suite (what CI runs, after make lint)
+# make lint   ruff check and ruff format --check
 # make bench  CLI start-up, the demo's wall time and throughput (issue 4) into BENCHMARKS.md:
 #             about 25 minutes on 2 quiet cores; BENCH_QUICK=1 make bench checks the bench itself (~9)
 # make reliability  repeat the fault, bad-input and security tests into RELIABILITY.md
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 export DSPY_SWEEPS_DATA_MIRROR ?= $(abspath ../shared/datasets)
 
-.PHONY: setup demo test bench reliability clean
+.PHONY: setup demo test lint bench reliability clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,10 @@ demo: setup
 # Whole files go to one worker, so a module's shared sweep or Ray head is set up once.
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -29,9 +29,8 @@ def psutil_module() -> Any:
     try:
         import psutil
     except ImportError:
-        import ray  # noqa: F401 - side effect: ray/thirdparty_files joins sys.path
-
         import psutil
+        import ray  # noqa: F401 - side effect: ray/thirdparty_files joins sys.path
     return psutil
 
 
@@ -121,7 +120,7 @@ class Sampler(threading.Thread):
         procs = []
         try:
             driver = psutil.Process(self.driver_pid) if self.driver_pid else None
-            procs = ([driver, *driver.children(recursive=True)] if driver else [])
+            procs = [driver, *driver.children(recursive=True)] if driver else []
         except psutil.NoSuchProcess:
             pass
         for pid in self.fleet.pids():

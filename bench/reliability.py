@@ -18,11 +18,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = (
-    "runs", "faults_injected", "faults_survived", "trials_lost", "failed_calls_scored", "duplicate_versions",
-    "secrets_found", "payloads_executed", "sandbox_escapes",
-)  # fmt: skip
-GOALS = {"trials_lost": 0, "failed_calls_scored": 0, "duplicate_versions": 0, "secrets_found": 0,
-         "payloads_executed": 0, "sandbox_escapes": 0}  # fmt: skip
+    "runs",
+    "faults_injected",
+    "faults_survived",
+    "trials_lost",
+    "failed_calls_scored",
+    "duplicate_versions",
+    "secrets_found",
+    "payloads_executed",
+    "sandbox_escapes",
+)
+GOALS = {
+    "trials_lost": 0,
+    "failed_calls_scored": 0,
+    "duplicate_versions": 0,
+    "secrets_found": 0,
+    "payloads_executed": 0,
+    "sandbox_escapes": 0,
+}
 
 
 def run_tests(repeat: int, log: Path) -> list[int]:
@@ -60,8 +73,9 @@ def render(cases: dict[str, dict[str, int]], tests: dict[str, set[str]], repeat:
         f"Produced by `make reliability` ({repeat} runs of `pytest -m reliability`, {time.strftime('%Y-%m-%d')}); "
         f"{passed} of {len(codes)} runs passed every test.\n"
         "Goals: every figure from 'trials lost' on is 0. A figure that misses its goal is marked **bold**.\n\n"
-        + "\n".join(rows) + "\n"
-    )  # fmt: skip
+        + "\n".join(rows)
+        + "\n"
+    )
 
 
 def _cell(figure: str, value: int) -> str:

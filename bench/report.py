@@ -48,26 +48,51 @@ def main_table(r: Any) -> str:
     direct, gateway = overhead["dspy.LM direct"], overhead["gateway"]
     rows = [
         ["wall time", f"{a.wall_s:.1f} s", f"{b.wall_s:.1f} s", f"{a.limit_s:.1f} s"],
-        ["calls requested / sent / unique", f"{a.requested:,} / {a.sent:,} / {a.unique:,}",
-         f"{b.requested:,} / {b.sent:,} / {b.unique:,}", f"- / {a.unique:,} / {a.unique:,}"],
+        [
+            "calls requested / sent / unique",
+            f"{a.requested:,} / {a.sent:,} / {a.unique:,}",
+            f"{b.requested:,} / {b.sent:,} / {b.unique:,}",
+            f"- / {a.unique:,} / {a.unique:,}",
+        ],
         ["calls sent / unique", f"{a.sent / a.unique:.3f}", f"{b.sent / b.unique:.3f}", "1.000"],
-        ["endpoint utilisation: over the run / first call to last",
-         f"{a.utilisation:.2f} / {a.utilisation_active:.2f}", f"{b.utilisation:.2f} / {b.utilisation_active:.2f}", "1.00"],
+        [
+            "endpoint utilisation: over the run / first call to last",
+            f"{a.utilisation:.2f} / {a.utilisation_active:.2f}",
+            f"{b.utilisation:.2f} / {b.utilisation_active:.2f}",
+            "1.00",
+        ],
         ["efficiency (physical limit / wall)", f"{a.efficiency:.2f}", f"{b.limit_s / b.wall_s:.2f}", "1.00"],
         ["speed-up over the sequential loop", f"{b.wall_s / a.wall_s:.1f}×", "1.0×", f"{b.wall_s / a.limit_s:.1f}×"],
-        ["throughput (calls sent / s)", f"{a.sent / a.wall_s:.1f}", f"{b.sent / b.wall_s:.1f}", f"{a.unique / a.limit_s:.1f}"],
+        [
+            "throughput (calls sent / s)",
+            f"{a.sent / a.wall_s:.1f}",
+            f"{b.sent / b.wall_s:.1f}",
+            f"{a.unique / a.limit_s:.1f}",
+        ],
         ["first endpoint call after the start", f"{a.first_call_s:.1f} s", f"{b.first_call_s:.1f} s", "0 s"],
-        ["per-call latency, p50 (endpoint answering at once)", f"{gateway['p50_ms']:.2f} ms",
-         f"{direct['p50_ms']:.2f} ms", f"added: {gateway['p50_ms'] - direct['p50_ms']:+.2f} ms"],
-        ["client CPU per call (caller + gateway actor)",
-         f"{gateway['cpu_ms']:.2f} ms ({gateway['caller_cpu_ms']:.2f} + {gateway['gateway_cpu_ms']:.2f})",
-         f"{direct['cpu_ms']:.2f} ms", f"added: {gateway['cpu_ms'] - direct['cpu_ms']:+.2f} ms"],
+        [
+            "per-call latency, p50 (endpoint answering at once)",
+            f"{gateway['p50_ms']:.2f} ms",
+            f"{direct['p50_ms']:.2f} ms",
+            f"added: {gateway['p50_ms'] - direct['p50_ms']:+.2f} ms",
+        ],
+        [
+            "client CPU per call (caller + gateway actor)",
+            f"{gateway['cpu_ms']:.2f} ms ({gateway['caller_cpu_ms']:.2f} + {gateway['gateway_cpu_ms']:.2f})",
+            f"{direct['cpu_ms']:.2f} ms",
+            f"added: {gateway['cpu_ms'] - direct['cpu_ms']:+.2f} ms",
+        ],
         ["peak RSS per trial actor", rss(a), "-", "-"],
         ["CPU per trial actor (median, start-up included)", actor_cpu(a), "-", "-"],
         ["trials running at once, at most", str(a.peak_actors), "1", "-"],
-        ["CPU-seconds by part (cores busy)", f"{cpu_parts(a)} ({a.cpu_busy:.0%})", f"{cpu_parts(b)} ({b.cpu_busy:.0%})", "-"],
+        [
+            "CPU-seconds by part (cores busy)",
+            f"{cpu_parts(a)} ({a.cpu_busy:.0%})",
+            f"{cpu_parts(b)} ({b.cpu_busy:.0%})",
+            "-",
+        ],
         ["trials failed", str(a.failed), str(b.failed), "-"],
-    ]  # fmt: skip
+    ]
     return table(["measure", "(a) platform sweep", "(b) sequential plain DSPy", "(c) physical limit"], rows)
 
 
@@ -86,17 +111,44 @@ def sequential_lines(r: Any) -> str:
 def scaling_table(r: Any) -> str:
     base = {run.trials: run.throughput for run in r.scaling if run.endpoints == 1}
     rows = [
-        [str(run.endpoints), str(run.trials), f"{run.time_scale:g}", f"{run.wall_s:.1f}", f"{run.wall_s / run.time_scale:.1f}",
-         f"{run.first_call_s:.1f}", f"{run.sent:,}", f"{run.unique:,}", f"{run.throughput:.1f}",
-         f"{run.throughput / base[run.trials]:.2f}×", f"{run.active_throughput:.1f}",
-         f"{run.utilisation:.2f} / {run.utilisation_active:.2f}", f"{run.efficiency:.2f}", str(run.peak_actors),
-         f"{run.cpu_busy:.0%}", rss(run)]
+        [
+            str(run.endpoints),
+            str(run.trials),
+            f"{run.time_scale:g}",
+            f"{run.wall_s:.1f}",
+            f"{run.wall_s / run.time_scale:.1f}",
+            f"{run.first_call_s:.1f}",
+            f"{run.sent:,}",
+            f"{run.unique:,}",
+            f"{run.throughput:.1f}",
+            f"{run.throughput / base[run.trials]:.2f}×",
+            f"{run.active_throughput:.1f}",
+            f"{run.utilisation:.2f} / {run.utilisation_active:.2f}",
+            f"{run.efficiency:.2f}",
+            str(run.peak_actors),
+            f"{run.cpu_busy:.0%}",
+            rss(run),
+        ]
         for run in r.scaling
-    ]  # fmt: skip
-    header = ["endpoints", "trials", "time scale", "wall (s)", "wall (simulated s)", "first call (s)", "calls sent",
-              "unique", "throughput (calls / simulated s)", "vs 1 endpoint", "first call to last (calls / simulated s)",
-              "utilisation (run / active)", "efficiency", "trials at once (most)", "cores busy",
-              "peak RSS per trial actor"]  # fmt: skip
+    ]
+    header = [
+        "endpoints",
+        "trials",
+        "time scale",
+        "wall (s)",
+        "wall (simulated s)",
+        "first call (s)",
+        "calls sent",
+        "unique",
+        "throughput (calls / simulated s)",
+        "vs 1 endpoint",
+        "first call to last (calls / simulated s)",
+        "utilisation (run / active)",
+        "efficiency",
+        "trials at once (most)",
+        "cores busy",
+        "peak RSS per trial actor",
+    ]
     return table(header, rows)
 
 
@@ -112,17 +164,26 @@ def goals(r: Any) -> list[Goal]:
     a, b = r.main, r.sequential
     direct, gateway = r.overhead["dspy.LM direct"], r.overhead["gateway"]
     busy = f"cores {a.cpu_busy:.0%} busy over the run"
-    start = (f"first call {a.first_call_s:.0f} s into the {a.wall_s:.0f} s run (Ray start-up, then trial actors at "
-             f"{actor_cpu(a)} each to start on {os.cpu_count()} cores)")  # fmt: skip
-    bound = (f"too few calls are ready at once: at full batch the unique calls need {a.capacity_s:.0f} s of the endpoint, "
-             f"the longest trial ({kind_of(r.chain_trial)}) {a.chain_s:.0f} s of calls in sequence"
-             if a.chain_s > a.capacity_s else "calls in flight fell short of the slots")
-    bound += (f"; at most {a.peak_actors} trials ran at once × {r.platform_threads} DSPy threads = "
-              f"{a.peak_actors * r.platform_threads} calls in flight for {64 * a.endpoints} slots")  # fmt: skip
+    start = (
+        f"first call {a.first_call_s:.0f} s into the {a.wall_s:.0f} s run (Ray start-up, then trial actors at "
+        f"{actor_cpu(a)} each to start on {os.cpu_count()} cores)"
+    )
+    bound = (
+        f"too few calls are ready at once: at full batch the unique calls need {a.capacity_s:.0f} s of the endpoint, "
+        f"the longest trial ({kind_of(r.chain_trial)}) {a.chain_s:.0f} s of calls in sequence"
+        if a.chain_s > a.capacity_s
+        else "calls in flight fell short of the slots"
+    )
+    bound += (
+        f"; at most {a.peak_actors} trials ran at once × {r.platform_threads} DSPy threads = "
+        f"{a.peak_actors * r.platform_threads} calls in flight for {64 * a.endpoints} slots"
+    )
     by_trials: dict[int, dict[int, Any]] = {}
     for run in r.scaling:
         by_trials.setdefault(run.trials, {})[run.endpoints] = run
-    most_work = max(t for t, runs in by_trials.items() if len(runs) > 1)  # the most trials run on several endpoint counts
+    most_work = max(
+        t for t, runs in by_trials.items() if len(runs) > 1
+    )  # the most trials run on several endpoint counts
     big = by_trials[most_work]
     most, one = big[max(big)], big[1]
     ratio = most.throughput / one.throughput
@@ -131,28 +192,55 @@ def goals(r: Any) -> list[Goal]:
     added_ms, added_cpu = gateway["p50_ms"] - direct["p50_ms"], gateway["cpu_ms"] - direct["cpu_ms"]
     speedup = b.wall_s / a.wall_s
     return [
-        Goal("calls sent / unique calls = 1.00", f"{a.sent / a.unique:.3f}", resent == 0,
-             f"{resent} bodies sent more than once, {a.resent_sampled} of them sampled (temperature > 0): the gateway keeps "
-             "each trial's draws distinct, by design (plain DSPy: " f"{b.sent - b.unique})"),
-        Goal("endpoint utilisation ≥ 0.90 while trials are runnable",
-             f"{a.utilisation_active:.2f} from first call to last, {a.utilisation:.2f} over the run",
-             a.utilisation_active >= 0.9, f"{bound}; {busy}"),
+        Goal(
+            "calls sent / unique calls = 1.00",
+            f"{a.sent / a.unique:.3f}",
+            resent == 0,
+            f"{resent} bodies sent more than once, {a.resent_sampled} of them sampled (temperature > 0): the gateway keeps "
+            "each trial's draws distinct, by design (plain DSPy: "
+            f"{b.sent - b.unique})",
+        ),
+        Goal(
+            "endpoint utilisation ≥ 0.90 while trials are runnable",
+            f"{a.utilisation_active:.2f} from first call to last, {a.utilisation:.2f} over the run",
+            a.utilisation_active >= 0.9,
+            f"{bound}; {busy}",
+        ),
         Goal("efficiency ≥ 0.80", f"{a.efficiency:.2f}", a.efficiency >= 0.8, f"{start}; {busy}"),
-        Goal("added latency ≤ 2 ms p50", f"{added_ms:+.2f} ms", added_ms <= 2,
-             f"gateway path {gateway['p50_ms']:.2f} ms against {direct['p50_ms']:.2f} ms for dspy.LM"),
-        Goal("added client CPU ≤ 1 ms per call", f"{added_cpu:+.2f} ms", added_cpu <= 1,
-             f"gateway path {gateway['cpu_ms']:.2f} ms ({gateway['caller_cpu_ms']:.2f} in the trial, "
-             f"{gateway['gateway_cpu_ms']:.2f} in the gateway actor) against {direct['cpu_ms']:.2f} ms for dspy.LM"),
-        Goal(f"speed-up over the sequential loop ≥ 10× at {a.trials} trials", f"{speedup:.1f}×", speedup >= 10,
-             f"the physical limit allows {b.wall_s / a.limit_s:.1f}×; {start}"),
-        Goal(f"throughput with {max(big)} endpoints ≥ 3.2× that with 1 ({most_work} trials)",
-             f"{ratio:.2f}× ({most.active_throughput / one.active_throughput:.2f}× first call to last)", ratio >= 3.2,
-             f"{max(big)} endpoints {most.utilisation_active:.2f} busy from first call to last, 1 endpoint "
-             f"{one.utilisation_active:.2f}; at most {most.peak_actors} trials ran at once, so at most "
-             f"{most.peak_actors * r.platform_threads} calls were in flight for {64 * max(big)} slots"),
-        Goal("peak memory per trial actor ≤ 350 MB", f"{max(peaks):.0f} MB" if peaks else "-", bool(peaks) and max(peaks) <= 350,
-             "RSS of the largest trial actor over every platform run"),
-    ]  # fmt: skip
+        Goal(
+            "added latency ≤ 2 ms p50",
+            f"{added_ms:+.2f} ms",
+            added_ms <= 2,
+            f"gateway path {gateway['p50_ms']:.2f} ms against {direct['p50_ms']:.2f} ms for dspy.LM",
+        ),
+        Goal(
+            "added client CPU ≤ 1 ms per call",
+            f"{added_cpu:+.2f} ms",
+            added_cpu <= 1,
+            f"gateway path {gateway['cpu_ms']:.2f} ms ({gateway['caller_cpu_ms']:.2f} in the trial, "
+            f"{gateway['gateway_cpu_ms']:.2f} in the gateway actor) against {direct['cpu_ms']:.2f} ms for dspy.LM",
+        ),
+        Goal(
+            f"speed-up over the sequential loop ≥ 10× at {a.trials} trials",
+            f"{speedup:.1f}×",
+            speedup >= 10,
+            f"the physical limit allows {b.wall_s / a.limit_s:.1f}×; {start}",
+        ),
+        Goal(
+            f"throughput with {max(big)} endpoints ≥ 3.2× that with 1 ({most_work} trials)",
+            f"{ratio:.2f}× ({most.active_throughput / one.active_throughput:.2f}× first call to last)",
+            ratio >= 3.2,
+            f"{max(big)} endpoints {most.utilisation_active:.2f} busy from first call to last, 1 endpoint "
+            f"{one.utilisation_active:.2f}; at most {most.peak_actors} trials ran at once, so at most "
+            f"{most.peak_actors * r.platform_threads} calls were in flight for {64 * max(big)} slots",
+        ),
+        Goal(
+            "peak memory per trial actor ≤ 350 MB",
+            f"{max(peaks):.0f} MB" if peaks else "-",
+            bool(peaks) and max(peaks) <= 350,
+            "RSS of the largest trial actor over every platform run",
+        ),
+    ]
 
 
 def kind_of(trial_id: str) -> str:
@@ -194,13 +282,19 @@ def warnings(r: Any) -> list[str]:
 
 
 def throughput_markdown(r: Any) -> str:
-    return "\n\n".join([
-        *warnings(r), setup_lines(r), main_table(r), sequential_lines(r),
-        "Endpoints and work: the same sweep on 1, 2 and 4 student endpoints (`api_base` a list, "
-        "`max_concurrency` 64 × endpoints) and more trials (`parallelism` caps trials at once at "
-        f"{r.sizes.parallelism}). Throughput is calls sent per simulated second (wall / time scale).",
-        scaling_table(r), goals_table(r),
-    ])  # fmt: skip
+    return "\n\n".join(
+        [
+            *warnings(r),
+            setup_lines(r),
+            main_table(r),
+            sequential_lines(r),
+            "Endpoints and work: the same sweep on 1, 2 and 4 student endpoints (`api_base` a list, "
+            "`max_concurrency` 64 × endpoints) and more trials (`parallelism` caps trials at once at "
+            f"{r.sizes.parallelism}). Throughput is calls sent per simulated second (wall / time scale).",
+            scaling_table(r),
+            goals_table(r),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -51,10 +51,18 @@ def startup_table() -> str:
         cold = timed([str(BIN / "sweep"), "run", "sweeps/demo.yaml"], env)
         warm = timed([str(BIN / "sweep"), "run", "sweeps/demo.yaml"], env)
     rows = [
-        [f"`sweep --help` (median of {runs})", f"{help_s:.3f} s", f"{help_s / python_s:.1f}× bare `python -c pass` ({python_s:.3f} s)"],
+        [
+            f"`sweep --help` (median of {runs})",
+            f"{help_s:.3f} s",
+            f"{help_s / python_s:.1f}× bare `python -c pass` ({python_s:.3f} s)",
+        ],
         ["demo sweep, cold (5 trials, empty state dir)", f"{cold:.1f} s", "goal: ≤ 300 s on 2 cores"],
-        ["demo sweep, warm (same sweep again)", f"{warm:.1f} s", f"{warm / cold:.2f}× cold: every LM call from the cache"],
-    ]  # fmt: skip
+        [
+            "demo sweep, warm (same sweep again)",
+            f"{warm:.1f} s",
+            f"{warm / cold:.2f}× cold: every LM call from the cache",
+        ],
+    ]
     return table(["measure", "value", "compared with"], rows)
 
 

@@ -80,9 +80,9 @@ def platform_child(args: argparse.Namespace) -> dict[str, Any]:
     """One sweep through the engine's programmatic API, exactly as `sweep run` does it."""
     from rich.console import Console
 
-    from dspy_sweeps.config import load_sweep
-    from dspy_sweeps.engine import run_sweep
-    from dspy_sweeps.preflight import prepare
+    from dspy_sweeps.run.engine import run_sweep
+    from dspy_sweeps.spec.preflight import prepare
+    from dspy_sweeps.spec.schema import load_sweep
     from dspy_sweeps.state import State
 
     prepared = prepare(load_sweep(args.sweep, args.set))
@@ -94,12 +94,19 @@ def platform_child(args: argparse.Namespace) -> dict[str, Any]:
         end = time.time()
     trials = [
         {
-            "id": r.trial_id, "kind": r.kind, "status": r.status, "error": r.error, "duration_s": r.duration_s,
-            "requested": r.calls_requested, "sent": r.lm_calls, "cache_hits": r.cache_hits, "merged": r.merged_calls,
+            "id": r.trial_id,
+            "kind": r.kind,
+            "status": r.status,
+            "error": r.error,
+            "duration_s": r.duration_s,
+            "requested": r.calls_requested,
+            "sent": r.lm_calls,
+            "cache_hits": r.cache_hits,
+            "merged": r.merged_calls,
             "val": r.val_score,
         }
         for r in outcome.records
-    ]  # fmt: skip
+    ]
     return {"start": start, "end": end, "cpu_at_start": cpu_at_start, "trials": trials}
 
 
@@ -109,10 +116,10 @@ def sequential_child(args: argparse.Namespace) -> dict[str, Any]:
     import dspy
     from dspy.utils.callback import BaseCallback
 
-    from dspy_sweeps.config import load_sweep
-    from dspy_sweeps.lms import build_lm
-    from dspy_sweeps.preflight import prepare
-    from dspy_sweeps.trial import TrialLMs, run_trial
+    from dspy_sweeps.lm.build import build_lm
+    from dspy_sweeps.run.trial import TrialLMs, run_trial
+    from dspy_sweeps.spec.preflight import prepare
+    from dspy_sweeps.spec.schema import load_sweep
 
     class CountCalls(BaseCallback):  # every LM call DSPy makes, cache hits included
         def __init__(self) -> None:
@@ -135,30 +142,39 @@ def sequential_child(args: argparse.Namespace) -> dict[str, Any]:
         workdir = Path(args.state) / "trials" / trial.id
         workdir.mkdir(parents=True, exist_ok=True)
         try:
-            result = run_trial(dataclasses.replace(trial, num_threads=threads), prepared.data, TrialLMs(student, teacher), workdir)
+            result = run_trial(
+                dataclasses.replace(trial, num_threads=threads), prepared.data, TrialLMs(student, teacher), workdir
+            )
             status, val = result.status, result.val_score
-        except Exception as exc:  # noqa: BLE001 - a failed trial is reported, as the platform does
+        except Exception as exc:
             status, val = f"failed: {type(exc).__name__}: {exc}"[:200], None
-        trials.append({"id": trial.id, "kind": trial.kind, "status": status, "start": begin, "end": time.time(), "val": val})
+        trials.append(
+            {"id": trial.id, "kind": trial.kind, "status": status, "start": begin, "end": time.time(), "val": val}
+        )
     return {
-        "start": start, "end": time.time(), "cpu_at_start": cpu_at_start, "trials": trials,
-        "requested": counter.calls, "threads": threads,
-    }  # fmt: skip
+        "start": start,
+        "end": time.time(),
+        "cpu_at_start": cpu_at_start,
+        "trials": trials,
+        "requested": counter.calls,
+        "threads": threads,
+    }
 
 
 def overhead_child(args: argparse.Namespace) -> dict[str, Any]:
     """Per-call latency and client CPU: GatewayEngine + gateway actor against `dspy.LM` direct."""
     import dspy
-
-    from dspy_sweeps import runner
-    from dspy_sweeps.config import load_sweep
-    from dspy_sweeps.data import load_dataset
-    from dspy_sweeps.engine import write_answer_key
-    from dspy_sweeps.gateway import Budget
-    from dspy_sweeps.imports import build_program
-    from dspy_sweeps.lms import build_gateway_lm, build_lm, endpoint_for
-    from dspy_sweeps.sim.launch import SimServer
     from measure import H100_8B, psutil_module
+
+    from dspy_sweeps.data import load_dataset
+    from dspy_sweeps.lm.build import build_lm, endpoint_for
+    from dspy_sweeps.lm.engine import build_gateway_lm
+    from dspy_sweeps.lm.gateway import Budget
+    from dspy_sweeps.run import runner
+    from dspy_sweeps.run.engine import write_answer_key
+    from dspy_sweeps.sim.launch import SimServer
+    from dspy_sweeps.spec.imports import build_program
+    from dspy_sweeps.spec.schema import load_sweep
 
     sweep = load_sweep(args.sweep, args.set)
     data = load_dataset(sweep.data)
@@ -193,7 +209,7 @@ def _time_paths(lms: dict[str, Any], messages: Any, calls: int, gateway_proc: An
     latency: dict[str, list[float]] = {name: [] for name in lms}
     caller, actor = dict.fromkeys(lms, 0.0), dict.fromkeys(lms, 0.0)
     counter = iter(range(10**9))
-    for name, lm in lms.items():  # warm-up: connections, imports, the actor's first call
+    for lm in lms.values():  # warm-up: connections, imports, the actor's first call
         for _ in range(10):
             lm(messages=messages(next(counter)))
     blocks = 4
@@ -210,11 +226,14 @@ def _time_paths(lms: dict[str, Any], messages: Any, calls: int, gateway_proc: An
     n = calls // blocks * blocks
     return {
         name: {
-            "p50_ms": statistics.median(v) * 1000, "cpu_ms": (caller[name] + actor[name]) / n * 1000,
-            "caller_cpu_ms": caller[name] / n * 1000, "gateway_cpu_ms": actor[name] / n * 1000, "calls": n,
+            "p50_ms": statistics.median(v) * 1000,
+            "cpu_ms": (caller[name] + actor[name]) / n * 1000,
+            "caller_cpu_ms": caller[name] / n * 1000,
+            "gateway_cpu_ms": actor[name] / n * 1000,
+            "calls": n,
         }
         for name, v in latency.items()
-    }  # fmt: skip
+    }
 
 
 CHILDREN = {"platform": platform_child, "sequential": sequential_child, "overhead": overhead_child}
@@ -240,7 +259,10 @@ def run_child(mode: str, overrides: list[str], workdir: Path, **options: Any) ->
     cmd = [sys.executable, __file__, mode, "--state", str(workdir / "state"), "--out", str(out)]
     cmd += [arg for o in overrides for arg in ("--set", o)]
     cmd += [arg for k, v in options.items() for arg in (f"--{k}", str(v))]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     with (workdir / f"{mode}.log").open("w") as log:  # the child keeps its own copy of the file
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), out
 
@@ -322,9 +344,9 @@ class Results:
 
 
 def run_throughput(sizes: Sizes, progress: Any = print) -> Results:
-    from dspy_sweeps.config import load_sweep
     from dspy_sweeps.data import load_dataset
-    from dspy_sweeps.engine import write_answer_key
+    from dspy_sweeps.run.engine import write_answer_key
+    from dspy_sweeps.spec.schema import load_sweep
 
     root = Path(tempfile.mkdtemp(prefix="dspy-sweeps-bench-"))
     sweep = load_sweep(SWEEP, sweep_overrides(sizes, sizes.main_trials))
@@ -348,7 +370,15 @@ def run_throughput(sizes: Sizes, progress: Any = print) -> Results:
         scaling.append(run)
     main = next(r for r in scaling if (r.endpoints, r.trials) == (1, sizes.main_trials))
     results = Results(
-        sizes, overhead, main, sequential, chain_trial, scaling, seq_result["threads"], list(chains.values()), sweep.num_threads
+        sizes,
+        overhead,
+        main,
+        sequential,
+        chain_trial,
+        scaling,
+        seq_result["threads"],
+        list(chains.values()),
+        sweep.num_threads,
     )
     if os.environ.get("BENCH_KEEP"):
         (root / "results.pkl").write_bytes(pickle.dumps(results))  # `python bench/report.py <it>` renders it again
@@ -358,7 +388,9 @@ def run_throughput(sizes: Sizes, progress: Any = print) -> Results:
     return results
 
 
-def measure_run(mode: str, label: str, sizes: Sizes, key: Path, endpoints: int, trials: int, root: Path) -> tuple[Run, dict, list]:
+def measure_run(
+    mode: str, label: str, sizes: Sizes, key: Path, endpoints: int, trials: int, root: Path
+) -> tuple[Run, dict, list]:
     """Start a fleet, run one child against it while sampling, and reduce what was seen to a Run."""
     from measure import Fleet, Sampler
 
@@ -378,7 +410,9 @@ def measure_run(mode: str, label: str, sizes: Sizes, key: Path, endpoints: int, 
     return run, result, logs["student"] + logs["teacher"]
 
 
-def _reduce(label: str, endpoints: int, time_scale: float, result: dict, logs: dict, slot_s: float, sampler: Any) -> Run:
+def _reduce(
+    label: str, endpoints: int, time_scale: float, result: dict, logs: dict, slot_s: float, sampler: Any
+) -> Run:
     from measure import H100_8B, capacity_bound
 
     wall = result["end"] - result["start"]
@@ -394,23 +428,33 @@ def _reduce(label: str, endpoints: int, time_scale: float, result: dict, logs: d
     cpu["driver"] = cpu.get("driver", 0.0) - result["cpu_at_start"]  # its imports and preflight come before the run
     trials = result["trials"]
     return Run(
-        label=label, endpoints=endpoints, trials=len(trials), time_scale=time_scale, wall_s=wall,
+        label=label,
+        endpoints=endpoints,
+        trials=len(trials),
+        time_scale=time_scale,
+        wall_s=wall,
         requested=result.get("requested") or sum(t.get("requested", 0) for t in trials),
-        sent=len(every), unique=len(student) + len(teacher),
+        sent=len(every),
+        unique=len(student) + len(teacher),
         resent_sampled=sum(1 for d in every if d in sampled) - len(sampled),
-        utilisation=slot_s / (slots * wall), utilisation_active=active / (slots * max(last - first, 1e-9)),
-        first_call_s=first - result["start"], active_s=last - first,
+        utilisation=slot_s / (slots * wall),
+        utilisation_active=active / (slots * max(last - first, 1e-9)),
+        first_call_s=first - result["start"],
+        active_s=last - first,
         # Student and teacher are separate endpoints: the busier one bounds the sweep.
         capacity_s=max(
             capacity_bound(len(student), sum(student.values()), endpoints, time_scale),
             capacity_bound(len(teacher), sum(teacher.values()), 1, time_scale),
         ),
         decode_tokens_per_call=sum(student.values()) / max(len(student), 1),
-        failed=sum(t["status"] != "ok" for t in trials), cpu_s=cpu,
-        actor_peak_rss_mb=[b / 2**20 for b in sampler.trial_actor_peaks()], actor_cpu_s=sampler.trial_actor_cpu(),
+        failed=sum(t["status"] != "ok" for t in trials),
+        cpu_s=cpu,
+        actor_peak_rss_mb=[b / 2**20 for b in sampler.trial_actor_peaks()],
+        actor_cpu_s=sampler.trial_actor_cpu(),
         peak_actors=sampler.procs.peak_trial_actors,
-        cache_hits=sum(t.get("cache_hits", 0) for t in trials), merged=sum(t.get("merged", 0) for t in trials),
-    )  # fmt: skip
+        cache_hits=sum(t.get("cache_hits", 0) for t in trials),
+        merged=sum(t.get("merged", 0) for t in trials),
+    )
 
 
 def chains_of(result: dict[str, Any], log: list, time_scale: float) -> dict[str, tuple[str, float, float]]:

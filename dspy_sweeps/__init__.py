@@ -11,7 +11,7 @@ __all__ = ["load"]
 
 def __getattr__(name: str) -> Any:
     if name == "load":
-        from dspy_sweeps.registry import load
+        from dspy_sweeps.track.registry import load
 
         return load
     raise AttributeError(f"module 'dspy_sweeps' has no attribute {name!r}")

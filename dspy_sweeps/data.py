@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dspy_sweeps.config import DataSpec, Split
 from dspy_sweeps.errors import SweepError, first_line
+from dspy_sweeps.spec.schema import DataSpec, Split
 
 _REMOTE = ("http://", "https://", "s3://", "gs://", "r2://", "hf://")
 _SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "dev": "val", "test": "test"}
@@ -43,7 +43,9 @@ def load_dataset(spec: DataSpec) -> Dataset:
     columns, rows = query_rows(spec)
     missing = [c for c in spec.inputs if c not in columns]
     if missing:
-        raise SweepError(f"data.inputs: column '{missing[0]}' is not in the query result (columns: {', '.join(columns)})")
+        raise SweepError(
+            f"data.inputs: column '{missing[0]}' is not in the query result (columns: {', '.join(columns)})"
+        )
     labels = tuple(c for c in columns if c not in spec.inputs and c != spec.split.column)
     if not labels:
         raise SweepError("data.query: the result has no column besides the inputs, so there is nothing to learn")
@@ -123,9 +125,7 @@ def split_rows(rows: list[dict[str, Any]], split: Split) -> tuple[list[dict], li
     random.Random(split.seed).shuffle(order)
     sizes = [_size(getattr(split, name), len(rows), name) for name in ("train", "val", "test")]
     if sum(sizes) > len(rows):
-        raise SweepError(
-            f"data.split: train+val+test = {sum(sizes)} rows but the query returned only {len(rows)}"
-        )
+        raise SweepError(f"data.split: train+val+test = {sum(sizes)} rows but the query returned only {len(rows)}")
     bounds = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
     train, val, test = ([rows[i] for i in order[bounds[k] : bounds[k + 1]]] for k in range(3))
     return train, val, test

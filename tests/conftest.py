@@ -7,9 +7,9 @@ that do not need them stay fast.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
-import itertools
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path

@@ -19,12 +19,43 @@ from pathlib import Path
 import polars as pl
 
 NAMES = (
-    "Ava", "Ben", "Chloe", "Diego", "Emma", "Farah", "George", "Hana", "Ivan", "Jade",
-    "Kofi", "Lena", "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq",
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Diego",
+    "Emma",
+    "Farah",
+    "George",
+    "Hana",
+    "Ivan",
+    "Jade",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nora",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tariq",
 )
 ITEMS = (
-    "apples", "marbles", "stickers", "pencils", "books", "cookies", "stamps", "shells",
-    "cards", "balloons", "oranges", "buttons", "crayons", "coins", "muffins",
+    "apples",
+    "marbles",
+    "stickers",
+    "pencils",
+    "books",
+    "cookies",
+    "stamps",
+    "shells",
+    "cards",
+    "balloons",
+    "oranges",
+    "buttons",
+    "crayons",
+    "coins",
+    "muffins",
 )
 
 # Each topic draws a, b, c from these inclusive ranges. They are chosen so that
@@ -39,38 +70,58 @@ RANGES: dict[str, tuple[tuple[int, int], ...]] = {
 Formula = Callable[[int, int, int], int]
 TEMPLATES: dict[str, tuple[tuple[str, Formula], ...]] = {
     "addition": (
-        ("{name} has {a} {items}. {friend} gives {name} {b} more. How many {items} does {name} have now?",
-         lambda a, b, c: a + b),
-        ("{name} collected {a} {items} in the morning and {b} in the afternoon. How many {items} did {name} collect in total?",
-         lambda a, b, c: a + b),
-        ("A shop sold {a} {items} on Monday and {b} on Tuesday. How many {items} did it sell altogether?",
-         lambda a, b, c: a + b),
+        (
+            "{name} has {a} {items}. {friend} gives {name} {b} more. How many {items} does {name} have now?",
+            lambda a, b, c: a + b,
+        ),
+        (
+            "{name} collected {a} {items} in the morning and {b} in the afternoon. How many {items} did {name} collect in total?",
+            lambda a, b, c: a + b,
+        ),
+        (
+            "A shop sold {a} {items} on Monday and {b} on Tuesday. How many {items} did it sell altogether?",
+            lambda a, b, c: a + b,
+        ),
     ),
     "subtraction": (
-        ("{name} had {a} {items} and gave {b} of them to {friend}. How many {items} does {name} have left?",
-         lambda a, b, c: a - b),
-        ("There are {a} {items} in a box. {name} takes out {b}. How many {items} remain in the box?",
-         lambda a, b, c: a - b),
-        ("{name} needs {a} {items} and already has {b}. How many more {items} does {name} need?",
-         lambda a, b, c: a - b),
+        (
+            "{name} had {a} {items} and gave {b} of them to {friend}. How many {items} does {name} have left?",
+            lambda a, b, c: a - b,
+        ),
+        (
+            "There are {a} {items} in a box. {name} takes out {b}. How many {items} remain in the box?",
+            lambda a, b, c: a - b,
+        ),
+        (
+            "{name} needs {a} {items} and already has {b}. How many more {items} does {name} need?",
+            lambda a, b, c: a - b,
+        ),
     ),
     "multiplication": (
-        ("{name} buys {a} packs of {items} with {b} {items} in each pack. How many {items} does {name} buy?",
-         lambda a, b, c: a * b),
-        ("Each of {a} shelves holds {b} {items}. How many {items} are on the shelves?",
-         lambda a, b, c: a * b),
-        ("{name} reads {b} pages a day for {a} days. How many pages does {name} read?",
-         lambda a, b, c: a * b),
+        (
+            "{name} buys {a} packs of {items} with {b} {items} in each pack. How many {items} does {name} buy?",
+            lambda a, b, c: a * b,
+        ),
+        ("Each of {a} shelves holds {b} {items}. How many {items} are on the shelves?", lambda a, b, c: a * b),
+        ("{name} reads {b} pages a day for {a} days. How many pages does {name} read?", lambda a, b, c: a * b),
     ),
     "two_step": (
-        ("{name} has {a} {items} and buys {b} bags with {c} {items} in each. How many {items} does {name} have now?",
-         lambda a, b, c: a + b * c),
-        ("A class has {a} students and {b} are absent. Each student who is present gets {c} {items}. How many {items} are handed out?",
-         lambda a, b, c: (a - b) * c),
-        ("{name} earns ${a} an hour and works {b} hours, then spends ${c} on lunch. How many dollars does {name} have left?",
-         lambda a, b, c: a * b - c),
-        ("{name} had {a} {items}, got {b} more from {friend}, then lost {c}. How many {items} does {name} have now?",
-         lambda a, b, c: a + b - c),
+        (
+            "{name} has {a} {items} and buys {b} bags with {c} {items} in each. How many {items} does {name} have now?",
+            lambda a, b, c: a + b * c,
+        ),
+        (
+            "A class has {a} students and {b} are absent. Each student who is present gets {c} {items}. How many {items} are handed out?",
+            lambda a, b, c: (a - b) * c,
+        ),
+        (
+            "{name} earns ${a} an hour and works {b} hours, then spends ${c} on lunch. How many dollars does {name} have left?",
+            lambda a, b, c: a * b - c,
+        ),
+        (
+            "{name} had {a} {items}, got {b} more from {friend}, then lost {c}. How many {items} does {name} have now?",
+            lambda a, b, c: a + b - c,
+        ),
     ),
 }
 

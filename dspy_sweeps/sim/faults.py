@@ -94,7 +94,7 @@ class Fault:
     @classmethod
     def from_json(cls, data: Any) -> Fault:
         if not isinstance(data, Mapping):
-            raise FaultError(f"a fault must be a JSON object like {{\"mode\": \"error500\"}}, not {data!r}")
+            raise FaultError(f'a fault must be a JSON object like {{"mode": "error500"}}, not {data!r}')
         unknown = sorted(set(data) - set(_FIELDS))
         if unknown:
             raise FaultError(f"unknown fault field(s) {', '.join(unknown)} (use {', '.join(_FIELDS)})")

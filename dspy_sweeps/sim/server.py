@@ -261,9 +261,11 @@ def _fault_response(fault: Fault, engine: ModelEngine) -> web.HTTPException:
     note = f"(simulated fault injected for model `{engine.name}`)"
     if fault.mode == "error500":
         return _openai_error(
-            web.HTTPInternalServerError, f"The server had an error while processing your request {note}.",
-            "server_error", None,
-        )  # fmt: skip
+            web.HTTPInternalServerError,
+            f"The server had an error while processing your request {note}.",
+            "server_error",
+            None,
+        )
     if fault.mode == "rate_limit":
         assert fault.retry_after is not None
         headers = {
@@ -273,8 +275,10 @@ def _fault_response(fault: Fault, engine: ModelEngine) -> web.HTTPException:
         return _openai_error(
             web.HTTPTooManyRequests,
             f"Rate limit reached for requests {note}. Please try again in {_seconds_header(fault.retry_after)}s.",
-            "requests", "rate_limit_exceeded", headers,
-        )  # fmt: skip
+            "requests",
+            "rate_limit_exceeded",
+            headers,
+        )
     assert fault.mode == "unauthorized", fault.mode
     return _invalid_api_key(f"Incorrect API key provided {note}")
 
@@ -301,9 +305,7 @@ async def _complete(
         texts = [garbage_reply(engine.name, messages, variant=i if sampled else 0) for i in range(n)]
     else:
         json_requested = (body.get("response_format") or {}).get("type") in ("json_object", "json_schema")
-        texts = [
-            reply(state.key, engine.name, messages, json_requested, variant=i if sampled else 0) for i in range(n)
-        ]
+        texts = [reply(state.key, engine.name, messages, json_requested, variant=i if sampled else 0) for i in range(n)]
     prompt_tokens = estimate_tokens("".join(message_text(m) for m in messages))
     output_tokens = [estimate_tokens(t) for t in texts]
     start, end = await engine.generate(state.latency, max(output_tokens))
@@ -425,7 +427,7 @@ async def post_faults(request: web.Request) -> web.Response:
             raise _error(web.HTTPBadRequest, f"append must be true or false, not {append!r}")
         data = [data]
     if not isinstance(data, list):
-        raise _error(web.HTTPBadRequest, "Send a fault object like {\"mode\": \"error500\", \"count\": 2} or a list.")
+        raise _error(web.HTTPBadRequest, 'Send a fault object like {"mode": "error500", "count": 2} or a list.')
     try:
         faults = [Fault.coerce(item) for item in data]
         _check_models(faults, state.engines)
@@ -443,9 +445,11 @@ async def get_stats(request: web.Request) -> web.Response:
             "simulated": True,
             "auth_rejected": state.auth_rejected,
             "latency": {
-                "max_num_seqs": latency.max_num_seqs, "ttft_ms": latency.ttft_ms,
-                "per_token_ms": latency.per_token_ms, "time_scale": latency.time_scale,
-            },  # fmt: skip
+                "max_num_seqs": latency.max_num_seqs,
+                "ttft_ms": latency.ttft_ms,
+                "per_token_ms": latency.per_token_ms,
+                "time_scale": latency.time_scale,
+            },
             "models": {name: engine.stats() for name, engine in state.engines.items()},
         }
     )

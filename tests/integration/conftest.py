@@ -37,9 +37,19 @@ class MlflowServer:
 
     def start(self) -> MlflowServer:
         cmd = [
-            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.root}/server.db", "--artifacts-destination", str(self.root / "artifacts"),
-        ]  # fmt: skip
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root}/server.db",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
         env = {
             **os.environ,
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # or it hangs offline fetching a price map

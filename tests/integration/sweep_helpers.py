@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from dspy_sweeps.config import load_sweep
 from dspy_sweeps.data import load_dataset
-from dspy_sweeps.engine import write_answer_key
+from dspy_sweeps.run.engine import write_answer_key
 from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps.spec.schema import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = REPO / ".venv" / "bin" / "sweep"
@@ -28,14 +28,22 @@ def demo_answer_key(path: Path) -> Path:
 
 def pointed_at(sim: SimServer, students: tuple[str, ...] = ("student",)) -> list[str]:
     """--set overrides that make the demo's students and teacher "real" endpoints on `sim`."""
-    entries = ", ".join(f"{{name: {m}, model: openai/{m}, api_base: '{sim.base_url}', timeout_s: 10}}" for m in students)
+    entries = ", ".join(
+        f"{{name: {m}, model: openai/{m}, api_base: '{sim.base_url}', timeout_s: 10}}" for m in students
+    )
     return [
-        "--set", f"students=[{entries}]",
-        "--set", "teachers.0.model=openai/teacher", "--set", f"teachers.0.api_base={sim.base_url}",
-    ]  # fmt: skip
+        "--set",
+        f"students=[{entries}]",
+        "--set",
+        "teachers.0.model=openai/teacher",
+        "--set",
+        f"teachers.0.api_base={sim.base_url}",
+    ]
 
 
-def sweep_cli(*args: str, state: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def sweep_cli(
+    *args: str, state: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
     cmd = [str(SWEEP), *args, "--state-dir", str(state)]
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

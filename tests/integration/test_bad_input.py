@@ -67,7 +67,7 @@ CASES: dict[str, tuple[str, ...]] = {
     "empty_table": ("data: the query returned no rows",),
     "null_input": ("data: input 'question' is NULL in the row with answer='8'",),
     "sql_writes_a_file": ("data.query: only a SELECT query may run over the corpus, not COPY",),
-    "sql_reads_etc_passwd": ("data.query: Permission Error: Cannot access file \"/etc/passwd\"",),
+    "sql_reads_etc_passwd": ('data.query: Permission Error: Cannot access file "/etc/passwd"',),
 }
 
 

@@ -33,7 +33,9 @@ def test_a_killed_trial_worker_is_retried_and_gepa_resumes(sim: SimServer, tmp_p
         while time.monotonic() < deadline and cli.poll() is None and not killed:
             gepa_states[:] = list((tmp_path / "trials").glob("demo/gepa-*/gepa/gepa_state.bin"))
             finished = len(rows(tmp_path)) if (tmp_path / "results" / "demo.parquet").exists() else 0
-            workers = [p for p in psutil.Process(cli.pid).children(recursive=True) if "ImplicitFunc" in " ".join(_cmdline(p))]
+            workers = [
+                p for p in psutil.Process(cli.pid).children(recursive=True) if "ImplicitFunc" in " ".join(_cmdline(p))
+            ]
             if gepa_states and finished == 1 and len(workers) == 1:  # the baseline is done: GEPA's is the one left
                 workers[0].kill()
                 killed.append(workers[0].pid)
@@ -45,10 +47,12 @@ def test_a_killed_trial_worker_is_retried_and_gepa_resumes(sim: SimServer, tmp_p
     records = {r["kind"]: r for r in rows(tmp_path)}
     survived = result.returncode == 0 and all(r["status"] == "ok" for r in records.values())
     reliability(
-        "SIGKILL of a running trial's worker (GEPA, mid-run)", runs=1, faults_injected=len(killed),
+        "SIGKILL of a running trial's worker (GEPA, mid-run)",
+        runs=1,
+        faults_injected=len(killed),
         faults_survived=int(survived and records["gepa"]["attempts"] == 2) * len(killed),
         trials_lost=len([r for r in records.values() if r["status"] != "ok"]),
-    )  # fmt: skip
+    )
     assert killed, "GEPA's worker was not found running after it saved its state"
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(records) == ["gepa", "none"] and all(r["status"] == "ok" for r in records.values())
@@ -60,7 +64,17 @@ def test_a_killed_trial_worker_is_retried_and_gepa_resumes(sim: SimServer, tmp_p
 def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_path: Path, reliability) -> None:
     state = tmp_path / "state"
     grid = "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: [1, 2]}]"
-    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, "--set", "parallelism=1", "--set", "promote=null"]
+    args = [
+        "run",
+        "sweeps/demo.yaml",
+        *pointed_at(sim),
+        "--set",
+        grid,
+        "--set",
+        "parallelism=1",
+        "--set",
+        "promote=null",
+    ]
     children: list[psutil.Process] = []
 
     def kill_driver_after_first_trial(cli: subprocess.Popen) -> None:
@@ -87,11 +101,13 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
     wandb_runs = list((state / "wandb" / "wandb").glob("offline-run-*"))
     rerun = [t for t, r in before.items() if r["status"] == "ok" and after[t]["duration_s"] != r["duration_s"]]
     reliability(
-        "SIGKILL of the driver, then --resume", runs=1, faults_injected=1,
+        "SIGKILL of the driver, then --resume",
+        runs=1,
+        faults_injected=1,
         faults_survived=int(resumed.returncode == 0 and not left and not rerun),
         trials_lost=len([r for r in after.values() if r["status"] != "ok"]),
         duplicate_versions=len(children_runs) - len(after),
-    )  # fmt: skip
+    )
     assert left == [], f"processes outlived the killed driver: {left}"
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming:" in resumed.stdout
@@ -141,9 +157,21 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(sim: SimServer, small_disk: Path, reliability) -> None:
+def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(
+    sim: SimServer, small_disk: Path, reliability
+) -> None:
     state, ballast = small_disk / "state", small_disk / "ballast"
-    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", BOOTSTRAP_ONLY, "--set", "parallelism=1", "--set", "promote=null"]
+    args = [
+        "run",
+        "sweeps/demo.yaml",
+        *pointed_at(sim),
+        "--set",
+        BOOTSTRAP_ONLY,
+        "--set",
+        "parallelism=1",
+        "--set",
+        "promote=null",
+    ]
 
     def fill_disk_after_first_trial(cli: subprocess.Popen) -> None:
         deadline = time.monotonic() + 240
@@ -164,10 +192,12 @@ def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(sim: SimServ
     clean = full.returncode == 2 and len(errors) == 1 and "is full" in errors[0] and "Traceback" not in full.stderr
     rerun = [t for t, r in before.items() if r["status"] == "ok" and after[t]["duration_s"] != r["duration_s"]]
     reliability(
-        "state directory's disk full mid-sweep, then --resume", runs=1, faults_injected=1,
+        "state directory's disk full mid-sweep, then --resume",
+        runs=1,
+        faults_injected=1,
         faults_survived=int(clean and resumed.returncode == 0 and not rerun),
         trials_lost=len([r for r in after.values() if r["status"] != "ok"]),
-    )  # fmt: skip
+    )
     assert full.returncode == 2, full.stderr[-3000:]
     assert len(errors) == 1 and "the state directory" in errors[0] and "is full" in errors[0], full.stderr[-3000:]
     assert "Traceback" not in full.stderr, full.stderr[-3000:]

@@ -23,8 +23,13 @@ CANARY = "sk-canary-7f3c9e1d5b"
 # Where a key can enter a sweep: the teacher's api_key_env variable, provider and tracker
 # variables LiteLLM and W&B read on their own, and the AWS credentials boto3 reads.
 CANARY_VARIABLES = (
-    "SWEEP_TEACHER_KEY", "OPENAI_API_KEY", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-)  # fmt: skip
+    "SWEEP_TEACHER_KEY",
+    "OPENAI_API_KEY",
+    "WANDB_API_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -37,19 +42,23 @@ def sweep_cli(*args: str, state: Path, env: dict[str, str] | None = None) -> sub
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """Run the demo twice (the second run must promote nothing) with canaries in the environment."""
-    from dspy_sweeps.config import load_sweep
     from dspy_sweeps.data import load_dataset
-    from dspy_sweeps.engine import write_answer_key
+    from dspy_sweeps.run.engine import write_answer_key
     from dspy_sweeps.sim.launch import SimServer
+    from dspy_sweeps.spec.schema import load_sweep
 
     state = tmp_path_factory.mktemp("state")
     key = write_answer_key(load_dataset(load_sweep(REPO / "sweeps/demo.yaml").data), state / "teacher-key.jsonl")
     with SimServer(key, state / "teacher-sim", models=("teacher",), time_scale=0.02) as teacher:
         env = dict.fromkeys(CANARY_VARIABLES, CANARY)
         overrides = [
-            "--set", "teachers.0.model=openai/teacher", "--set", f"teachers.0.api_base={teacher.base_url}",
-            "--set", "teachers.0.api_key_env=SWEEP_TEACHER_KEY",
-        ]  # fmt: skip
+            "--set",
+            "teachers.0.model=openai/teacher",
+            "--set",
+            f"teachers.0.api_base={teacher.base_url}",
+            "--set",
+            "teachers.0.api_key_env=SWEEP_TEACHER_KEY",
+        ]
         first = sweep_cli("run", "sweeps/demo.yaml", *overrides, state=state, env=env)
         assert first.returncode == 0, first.stderr[-3000:]
         second = sweep_cli("run", "sweeps/demo.yaml", *overrides, state=state, env=env)
@@ -60,7 +69,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 def test_every_trial_finishes_and_beats_nothing_blindly(demo: dict) -> None:
     import duckdb
 
-    rows = duckdb.sql(f"SELECT kind, status, val_score, test_score, lm_calls FROM '{demo['state']}/results/demo.parquet'").fetchall()
+    rows = duckdb.sql(
+        f"SELECT kind, status, val_score, test_score, lm_calls FROM '{demo['state']}/results/demo.parquet'"
+    ).fetchall()
     assert sorted(r[0] for r in rows) == ["bootstrap_fewshot", "bootstrap_fewshot", "gepa", "mipro_v2", "none"]
     assert all(r[1] == "ok" for r in rows)
     baseline = next(r for r in rows if r[0] == "none")
@@ -106,11 +117,20 @@ def test_pull_writes_json_state_and_metadata(demo: dict, tmp_path: Path) -> None
     state = json.loads((tmp_path / "pulled" / "program.json").read_text())
     meta = json.loads((tmp_path / "pulled" / "metadata.json").read_text())
     assert str(meta["registry"]["version"]) == "1" and meta["program"] == "pipelines.arith:Solve"
-    assert any(predictor.get("demos") or predictor.get("signature") for predictor in state.values() if isinstance(predictor, dict))
+    assert any(
+        predictor.get("demos") or predictor.get("signature")
+        for predictor in state.values()
+        if isinstance(predictor, dict)
+    )
 
 
 def test_ask_and_load_in_fresh_processes(demo: dict) -> None:
-    asked = sweep_cli("ask", "demo@champion", "question=Each of 4 shelves holds 6 books. How many books are on the shelves?", state=demo["state"])
+    asked = sweep_cli(
+        "ask",
+        "demo@champion",
+        "question=Each of 4 shelves holds 6 books. How many books are on the shelves?",
+        state=demo["state"],
+    )
     assert asked.returncode == 0, asked.stderr[-2000:]
     assert "answer:" in asked.stdout
 
@@ -137,24 +157,35 @@ def test_no_secret_reaches_state_outputs_or_artifacts(demo: dict, reliability) -
     files = [p for p in demo["state"].rglob("*") if p.is_file()]
     leaks = [p for p in files if CANARY.encode() in p.read_bytes()] + [o for o in outputs if CANARY in o]
     planted = len(CANARY_VARIABLES)
-    reliability("secrets: canary keys in env, api_key_env, AWS variables", runs=1, faults_injected=planted,
-                faults_survived=planted if not leaks else 0, secrets_found=len(leaks))  # fmt: skip
+    reliability(
+        "secrets: canary keys in env, api_key_env, AWS variables",
+        runs=1,
+        faults_injected=planted,
+        faults_survived=planted if not leaks else 0,
+        secrets_found=len(leaks),
+    )
     assert len(files) > 50, "the state dir should hold results, programs, cache, MLflow and W&B files"
     assert leaks == []
 
 
 def test_a_failing_trial_is_recorded_as_failed_and_others_finish(tmp_path: Path) -> None:
     result = sweep_cli(
-        "run", "sweeps/demo.yaml",
-        "--set", "program=tests.assets.fragile:Solve",
-        "--set", "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]",
-        "--set", "promote=null",
+        "run",
+        "sweeps/demo.yaml",
+        "--set",
+        "program=tests.assets.fragile:Solve",
+        "--set",
+        "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]",
+        "--set",
+        "promote=null",
         state=tmp_path,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     import duckdb
 
     rows = dict(duckdb.sql(f"SELECT kind, status FROM '{tmp_path}/results/demo.parquet'").fetchall())
     assert rows == {"none": "ok", "bootstrap_fewshot": "failed"}
-    error, score = duckdb.sql(f"SELECT error, val_score FROM '{tmp_path}/results/demo.parquet' WHERE status = 'failed'").fetchone()
+    error, score = duckdb.sql(
+        f"SELECT error, val_score FROM '{tmp_path}/results/demo.parquet' WHERE status = 'failed'"
+    ).fetchone()
     assert "breaks when it is given demos" in error and score is None

@@ -23,18 +23,27 @@ def test_endpoint_faults_are_retried_or_fail_only_their_trials(sim: SimServer, t
     sim.set_faults("rate_limit", count=2, retry_after=1, model="teacher", append=True)
     sim.set_faults("error500", model="student2", append=True)
     result = sweep_cli(
-        "run", "sweeps/demo.yaml", *pointed_at(sim, ("student", "student2")), "--set", BOOTSTRAP_ONLY, *UNTRACKED,
+        "run",
+        "sweeps/demo.yaml",
+        *pointed_at(sim, ("student", "student2")),
+        "--set",
+        BOOTSTRAP_ONLY,
+        *UNTRACKED,
         state=tmp_path / "state",
-    )  # fmt: skip
+    )
     records = rows(tmp_path / "state")
     healthy = [r for r in records if "student2" not in r["student"]]
     broken = [r for r in records if "student2" in r["student"]]
     scored_failures = sum(r["failed_examples"] for r in records if r["status"] == "ok")
     reliability(
-        "endpoint: 500s, 429 Retry-After, garbage, hangs (short) and 500s (for good)", runs=1, faults_injected=5,
-        faults_survived=int(all(r["status"] == "ok" for r in healthy)) * 4 + int(all(r["reason"] == "endpoint" for r in broken)),
-        trials_lost=len([r for r in healthy if r["status"] != "ok"]), failed_calls_scored=scored_failures,
-    )  # fmt: skip
+        "endpoint: 500s, 429 Retry-After, garbage, hangs (short) and 500s (for good)",
+        runs=1,
+        faults_injected=5,
+        faults_survived=int(all(r["status"] == "ok" for r in healthy)) * 4
+        + int(all(r["reason"] == "endpoint" for r in broken)),
+        trials_lost=len([r for r in healthy if r["status"] != "ok"]),
+        failed_calls_scored=scored_failures,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(healthy) == 2 and all(r["status"] == "ok" for r in healthy)
     assert len(broken) == 2 and all(r["status"] == "failed" and r["reason"] == "endpoint" for r in broken)
@@ -47,9 +56,17 @@ def test_endpoint_faults_are_retried_or_fail_only_their_trials(sim: SimServer, t
 def test_a_refused_key_stops_the_sweep_at_once(sim: SimServer, tmp_path: Path, reliability) -> None:
     sim.set_faults("unauthorized", model="teacher")
     result = sweep_cli(
-        "run", "sweeps/demo.yaml", *pointed_at(sim), "--set", "teachers.0.api_key_env=SWEEP_TEACHER_KEY",
-        "--set", BOOTSTRAP_ONLY, *UNTRACKED, state=tmp_path / "state", env={"SWEEP_TEACHER_KEY": "sk-wrong"},
-    )  # fmt: skip
+        "run",
+        "sweeps/demo.yaml",
+        *pointed_at(sim),
+        "--set",
+        "teachers.0.api_key_env=SWEEP_TEACHER_KEY",
+        "--set",
+        BOOTSTRAP_ONLY,
+        *UNTRACKED,
+        state=tmp_path / "state",
+        env={"SWEEP_TEACHER_KEY": "sk-wrong"},
+    )
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # Ray logs its own lines too
     refused = sim.stats()["models"]["teacher"]["faults"].get("unauthorized", 0)
     stopped = result.returncode == 2 and len(lines) == 1 and "SWEEP_TEACHER_KEY" in lines[0]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dspy_sweeps.gateway import Budget, Endpoint, GatewayCore, GatewayError
+from dspy_sweeps.lm.gateway import Budget, Endpoint, GatewayCore, GatewayError
 from dspy_sweeps.sim.launch import SimServer
 
 
@@ -19,7 +19,9 @@ from dspy_sweeps.sim.launch import SimServer
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimServer]:
     root = tmp_path_factory.mktemp("sim")
     key = root / "key.jsonl"
-    key.write_text("".join(json.dumps({"inputs": {"question": f"q{i}"}, "labels": {"answer": str(i)}}) + "\n" for i in range(50)))
+    key.write_text(
+        "".join(json.dumps({"inputs": {"question": f"q{i}"}, "labels": {"answer": str(i)}}) + "\n" for i in range(50))
+    )
     # time_scale 0.2: a call takes ~10-100 ms, long enough for requests to overlap
     with SimServer(key, root, models=("student",), max_num_seqs=4, time_scale=0.2) as server:
         yield server
@@ -46,7 +48,8 @@ def test_identical_requests_in_flight_together_make_one_call(sim: SimServer, tmp
     async def scenario() -> GatewayCore:
         gateway = GatewayCore([endpoint(sim)], str(tmp_path / "cache"))
         first, second = await asyncio.gather(
-            gateway.complete("trial-a", "sim/student|", body("q1")), gateway.complete("trial-b", "sim/student|", body("q1"))
+            gateway.complete("trial-a", "sim/student|", body("q1")),
+            gateway.complete("trial-b", "sim/student|", body("q1")),
         )
         assert first == second
         await gateway.close()

@@ -9,13 +9,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from dspy_sweeps.config import DataSpec, ModelSpec, MlflowSpec, Sweep, WandbSpec
 from dspy_sweeps.data import load_dataset
-from dspy_sweeps.plan import Trial
-from dspy_sweeps.results import TrialRecord
+from dspy_sweeps.run.trial import TrialResult
+from dspy_sweeps.spec.plan import Trial
+from dspy_sweeps.spec.schema import DataSpec, MlflowSpec, ModelSpec, Sweep, WandbSpec
 from dspy_sweeps.state import State
-from dspy_sweeps.tracking import MlflowLogger, WandbLogger
-from dspy_sweeps.trial import TrialResult
+from dspy_sweeps.track.results import TrialRecord
+from dspy_sweeps.track.tracking import MlflowLogger, WandbLogger
 
 pytestmark = pytest.mark.reliability
 
@@ -44,11 +44,22 @@ def test_odd_rows_round_trip_through_data_prompts_and_tracking(odd_data: Path, t
     messages = dspy.ChatAdapter().format(dspy.Signature("question -> answer"), demos=[], inputs={"question": ODD[1]})
     assert ODD[1] in messages[-1]["content"]
 
-    predictions = [{"inputs": {"question": q}, "prediction": {"answer": q[:50]}, "gold": {"answer": "1"}, "score": 0.0} for q in ODD]
+    predictions = [
+        {"inputs": {"question": q}, "prediction": {"answer": q[:50]}, "gold": {"answer": "1"}, "score": 0.0}
+        for q in ODD
+    ]
     program = json.dumps({"solve.predict": {"demos": [{"question": q, "answer": "1"} for q in ODD], "lm": None}})
     student = ModelSpec(name="small", model="sim/student")
-    trial = Trial("gepa-odd", "pipelines.arith:Solve", "pipelines.arith:exact_match", "gepa", student, None, 0,
-                  settings={"note": ODD[2], "long": ODD[0][:10_000]})  # fmt: skip
+    trial = Trial(
+        "gepa-odd",
+        "pipelines.arith:Solve",
+        "pipelines.arith:exact_match",
+        "gepa",
+        student,
+        None,
+        0,
+        settings={"note": ODD[2], "long": ODD[0][:10_000]},
+    )
     result = TrialResult(trial.id, "ok", val_score=0.0, test_score=0.0, program=program, predictions=predictions)
     record = TrialRecord.of("odd", trial, result, None, "fp")
     state = State(tmp_path / "state")
@@ -59,11 +70,16 @@ def test_odd_rows_round_trip_through_data_prompts_and_tracking(odd_data: Path, t
     rows = json.loads(tables[0].read_text())["data"]
     assert [json.loads(row[0])["question"] for row in rows] == ODD
 
-    sweep = Sweep.model_validate({
-        "name": "odd", "program": "pipelines.arith:Solve", "metric": "pipelines.arith:exact_match",
-        "data": {"source": str(odd_data), "inputs": ["question"], "split": {"train": 4, "val": 4, "test": 4}},
-        "students": [student.model_dump()], "optimizers": [{"kind": "gepa"}],
-    })  # fmt: skip
+    sweep = Sweep.model_validate(
+        {
+            "name": "odd",
+            "program": "pipelines.arith:Solve",
+            "metric": "pipelines.arith:exact_match",
+            "data": {"source": str(odd_data), "inputs": ["question"], "split": {"train": 4, "val": 4, "test": 4}},
+            "students": [student.model_dump()],
+            "optimizers": [{"kind": "gepa"}],
+        }
+    )
     mlflow = MlflowLogger(MlflowSpec(), sweep, state, "fp")
     run_id = mlflow.log_trial(trial, record, result)
     params = mlflow.client.get_run(run_id).data.params
@@ -71,5 +87,9 @@ def test_odd_rows_round_trip_through_data_prompts_and_tracking(odd_data: Path, t
     assert len(params["settings.long"]) <= 6000, "long values are cut to MLflow's parameter limit"
     downloaded = Path(mlflow.client.download_artifacts(run_id, "program/program.json", str(tmp_path / "dl")))
     assert downloaded.read_text() == program
-    reliability("odd rows (100k chars, RTL, emoji) through data, prompts, W&B, MLflow", runs=1,
-                faults_injected=len(ODD), faults_survived=len(ODD))  # fmt: skip
+    reliability(
+        "odd rows (100k chars, RTL, emoji) through data, prompts, W&B, MLflow",
+        runs=1,
+        faults_injected=len(ODD),
+        faults_survived=len(ODD),
+    )

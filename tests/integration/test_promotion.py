@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dspy_sweeps.config import Promote
-from dspy_sweeps.registry import _register, load_pulled, promote, pull
-from dspy_sweeps.results import TrialRecord
+from dspy_sweeps.spec.schema import Promote
+from dspy_sweeps.track.registry import _register, load_pulled, promote, pull
+from dspy_sweeps.track.results import TrialRecord
 
 pytestmark = pytest.mark.slow
 
@@ -32,17 +32,46 @@ def candidate(tmp_path: Path, uri: str, name: str, test_score: float) -> tuple[T
     path.write_text(program_json)
     client = MlflowClient(uri)
     local = None if uri.startswith("http") else (tmp_path / "mlartifacts").as_uri()  # not ./mlruns in the repo
-    experiment = client.get_experiment_by_name("promotion") or client.get_experiment(client.create_experiment("promotion", local))
+    experiment = client.get_experiment_by_name("promotion") or client.get_experiment(
+        client.create_experiment("promotion", local)
+    )
     run_id = client.create_run(experiment.experiment_id, run_name=name).info.run_id
     client.log_text(run_id, program_json, "program/program.json")
-    meta = {"program": "pipelines.arith:Solve", "student": {"name": "small", "model": "sim/student"}, "sweep": name, "inputs": ["question"]}
+    meta = {
+        "program": "pipelines.arith:Solve",
+        "student": {"name": "small", "model": "sim/student"},
+        "sweep": name,
+        "inputs": ["question"],
+    }
     client.log_dict(run_id, meta, "program/metadata.json")
     record = TrialRecord(
-        sweep=name, trial_id=name, kind="bootstrap_fewshot", settings="{}", student="sim/student", teacher=None, seed=0,
-        status="ok", error=None, reason=None, val_score=test_score, test_score=test_score, lm_calls=1, calls_requested=1,
-        cache_hits=0, merged_calls=0, failed_calls=0, failed_examples=0, estimated_calls=1, prompt_tokens=1, completion_tokens=1,
-        latency_s=0.0, cost_usd=0.0, duration_s=0.0, program_path=str(path), data_fingerprint="fp",
-    )  # fmt: skip
+        sweep=name,
+        trial_id=name,
+        kind="bootstrap_fewshot",
+        settings="{}",
+        student="sim/student",
+        teacher=None,
+        seed=0,
+        status="ok",
+        error=None,
+        reason=None,
+        val_score=test_score,
+        test_score=test_score,
+        lm_calls=1,
+        calls_requested=1,
+        cache_hits=0,
+        merged_calls=0,
+        failed_calls=0,
+        failed_examples=0,
+        estimated_calls=1,
+        prompt_tokens=1,
+        completion_tokens=1,
+        latency_s=0.0,
+        cost_usd=0.0,
+        duration_s=0.0,
+        program_path=str(path),
+        data_fingerprint="fp",
+    )
     return record, run_id, program
 
 
@@ -69,7 +98,7 @@ def test_concurrent_promotions_end_with_the_better_program(
         time.sleep(delay)
         try:
             decisions[entry[0].trial_id] = promote(gate, *entry, mlflow_server, never_rescored)
-        except Exception as exc:  # noqa: BLE001 - the test reports any promotion error
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=promote_after, args=pair) for pair in order]
@@ -81,9 +110,12 @@ def test_concurrent_promotions_end_with_the_better_program(
     champion = client.get_model_version_by_alias(model, "champion")
     versions = len(client.search_model_versions(f"name = '{model}'"))
     reliability(
-        "two sweeps promoting at once (mlflow server)", runs=1, faults_injected=1,
-        faults_survived=int(not errors and champion.tags["trial"] == "better"), duplicate_versions=versions - 3,
-    )  # fmt: skip
+        "two sweeps promoting at once (mlflow server)",
+        runs=1,
+        faults_injected=1,
+        faults_survived=int(not errors and champion.tags["trial"] == "better"),
+        duplicate_versions=versions - 3,
+    )
     assert errors == []
     assert champion.tags["trial"] == "better"
     assert versions == 3  # one version per promotion
@@ -146,15 +178,22 @@ def test_pull_and_load_never_unpickle_a_tampered_artifact(mlflow_server: str, tm
     folder = pull(f"{model}@champion", tmp_path / "pulled", mlflow_server)
     loaded = load_pulled(folder, api_base="http://127.0.0.1:8000/v1")
     executed = int(marker.exists())
-    reliability("untrusted registry: pickled payloads in the artifacts", runs=1, faults_injected=3,
-                faults_survived=3 * (1 - executed), payloads_executed=executed)  # fmt: skip
+    reliability(
+        "untrusted registry: pickled payloads in the artifacts",
+        runs=1,
+        faults_injected=3,
+        faults_survived=3 * (1 - executed),
+        payloads_executed=executed,
+    )
     assert not marker.exists(), "pull/load unpickled an artifact"
     assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "program.json"]
     assert loaded.solve.predict.demos[0]["answer"] == "0.9"  # the program itself came back
 
 
 @pytest.mark.reliability
-def test_promotion_survives_a_tracking_server_restart(tmp_path: Path, reliability, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_promotion_survives_a_tracking_server_restart(
+    tmp_path: Path, reliability, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import signal
 
     # MLflow's client retries with exponential back-off (up to minutes by default); shorter steps
@@ -181,8 +220,13 @@ def test_promotion_survives_a_tracking_server_restart(tmp_path: Path, reliabilit
         survived = bool(outcome) and not isinstance(outcome[0], Exception) and len(versions) == 1
         if survived:
             pull(f"{model}@champion", tmp_path / "pulled", server.url)  # its artifacts are there
-        reliability("MLflow server killed and restarted during promotion", runs=1, faults_injected=1,
-                    faults_survived=int(survived), duplicate_versions=max(len(versions) - 1, 0))  # fmt: skip
+        reliability(
+            "MLflow server killed and restarted during promotion",
+            runs=1,
+            faults_injected=1,
+            faults_survived=int(survived),
+            duplicate_versions=max(len(versions) - 1, 0),
+        )
         assert outcome and not isinstance(outcome[0], Exception), outcome
         assert len(versions) == 1, "never two versions for one promotion"
         assert (tmp_path / "pulled" / "program.json").is_file(), "never a version without its artifacts"
@@ -206,8 +250,13 @@ def test_an_unwritable_artifact_store_fails_cleanly_and_registers_nothing(tmp_pa
         promote(Promote(model=model), record, run_id, program, uri, never_rescored)
     versions = client.search_model_versions(f"name = '{model}'")
     clean = len(str(error.value).splitlines()) == 1 and "nothing was registered" in str(error.value)
-    reliability("artifact store unwritable during promotion", runs=1, faults_injected=1,
-                faults_survived=int(clean and not versions), duplicate_versions=len(versions))  # fmt: skip
+    reliability(
+        "artifact store unwritable during promotion",
+        runs=1,
+        faults_injected=1,
+        faults_survived=int(clean and not versions),
+        duplicate_versions=len(versions),
+    )
     assert clean, str(error.value)
     assert versions == [], "never a registered version without its artifacts"
 
@@ -215,5 +264,5 @@ def test_an_unwritable_artifact_store_fails_cleanly_and_registers_nothing(tmp_pa
 def _promote_or_error(model: str, entry: tuple, uri: str) -> object:
     try:
         return promote(Promote(model=model), *entry, uri, never_rescored)
-    except Exception as exc:  # noqa: BLE001 - the test inspects it
+    except Exception as exc:
         return exc

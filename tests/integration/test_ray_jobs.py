@@ -97,26 +97,50 @@ def ray_head() -> Iterator[RayHead]:
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     dashboard_port = free_port()
     ports = {
-        "--port": free_port(), "--dashboard-port": dashboard_port, "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-        "--metrics-export-port": free_port(), "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(), "--runtime-env-agent-port": free_port(),
-    }  # fmt: skip
+        "--port": free_port(),
+        "--dashboard-port": dashboard_port,
+        "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+    }
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env = {
-        **os.environ, **OFFLINE, **auth, "RAY_USAGE_STATS_ENABLED": "0",
+        **os.environ,
+        **OFFLINE,
+        **auth,
+        "RAY_USAGE_STATS_ENABLED": "0",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's entrypoint is this venv's `sweep`
-    }  # fmt: skip
+    }
     env.pop("RAY_ADDRESS", None)
     cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-        "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--temp-dir", str(temp_dir),
-        "--num-cpus", "2", "--num-gpus", "0", "--disable-usage-stats",
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--include-dashboard",
+        "true",
+        "--temp-dir",
+        str(temp_dir),
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "0",
+        "--disable-usage-stats",
         *(str(x) for pair in ports.items() for x in pair),
-    ]  # fmt: skip
+    ]
     log_path = temp_dir / "ray-start.log"
     with log_path.open("w") as log:
-        process = subprocess.Popen(cmd, env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            cmd, env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         head = RayHead(process, temp_dir, f"http://127.0.0.1:{dashboard_port}", auth)
         try:
             _wait_for_dashboard(head, log_path)
@@ -136,16 +160,23 @@ def _wait_for_dashboard(head: RayHead, log: Path, timeout: float = 180) -> None:
             return  # it answers (401 without a token): it is up
         except OSError:
             assert head.process.poll() is None, f"ray start exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"the dashboard did not answer in {timeout}s:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"the dashboard did not answer in {timeout}s:\n{log.read_text()[-3000:]}"
+            )
             time.sleep(0.5)
 
 
 def sweep_in_parallel(commands: list[list[str]], env: dict[str, str]) -> list[subprocess.CompletedProcess]:
     """`sweep ARGS` for each command, all at once (each pays the CLI's start-up)."""
     with ThreadPoolExecutor(len(commands)) as pool:
-        return list(pool.map(
-            lambda args: subprocess.run([str(BIN / "sweep"), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                                        timeout=120), commands))  # fmt: skip
+        return list(
+            pool.map(
+                lambda args: subprocess.run(
+                    [str(BIN / "sweep"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+                ),
+                commands,
+            )
+        )
 
 
 def test_bad_address_and_unknown_job_are_one_line_errors(ray_head: RayHead) -> None:
@@ -169,10 +200,23 @@ def test_submit_follow_runs_the_sweep_as_a_ray_job(ray_head: RayHead, mlflow_ser
     env = {**os.environ, **OFFLINE, **ray_head.env, "MLFLOW_TRACKING_URI": mlflow_server, "SWEEP_CANARY": canary}
     env.pop("RAY_ADDRESS", None)
     submitted = subprocess.run(
-        [str(BIN / "sweep"), "submit", "sweeps/demo.yaml", "--address", ray_head.dashboard,
-         *(arg for o in OVERRIDES for arg in ("--set", o)), "--secret", "SWEEP_CANARY", "--follow"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
-    )  # fmt: skip
+        [
+            str(BIN / "sweep"),
+            "submit",
+            "sweeps/demo.yaml",
+            "--address",
+            ray_head.dashboard,
+            *(arg for o in OVERRIDES for arg in ("--set", o)),
+            "--secret",
+            "SWEEP_CANARY",
+            "--follow",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output[-4000:]
     job_id = submitted.stdout.splitlines()[0].strip()
@@ -186,7 +230,9 @@ def test_submit_follow_runs_the_sweep_as_a_ray_job(ray_head: RayHead, mlflow_ser
     info = client.get_job_info(job_id)
     assert info.status.value == "SUCCEEDED"
     assert info.driver_info is not None  # `sweep run` joined this cluster (it did not start a Ray of its own)
-    assert info.entrypoint == shlex.join(["sweep", "run", "sweeps/demo.yaml", *(a for o in OVERRIDES for a in ("--set", o))])
+    assert info.entrypoint == shlex.join(
+        ["sweep", "run", "sweeps/demo.yaml", *(a for o in OVERRIDES for a in ("--set", o))]
+    )
     assert info.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == mlflow_server
     assert info.runtime_env["working_dir"].startswith("gcs://") and len(info.runtime_env["py_modules"]) == 1
     assert info.metadata["dspy_sweeps.secrets"] == "SWEEP_CANARY"  # the name, for the record; never the value
@@ -194,12 +240,20 @@ def test_submit_follow_runs_the_sweep_as_a_ray_job(ray_head: RayHead, mlflow_ser
     # The canary is nowhere a user of the cluster can read it.
     every_job = json.dumps([j.dict() for j in client.list_jobs()], default=str)
     ray_logs = "".join(
-        p.read_text(errors="replace") for pattern in ("*.log", "*.out", "*.err") for p in ray_head.temp_dir.rglob(pattern) if p.is_file()
-    )  # fmt: skip
+        p.read_text(errors="replace")
+        for pattern in ("*.log", "*.out", "*.err")
+        for p in ray_head.temp_dir.rglob(pattern)
+        if p.is_file()
+    )
     places = {"job list": every_job, "job log": client.get_job_logs(job_id), "CLI output": output, "Ray logs": ray_logs}
     found = [place for place, text in places.items() if canary in text]
-    reliability("secrets: a canary key shipped with a Ray job", runs=1, faults_injected=1,
-                faults_survived=int(not found), secrets_found=len(found))  # fmt: skip
+    reliability(
+        "secrets: a canary key shipped with a Ray job",
+        runs=1,
+        faults_injected=1,
+        faults_survived=int(not found),
+        secrets_found=len(found),
+    )
     assert found == [], f"the job's secret is readable in: {found}"
     shipped = [p for p in ray_head.temp_dir.rglob("job-secrets-*") if p.is_file()]
     assert not shipped, f"the job's secrets file was not deleted: {shipped}"
@@ -213,9 +267,13 @@ def test_submit_follow_runs_the_sweep_as_a_ray_job(ray_head: RayHead, mlflow_ser
     assert champion.tags["optimizer"] == "bootstrap_fewshot"
     with tempfile.TemporaryDirectory() as pulled:  # and `sweep pull` reads it back from the server over HTTP
         pull = subprocess.run(
-            [str(BIN / "sweep"), "pull", "demo-ray-job@champion", "-o", pulled], cwd=REPO, env=env,
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            [str(BIN / "sweep"), "pull", "demo-ray-job@champion", "-o", pulled],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert pull.returncode == 0, pull.stderr[-2000:]
         meta = json.loads((Path(pulled) / "metadata.json").read_text())
     assert meta["trial_id"] == champion.tags["trial"] and meta["registry"]["tracking_uri"] == mlflow_server

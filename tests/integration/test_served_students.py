@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from dspy_sweeps.config import ServeSpec, load_sweep
 from dspy_sweeps.errors import SweepError
-from dspy_sweeps.serving import Replica, free_port, render_command
+from dspy_sweeps.lm.served import Replica, free_port, render_command
+from dspy_sweeps.spec.schema import ServeSpec, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = REPO / ".venv" / "bin" / "sweep"
@@ -83,7 +83,9 @@ def start_sweep(state: Path, log: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, sweep: subprocess.Popen | None = None) -> object:
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, sweep: subprocess.Popen | None = None
+) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := condition():
@@ -102,7 +104,9 @@ def test_a_killed_replica_is_restarted_the_sweep_finishes_and_nothing_is_left(tm
     state, log = tmp_path / "state", tmp_path / "sweep.log"
     sweep = start_sweep(state, log, *SMALL_GRID)
     try:
-        servers = wait_for(lambda: len(replica_servers(state)) == 2 and replica_servers(state), 120, "two replicas", sweep)
+        servers = wait_for(
+            lambda: len(replica_servers(state)) == 2 and replica_servers(state), 120, "two replicas", sweep
+        )
         busy = wait_for(lambda: next((p for p, a in servers.items() if requests_served(*a)), None), 120, "calls", sweep)
         killed_port = servers[busy][1]
         os.kill(busy, signal.SIGKILL)
@@ -153,12 +157,23 @@ def test_ctrl_c_stops_every_replica(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def answer_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     key = tmp_path_factory.mktemp("key") / "answer_key.jsonl"
-    key.write_text("".join(json.dumps({"inputs": {"question": f"q{i}"}, "labels": {"answer": str(i)}}) + "\n" for i in range(20)))
+    key.write_text(
+        "".join(json.dumps({"inputs": {"question": f"q{i}"}, "labels": {"answer": str(i)}}) + "\n" for i in range(20))
+    )
     return key
 
 
 def sim_spec(**changes) -> ServeSpec:
-    return ServeSpec(**{"engine": "sim", "model": "student", "gpus": 0, "args": ["--time-scale", "0.01"], "startup_timeout_s": 30, **changes})
+    return ServeSpec(
+        **{
+            "engine": "sim",
+            "model": "student",
+            "gpus": 0,
+            "args": ["--time-scale", "0.01"],
+            "startup_timeout_s": 30,
+            **changes,
+        }
+    )
 
 
 def test_a_replica_restarts_on_its_port_and_stops_its_whole_group(tmp_path: Path, answer_key: Path) -> None:
@@ -187,8 +202,8 @@ def test_the_guard_stops_the_server_when_the_replica_process_dies(tmp_path: Path
     """What happens when Ray SIGKILLs a replica actor: its cleanup never runs, its guard acts."""
     code = textwrap.dedent(f"""
         import time
-        from dspy_sweeps.config import ServeSpec
-        from dspy_sweeps.serving import Replica
+        from dspy_sweeps.spec.schema import ServeSpec
+        from dspy_sweeps.lm.served import Replica
         spec = ServeSpec(engine="sim", model="student", gpus=0, startup_timeout_s=30)
         print(Replica("r-0", spec, {str(answer_key)!r}, {str(tmp_path / "logs")!r}, host="127.0.0.1").start(), flush=True)
         time.sleep(120)
@@ -209,7 +224,7 @@ def test_the_guard_stops_the_server_when_the_replica_process_dies(tmp_path: Path
 
 
 def test_the_gateway_sends_retries_to_a_live_replica(tmp_path: Path, answer_key: Path) -> None:
-    from dspy_sweeps.gateway import Endpoint, GatewayCore, GatewayError
+    from dspy_sweeps.lm.gateway import Endpoint, GatewayCore, GatewayError
 
     live = Replica("live", sim_spec(), str(answer_key), str(tmp_path / "logs"), host="127.0.0.1")
     dead = f"http://127.0.0.1:{free_port('127.0.0.1')}/v1"  # nothing listens there
@@ -244,27 +259,64 @@ def test_the_gateway_sends_retries_to_a_live_replica(tmp_path: Path, answer_key:
 def test_default_commands_fill_in_model_host_port_then_args() -> None:
     vllm = ServeSpec(engine="vllm", model="meta-llama/Llama-3.1-8B-Instruct", args=["--max-num-seqs", "256"])
     assert render_command(vllm, host="10.0.0.5", port=8001) == [
-        "vllm", "serve", "meta-llama/Llama-3.1-8B-Instruct", "--host", "10.0.0.5", "--port", "8001", "--max-num-seqs", "256",
-    ]  # fmt: skip
+        "vllm",
+        "serve",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "--host",
+        "10.0.0.5",
+        "--port",
+        "8001",
+        "--max-num-seqs",
+        "256",
+    ]
     sglang = ServeSpec(engine="sglang", model="Qwen/Qwen2.5-7B-Instruct")
     assert render_command(sglang, host="h", port=1, python="/py") == [
-        "/py", "-m", "sglang.launch_server", "--model-path", "Qwen/Qwen2.5-7B-Instruct", "--host", "h", "--port", "1",
-    ]  # fmt: skip
+        "/py",
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        "Qwen/Qwen2.5-7B-Instruct",
+        "--host",
+        "h",
+        "--port",
+        "1",
+    ]
     sim = ServeSpec(engine="sim", model="student", args=["--time-scale", "0.05"])
     assert render_command(sim, host="h", port=2, python="/py", answer_key="/k.jsonl") == [
-        "/py", "-m", "dspy_sweeps.sim", "--answer-key", "/k.jsonl", "--host", "h", "--port", "2", "--model", "student",
-        "--time-scale", "0.05",
-    ]  # fmt: skip
+        "/py",
+        "-m",
+        "dspy_sweeps.sim",
+        "--answer-key",
+        "/k.jsonl",
+        "--host",
+        "h",
+        "--port",
+        "2",
+        "--model",
+        "student",
+        "--time-scale",
+        "0.05",
+    ]
 
 
 def test_a_command_template_replaces_the_default_and_args_stay_verbatim() -> None:
     spec = ServeSpec(
-        engine="vllm", model="m", command=["/opt/venv/bin/vllm", "serve", "{model}", "--port={port}", "--host", "{host}", "{{x}}"],
+        engine="vllm",
+        model="m",
+        command=["/opt/venv/bin/vllm", "serve", "{model}", "--port={port}", "--host", "{host}", "{{x}}"],
         args=["--override-generation-config", '{"temperature": 0}'],
-    )  # fmt: skip
+    )
     assert render_command(spec, host="h", port=9) == [
-        "/opt/venv/bin/vllm", "serve", "m", "--port=9", "--host", "h", "{x}", "--override-generation-config", '{"temperature": 0}',
-    ]  # fmt: skip
+        "/opt/venv/bin/vllm",
+        "serve",
+        "m",
+        "--port=9",
+        "--host",
+        "h",
+        "{x}",
+        "--override-generation-config",
+        '{"temperature": 0}',
+    ]
 
 
 def test_a_template_that_needs_an_answer_key_without_one_is_refused() -> None:
@@ -277,8 +329,10 @@ def load_with(student: str) -> object:
 
 
 def test_a_served_student_gets_its_model_from_the_served_name() -> None:
-    sweep = load_with("{name: llama-8b, serve: {engine: vllm, model: meta-llama/Llama-3.1-8B-Instruct, gpus: 1, replicas: 2, "
-                      'args: [--max-num-seqs, "256"]}}')  # fmt: skip
+    sweep = load_with(
+        "{name: llama-8b, serve: {engine: vllm, model: meta-llama/Llama-3.1-8B-Instruct, gpus: 1, replicas: 2, "
+        'args: [--max-num-seqs, "256"]}}'
+    )
     student = sweep.students[0]
     assert student.model == "openai/meta-llama/Llama-3.1-8B-Instruct"
     assert (student.serve.gpus, student.serve.replicas, student.serve.args) == (1, 2, ["--max-num-seqs", "256"])
@@ -290,18 +344,42 @@ def test_a_served_student_gets_its_model_from_the_served_name() -> None:
 @pytest.mark.parametrize(
     ("student", "message"),
     [
-        ("{name: s, api_base: 'http://h:8000/v1', serve: {engine: vllm, model: m}}", "students.0.api_base: a served student gets its URLs"),
-        ("{name: s, model: openai/other, serve: {engine: vllm, model: m}}", "students.0.model: a served student's requests go to the served name, so model must be 'openai/m'"),
+        (
+            "{name: s, api_base: 'http://h:8000/v1', serve: {engine: vllm, model: m}}",
+            "students.0.api_base: a served student gets its URLs",
+        ),
+        (
+            "{name: s, model: openai/other, serve: {engine: vllm, model: m}}",
+            "students.0.model: a served student's requests go to the served name, so model must be 'openai/m'",
+        ),
         ("{name: s, model: sim/m, serve: {engine: vllm, model: m}}", "must be 'openai/m' (or left out)"),
-        ("{name: s, serve: {engine: tgi, model: m}}", "students.0.serve.engine: Input should be 'vllm', 'sglang' or 'sim'"),
-        ("{name: s, serve: {engine: vllm, model: m, gpu: 1}}", "students.0.serve.gpu: unknown key 'gpu' (did you mean 'gpus'?)"),
-        ("{name: s, serve: {engine: vllm, model: m, gpus: -1}}", "students.0.serve.gpus: Input should be greater than or equal to 0"),
-        ("{name: s, serve: {engine: vllm, model: m, replicas: 0}}", "students.0.serve.replicas: Input should be greater than 0"),
-        ("{name: s, serve: {engine: vllm, model: m, command: [vllm, '{modle}']}}", "students.0.serve.command: unknown placeholder {modle} (valid: {model}, {host}, {port}"),
-        ("{name: s, serve: {engine: vllm, model: m, command: []}}", "students.0.serve.command: List should have at least 1 item"),
+        (
+            "{name: s, serve: {engine: tgi, model: m}}",
+            "students.0.serve.engine: Input should be 'vllm', 'sglang' or 'sim'",
+        ),
+        (
+            "{name: s, serve: {engine: vllm, model: m, gpu: 1}}",
+            "students.0.serve.gpu: unknown key 'gpu' (did you mean 'gpus'?)",
+        ),
+        (
+            "{name: s, serve: {engine: vllm, model: m, gpus: -1}}",
+            "students.0.serve.gpus: Input should be greater than or equal to 0",
+        ),
+        (
+            "{name: s, serve: {engine: vllm, model: m, replicas: 0}}",
+            "students.0.serve.replicas: Input should be greater than 0",
+        ),
+        (
+            "{name: s, serve: {engine: vllm, model: m, command: [vllm, '{modle}']}}",
+            "students.0.serve.command: unknown placeholder {modle} (valid: {model}, {host}, {port}",
+        ),
+        (
+            "{name: s, serve: {engine: vllm, model: m, command: []}}",
+            "students.0.serve.command: List should have at least 1 item",
+        ),
         ("{name: s}", "students.0.model: required field is missing"),
     ],
-)  # fmt: skip
+)
 def test_bad_serve_specs_are_explained(student: str, message: str) -> None:
     with pytest.raises(SweepError) as error:
         load_with(student)
@@ -319,7 +397,12 @@ def test_a_gateway_error_survives_the_trip_back_through_ray() -> None:
     """Ray pickles the gateway's exception to the trial, whose DSPy retries transport errors only if it arrives intact."""
     import pickle
 
-    from dspy_sweeps.gateway import GatewayError
+    from dspy_sweeps.lm.gateway import GatewayError
 
     error = pickle.loads(pickle.dumps(GatewayError("transport", "student: ServerDisconnectedError", None, 1.5)))
-    assert (error.kind, str(error), error.status, error.retry_after) == ("transport", "student: ServerDisconnectedError", None, 1.5)
+    assert (error.kind, str(error), error.status, error.retry_after) == (
+        "transport",
+        "student: ServerDisconnectedError",
+        None,
+        1.5,
+    )

@@ -40,9 +40,15 @@ def test_trial_token_counts_equal_the_endpoints_own(sim: SimServer, tmp_path: Pa
 def test_a_spent_budget_stops_the_sweep_and_marks_cut_trials(sim: SimServer, tmp_path: Path) -> None:
     # $3.6M an hour is $1,000 a second: a few milliseconds of endpoint time spend $1.
     result = sweep_run(
-        sim, tmp_path / "state", "--set", "students.0.cost_per_hour=3600000", "--set", "budget={max_usd: 1.0}",
-        "--set", "parallelism=1",
-    )  # fmt: skip
+        sim,
+        tmp_path / "state",
+        "--set",
+        "students.0.cost_per_hour=3600000",
+        "--set",
+        "budget={max_usd: 1.0}",
+        "--set",
+        "parallelism=1",
+    )
     assert result.returncode == 1, "no trial finished, so the sweep fails"
     rows = duckdb.sql(f"SELECT status, error FROM '{tmp_path}/state/results/demo.parquet'").fetchall()
     assert len(rows) == 3 and {status for status, _ in rows} == {"cut"}

@@ -7,17 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from dspy_sweeps.config import ModelSpec, WandbSpec
-from dspy_sweeps.plan import Trial
-from dspy_sweeps.results import TrialRecord
+from dspy_sweeps.run.trial import TrialResult
+from dspy_sweeps.spec.plan import Trial
+from dspy_sweeps.spec.schema import ModelSpec, WandbSpec
 from dspy_sweeps.state import State
-from dspy_sweeps.tracking import WandbLogger
-from dspy_sweeps.trial import TrialResult
+from dspy_sweeps.track.results import TrialRecord
+from dspy_sweeps.track.tracking import WandbLogger
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 
-def test_unreachable_online_wandb_falls_back_to_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reliability) -> None:
+def test_unreachable_online_wandb_falls_back_to_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reliability
+) -> None:
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on port 9
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setattr(WandbLogger, "ONLINE_TIMEOUT_S", 5)
@@ -31,7 +33,9 @@ def test_unreachable_online_wandb_falls_back_to_offline(tmp_path: Path, monkeypa
     logger.log_trial(trial, record, result)  # the second run goes straight to offline
     elapsed = time.monotonic() - start
     offline_runs = len(list((tmp_path / "wandb" / "wandb").glob("offline-run-*")))
-    reliability("W&B online but unreachable", runs=1, faults_injected=1, faults_survived=int(offline_runs == 2 and elapsed < 60))
+    reliability(
+        "W&B online but unreachable", runs=1, faults_injected=1, faults_survived=int(offline_runs == 2 and elapsed < 60)
+    )
     assert elapsed < 60
     assert logger.mode == "offline"
     assert offline_runs == 2

@@ -19,7 +19,7 @@ COMMANDS = ("run", "plan", "validate", "results", "pull", "ask", "sim", "submit"
 def test_importing_the_cli_leaves_the_heavy_stack_unloaded(repo: Path) -> None:
     code = (
         "import json, sys\n"
-        "import dspy_sweeps, dspy_sweeps.cli\n"
+        "import dspy_sweeps, dspy_sweeps.cli.main\n"
         f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=60)

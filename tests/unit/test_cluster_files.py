@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dspy_sweeps import jobs
+from dspy_sweeps.jobs import client as jobs
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -38,9 +38,24 @@ OPENING_COMMANDS = {
     "serve_llm.py": "ray job submit --address http://localhost:8265 --working-dir cluster -- python serve_llm.py",
 }
 DOCKERFILE_INSTRUCTIONS = {
-    "FROM", "ARG", "ENV", "WORKDIR", "COPY", "ADD", "RUN", "USER", "EXPOSE", "LABEL", "CMD", "ENTRYPOINT",
-    "SHELL", "VOLUME", "HEALTHCHECK", "STOPSIGNAL", "ONBUILD",
-}  # fmt: skip
+    "FROM",
+    "ARG",
+    "ENV",
+    "WORKDIR",
+    "COPY",
+    "ADD",
+    "RUN",
+    "USER",
+    "EXPOSE",
+    "LABEL",
+    "CMD",
+    "ENTRYPOINT",
+    "SHELL",
+    "VOLUME",
+    "HEALTHCHECK",
+    "STOPSIGNAL",
+    "ONBUILD",
+}
 
 
 def load_yaml(relative: str) -> list[Any]:
@@ -68,7 +83,9 @@ def image_from_dockerfile() -> str:
 
 
 def test_every_cluster_file_is_known_and_opens_with_its_command() -> None:
-    files = {p.relative_to(CLUSTER).as_posix() for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    files = {
+        p.relative_to(CLUSTER).as_posix() for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
     assert files - {"README.md"} == set(OPENING_COMMANDS), "a new file in cluster/ needs a check here"
     for relative, command in OPENING_COMMANDS.items():
         first = (CLUSTER / relative).read_text().splitlines()[0]
@@ -149,14 +166,16 @@ def test_kuberay_cluster_and_job_agree_with_each_other_and_the_code() -> None:
     workdir = next(a for w, a in dockerfile_instructions() if w == "WORKDIR")
     containers = [head["template"]["spec"]["containers"][0], *(g["template"]["spec"]["containers"][0] for g in gpu)]
     assert all(c["workingDir"] == workdir for c in containers), "the RayJob runs in the image's project folder"
-    assert all(c["env"][0] == {"name": "MLFLOW_TRACKING_URI", "value": f"http://mlflow:{MLFLOW_PORT}"} for c in containers)
+    assert all(
+        c["env"][0] == {"name": "MLFLOW_TRACKING_URI", "value": f"http://mlflow:{MLFLOW_PORT}"} for c in containers
+    )
 
 
 def test_the_rayjob_entrypoint_is_a_valid_sweep_run_of_a_shipped_sweep_file() -> None:
     from typer.main import get_command
 
-    from dspy_sweeps.cli import app
-    from dspy_sweeps.config import load_sweep
+    from dspy_sweeps.cli.main import app
+    from dspy_sweeps.spec.schema import load_sweep
 
     (job,) = load_yaml("kuberay/rayjob.yaml")
     argv = shlex.split(job["spec"]["entrypoint"])
@@ -176,7 +195,9 @@ def test_the_mlflow_server_listens_where_the_docs_say() -> None:
     assert f"{MLFLOW_PORT}:{MLFLOW_PORT}" in mlflow["ports"] and f"--port {MLFLOW_PORT}" in mlflow["command"]
     assert mlflow["image"].endswith(f":v{version('mlflow')}"), "the server runs the MLflow the project pins"
     env = mlflow["environment"]
-    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://") and env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://") and env[
+        "MLFLOW_ARTIFACTS_DESTINATION"
+    ].startswith("s3://")
     assert "postgres" in compose["services"] and "minio" in compose["services"]
     for doc in (CLUSTER / "README.md", REPO / "README.md"):
         assert f"MLFLOW_HOST:{MLFLOW_PORT}" in doc.read_text(), f"{doc.name} gives another MLflow port"
@@ -200,7 +221,7 @@ def test_the_serve_llm_app_uses_ray_serve_llm_and_the_student_port() -> None:
 def test_the_cli_help_and_docs_give_the_dashboard_port_jobs_py_uses() -> None:
     from typer.testing import CliRunner
 
-    from dspy_sweeps.cli import app
+    from dspy_sweeps.cli.main import app
 
     out = CliRunner().invoke(app, ["submit", "--help"], env={"COLUMNS": "200"}).output
     assert f"http://HEAD:{jobs.DASHBOARD_PORT}" in out

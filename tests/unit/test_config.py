@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dspy_sweeps.config import OPTIMIZER_KINDS, load_sweep
 from dspy_sweeps.errors import SweepError
+from dspy_sweeps.spec.schema import OPTIMIZER_KINDS, load_sweep
 
 SweepFile = Callable[..., Path]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from dspy_sweeps.config import DataSpec
 from dspy_sweeps.data import Dataset, load_dataset
 from dspy_sweeps.errors import SweepError
+from dspy_sweeps.spec.schema import DataSpec
 
 ParquetFile = Callable[..., Path]
 
@@ -241,7 +241,9 @@ def test_queries_cannot_leave_the_sandbox(
     out.mkdir()
     message = error_of(spec(source, query=query.format(out=out, corpus=other)))
     escaped = bool(list(out.iterdir())) or "root:" in message
-    reliability("SQL sandbox probes", runs=1, faults_injected=1, sandbox_escapes=int(escaped), faults_survived=int(not escaped))
+    reliability(
+        "SQL sandbox probes", runs=1, faults_injected=1, sandbox_escapes=int(escaped), faults_survived=int(not escaped)
+    )
     assert message.startswith("data.query: ")
     assert "root:" not in message, "nothing read from /etc/passwd reaches the message"
     assert list(out.iterdir()) == []
@@ -252,7 +254,7 @@ def test_queries_cannot_leave_the_sandbox(
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 

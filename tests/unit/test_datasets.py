@@ -41,7 +41,9 @@ def run(script: Path, *args: str, mirror: Path | None = None) -> subprocess.Comp
 @pytest.fixture(scope="module")
 def mirror() -> Path:
     if not MIRROR.is_dir():
-        pytest.fail(f"shared dataset mirror not found at {MIRROR}; these tests need the local copy of gsm8k and banking77")
+        pytest.fail(
+            f"shared dataset mirror not found at {MIRROR}; these tests need the local copy of gsm8k and banking77"
+        )
     return MIRROR
 
 

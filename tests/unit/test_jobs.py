@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dspy_sweeps import jobs
 from dspy_sweeps.errors import SweepError
+from dspy_sweeps.jobs import client as jobs
+from dspy_sweeps.jobs import secrets as job_secrets
+from dspy_sweeps.track import tracking
 
 REPO = Path(__file__).resolve().parents[2]
 CLOUD_TEACHER = "teachers.0.model=openai/gpt-4o-mini"
@@ -33,9 +35,12 @@ def test_entrypoint_is_a_shell_quoted_sweep_run_relative_to_the_project() -> Non
 
 def test_named_secrets_and_the_sweeps_key_variables_go_as_secrets_never_as_env_vars() -> None:
     env = {
-        "SWEEP_CANARY": "sk-canary", "TEACHER_KEY": "sk-teacher", "WANDB_API_KEY": "wb-key",
-        "MLFLOW_TRACKING_URI": "http://mlflow:5000", "UNRELATED": "x",
-    }  # fmt: skip
+        "SWEEP_CANARY": "sk-canary",
+        "TEACHER_KEY": "sk-teacher",
+        "WANDB_API_KEY": "wb-key",
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "UNRELATED": "x",
+    }
     req = request(CLOUD_TEACHER, "teachers.0.api_key_env=TEACHER_KEY", secrets=("SWEEP_CANARY",), env=env)
     assert req.secrets == {"SWEEP_CANARY": "sk-canary", "TEACHER_KEY": "sk-teacher", "WANDB_API_KEY": "wb-key"}
     assert req.env_vars == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
@@ -68,7 +73,7 @@ def test_a_sweep_file_outside_the_project_cannot_be_submitted(tmp_path: Path) ->
 
 def test_the_staged_package_holds_a_private_secrets_file_and_is_removed_afterwards() -> None:
     with jobs._staged_package({"K": "v"}) as (package, name):
-        assert package.name == "dspy_sweeps" and (package / "jobs.py").is_file()
+        assert package.name == "dspy_sweeps" and (package / "jobs" / "client.py").is_file()
         assert not list(package.rglob("__pycache__"))
         path = package / name
         assert stat.S_IMODE(path.stat().st_mode) == 0o600 and json.loads(path.read_text()) == {"K": "v"}
@@ -78,9 +83,11 @@ def test_the_staged_package_holds_a_private_secrets_file_and_is_removed_afterwar
         assert name is None and not list(package.glob("job-secrets-*"))
 
 
-def test_a_job_driver_loads_its_secrets_once_and_deletes_the_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(jobs, "PACKAGE_DIR", tmp_path)
-    monkeypatch.setattr(jobs, "_worker_values", {})
+def test_a_job_driver_loads_its_secrets_once_and_deletes_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(job_secrets, "PACKAGE_DIR", tmp_path)
+    monkeypatch.setattr(job_secrets, "_worker_values", {})
     name = "job-secrets-0123456789abcdef.json"
     (tmp_path / name).write_text(json.dumps({"OPENAI_API_KEY": "sk-1", "WANDB_API_KEY": "wb-1"}))
     monkeypatch.setenv(jobs.SECRETS_ENV, name)
@@ -88,25 +95,29 @@ def test_a_job_driver_loads_its_secrets_once_and_deletes_the_file(monkeypatch: p
         monkeypatch.setenv(variable, "")
         monkeypatch.delenv(variable)
 
-    assert jobs.load_job_secrets() == ["OPENAI_API_KEY", "WANDB_API_KEY"]
+    assert job_secrets.load_job_secrets() == ["OPENAI_API_KEY", "WANDB_API_KEY"]
     assert os.environ["OPENAI_API_KEY"] == "sk-1" and jobs.SECRETS_ENV not in os.environ
     assert not (tmp_path / name).exists()
-    secrets = jobs.gateway_secrets()
+    secrets = job_secrets.gateway_secrets()
     assert secrets is not None and "sk-1" not in repr(secrets) and "sk-1" not in str(secrets)
     assert secrets._values == {"OPENAI_API_KEY": "sk-1"}  # the tracking key stays with the driver
 
     monkeypatch.setenv(jobs.SECRETS_ENV, name)
     with pytest.raises(SweepError, match="is gone"):
-        jobs.load_job_secrets()
+        job_secrets.load_job_secrets()
     monkeypatch.setenv(jobs.SECRETS_ENV, "../../etc/passwd")
     with pytest.raises(SweepError, match="not a secrets file name"):
-        jobs.load_job_secrets()
+        job_secrets.load_job_secrets()
 
 
 def test_outside_a_job_nothing_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(jobs.SECRETS_ENV, raising=False)
-    monkeypatch.setattr(jobs, "_worker_values", {})
-    assert jobs.load_job_secrets() == [] and jobs.worker_secrets() is None and jobs.gateway_secrets() is None
+    monkeypatch.setattr(job_secrets, "_worker_values", {})
+    assert (
+        job_secrets.load_job_secrets() == []
+        and job_secrets.worker_secrets() is None
+        and job_secrets.gateway_secrets() is None
+    )
 
 
 def test_the_address_comes_from_the_flag_or_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,7 +147,7 @@ def test_the_address_comes_from_the_flag_or_ray_address(monkeypatch: pytest.Monk
     ],
 )
 def test_which_tracking_uris_only_one_machine_can_use(uri: str, local: bool) -> None:
-    assert jobs.is_local_tracking_uri(uri) is local
+    assert tracking.is_local_tracking_uri(uri) is local
 
 
 def fake_ray(monkeypatch: pytest.MonkeyPatch, alive: int, dead: int = 0) -> None:
@@ -147,13 +158,13 @@ def fake_ray(monkeypatch: pytest.MonkeyPatch, alive: int, dead: int = 0) -> None
 def test_a_local_store_is_refused_on_more_than_one_alive_node(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_ray(monkeypatch, alive=2)
     with pytest.raises(SweepError, match=r"cannot be shared by a multi-node cluster \(2 nodes\); run an MLflow server"):
-        jobs.check_tracking_for_cluster("sqlite:///.sweeps/mlflow.db")
-    jobs.check_tracking_for_cluster("http://mlflow:5000")
+        tracking.check_tracking_for_cluster("sqlite:///.sweeps/mlflow.db")
+    tracking.check_tracking_for_cluster("http://mlflow:5000")
 
 
 def test_a_local_store_is_fine_on_one_node(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_ray(monkeypatch, alive=1, dead=3)
-    jobs.check_tracking_for_cluster("sqlite:///.sweeps/mlflow.db")
+    tracking.check_tracking_for_cluster("sqlite:///.sweeps/mlflow.db")
 
 
 def test_keys_in_the_projects_dotenv_travel_as_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,8 +173,9 @@ def test_keys_in_the_projects_dotenv_travel_as_secrets(tmp_path: Path, monkeypat
     (tmp_path / ".env").write_text("TEACHER_KEY=sk-from-dotenv\n")
     monkeypatch.delenv("TEACHER_KEY", raising=False)
     monkeypatch.chdir(REPO)  # the sweep's own paths are checked only by `sweep run`, not here
-    req = jobs.job_request(tmp_path / "sweeps" / "x.yaml", [CLOUD_TEACHER, "teachers.0.api_key_env=TEACHER_KEY"],
-                           project_dir=tmp_path)  # fmt: skip
+    req = jobs.job_request(
+        tmp_path / "sweeps" / "x.yaml", [CLOUD_TEACHER, "teachers.0.api_key_env=TEACHER_KEY"], project_dir=tmp_path
+    )
     assert req.secrets["TEACHER_KEY"] == "sk-from-dotenv" and req.entrypoint.startswith("sweep run sweeps/x.yaml ")
 
 
@@ -174,7 +186,7 @@ def test_an_actor_holding_secrets_exports_them_before_its_own_constructor(monkey
 
     monkeypatch.setenv("GATEWAY_KEY", "")  # so monkeypatch removes what the export sets
     monkeypatch.delenv("GATEWAY_KEY")
-    cls = jobs.holding_secrets(Gateway)
+    cls = job_secrets.holding_secrets(Gateway)
     assert cls.__name__ == "Gateway"
-    assert cls(jobs.Secrets({"GATEWAY_KEY": "sk-g"}), ["e"]).seen == ("sk-g", ["e"])
+    assert cls(job_secrets.Secrets({"GATEWAY_KEY": "sk-g"}), ["e"]).seen == ("sk-g", ["e"])
     assert cls(None, []).seen == ("sk-g", [])  # None (no job secrets) changes nothing

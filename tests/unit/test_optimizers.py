@@ -11,11 +11,11 @@ from typing import Any
 
 import dspy
 import pytest
-from dspy.utils import DummyLM
 from dspy.teleprompt.gepa.gepa import AUTO_RUN_SETTINGS as GEPA_AUTO
+from dspy.utils import DummyLM
 
 from dspy_sweeps.errors import SweepError
-from dspy_sweeps.optimizers import bind_settings, estimate_calls, optimizer_class
+from dspy_sweeps.spec.optimizers import bind_settings, estimate_calls, optimizer_class
 
 
 def error_of(kind: str, settings: dict[str, Any], where: str = "optimizers.0") -> str:

@@ -10,8 +10,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from dspy_sweeps.config import load_sweep
-from dspy_sweeps.plan import expand_grid, plan_trials
+from dspy_sweeps.spec.plan import expand_grid, plan_trials
+from dspy_sweeps.spec.schema import load_sweep
 
 SweepFile = Callable[..., Path]
 

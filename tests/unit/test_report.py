@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from rich.console import Console
 
-from dspy_sweeps.config import load_sweep
-from dspy_sweeps.preflight import prepare
-from dspy_sweeps.report import plan_table
+from dspy_sweeps.cli.tables import plan_table
+from dspy_sweeps.spec.preflight import prepare
+from dspy_sweeps.spec.schema import load_sweep
 
 
 def rendered(path: Path) -> str:
@@ -20,7 +20,9 @@ def rendered(path: Path) -> str:
     return out.getvalue()
 
 
-def test_a_cloud_teacher_is_priced_and_the_simulator_is_free(sweep_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cloud_teacher_is_priced_and_the_simulator_is_free(
+    sweep_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     free = rendered(sweep_file())
     assert "$0.00 in all" in free
@@ -29,7 +31,11 @@ def test_a_cloud_teacher_is_priced_and_the_simulator_is_free(sweep_file: Callabl
     assert total > 0
 
 
-def test_a_model_missing_from_the_price_map_is_unknown_not_free(sweep_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_model_missing_from_the_price_map_is_unknown_not_free(
+    sweep_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MY_KEY", "x")
-    text = rendered(sweep_file({"teachers": [{"name": "odd", "model": "openai/no-such-model-xyz", "api_key_env": "MY_KEY"}]}))
+    text = rendered(
+        sweep_file({"teachers": [{"name": "odd", "model": "openai/no-such-model-xyz", "api_key_env": "MY_KEY"}]})
+    )
     assert "? in all" in text

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dspy_sweeps.config import load_sweep
-from dspy_sweeps.preflight import prepare
+from dspy_sweeps.spec.preflight import prepare
+from dspy_sweeps.spec.schema import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 MIRROR = REPO.parent / "shared" / "datasets"
@@ -26,7 +26,9 @@ CORPORA = sorted(p.parent.name for p in (REPO / "datasets").glob("*/manifest.yam
 def corpora() -> None:
     """Build every manifest-described corpus from the mirror, as `python datasets/build.py NAME` does."""
     if not MIRROR.is_dir():
-        pytest.fail(f"shared dataset mirror not found at {MIRROR}; the sweep files read gsm8k and banking77 built from it")
+        pytest.fail(
+            f"shared dataset mirror not found at {MIRROR}; the sweep files read gsm8k and banking77 built from it"
+        )
     env = {**os.environ, "DSPY_SWEEPS_DATA_MIRROR": str(MIRROR)}
     for name in CORPORA:
         cmd = [sys.executable, "datasets/build.py", name]
@@ -60,7 +62,9 @@ def test_sweep_file_validates(path: Path, in_repo: None) -> None:
 def test_sweep_file_opens_with_its_run_command(path: Path) -> None:
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), f"{path.name}: the first line should be a comment with the command that runs it"
-    assert f"sweep run sweeps/{path.name}" in first, f"{path.name}: first line {first!r} lacks 'sweep run sweeps/{path.name}'"
+    assert f"sweep run sweeps/{path.name}" in first, (
+        f"{path.name}: first line {first!r} lacks 'sweep run sweeps/{path.name}'"
+    )
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)

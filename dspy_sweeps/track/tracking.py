@@ -10,19 +10,32 @@ import json
 import os
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlparse
 
-from dspy_sweeps.config import MlflowSpec, Sweep, WandbSpec
 from dspy_sweeps.errors import SweepError
-from dspy_sweeps.plan import Trial
-from dspy_sweeps.results import TrialRecord
+from dspy_sweeps.run.trial import TrialResult
+from dspy_sweeps.spec.plan import Trial
+from dspy_sweeps.spec.schema import MlflowSpec, Sweep, WandbSpec
 from dspy_sweeps.state import State
-from dspy_sweeps.trial import TrialResult
+from dspy_sweeps.track.results import TrialRecord
 
 MLFLOW_PARAM_LIMIT = 6000  # MLflow rejects longer parameter values
 FIGURES = (
-    "val_score", "test_score", "lm_calls", "calls_requested", "cache_hits", "merged_calls", "failed_calls", "failed_examples",
-    "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "duration_s", "attempts",
-)  # fmt: skip
+    "val_score",
+    "test_score",
+    "lm_calls",
+    "calls_requested",
+    "cache_hits",
+    "merged_calls",
+    "failed_calls",
+    "failed_examples",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_s",
+    "cost_usd",
+    "duration_s",
+    "attempts",
+)
 
 
 class TrialLogger(Protocol):
@@ -41,10 +54,16 @@ class NullLogger:
 def trial_config(trial: Trial, record: TrialRecord) -> dict[str, Any]:
     """The settings that define a trial, flat, as W&B config and MLflow params."""
     return {
-        "trial_id": trial.id, "optimizer": trial.kind, "seed": trial.seed, "student": record.student,
-        "teacher": record.teacher or "", "program": trial.program, "metric": trial.metric,
-        "data_fingerprint": record.data_fingerprint, **{f"settings.{k}": v for k, v in trial.settings.items()},
-    }  # fmt: skip
+        "trial_id": trial.id,
+        "optimizer": trial.kind,
+        "seed": trial.seed,
+        "student": record.student,
+        "teacher": record.teacher or "",
+        "program": trial.program,
+        "metric": trial.metric,
+        "data_fingerprint": record.data_fingerprint,
+        **{f"settings.{k}": v for k, v in trial.settings.items()},
+    }
 
 
 def figures(record: TrialRecord) -> dict[str, float]:
@@ -67,15 +86,23 @@ class WandbLogger:
         import wandb
 
         run = self._init(
-            project=self.spec.project, entity=self.spec.entity, group=self.sweep, job_type=trial.kind,
-            name=trial.id, config=trial_config(trial, record), dir=str(self.state.wandb),
-            reinit="create_new", tags=[record.status],
-        )  # fmt: skip
+            project=self.spec.project,
+            entity=self.spec.entity,
+            group=self.sweep,
+            job_type=trial.kind,
+            name=trial.id,
+            config=trial_config(trial, record),
+            dir=str(self.state.wandb),
+            reinit="create_new",
+            tags=[record.status],
+        )
         run.summary.update({**figures(record), "status": record.status, "error": record.error or ""})
         if result.predictions:
             table = wandb.Table(columns=["inputs", "prediction", "gold", "score"])
             for p in result.predictions:
-                table.add_data(*(json.dumps(p[k], ensure_ascii=False) for k in ("inputs", "prediction", "gold")), p["score"])
+                table.add_data(
+                    *(json.dumps(p[k], ensure_ascii=False) for k in ("inputs", "prediction", "gold")), p["score"]
+                )
             run.log({"val_predictions": table})
         run.finish(exit_code=0 if record.status == "ok" else 1)
         return None
@@ -86,8 +113,10 @@ class WandbLogger:
         if self.mode == "online":
             try:
                 return wandb.init(mode="online", settings=wandb.Settings(init_timeout=self.ONLINE_TIMEOUT_S), **kwargs)
-            except Exception as exc:  # noqa: BLE001 - any failure to reach W&B means: keep the data offline
-                print(f"W&B is unreachable ({type(exc).__name__}); logging offline under {self.state.wandb} (`wandb sync` uploads later)")
+            except Exception as exc:
+                print(
+                    f"W&B is unreachable ({type(exc).__name__}); logging offline under {self.state.wandb} (`wandb sync` uploads later)"
+                )
                 self.mode = "offline"
         return wandb.init(mode=self.mode, **kwargs)
 
@@ -116,8 +145,10 @@ class MlflowLogger:
     def _last_parent(self, sweep: str) -> str | None:
         """A resumed sweep goes on under the parent run it started, so its trials stay together."""
         runs = self.client.search_runs(
-            [self.experiment_id], f"tags.`dspy_sweeps.sweep` = '{sweep}'", order_by=["attributes.start_time DESC"],
-        )  # fmt: skip
+            [self.experiment_id],
+            f"tags.`dspy_sweeps.sweep` = '{sweep}'",
+            order_by=["attributes.start_time DESC"],
+        )
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         return parents[0].info.run_id if parents else None
 
@@ -159,7 +190,9 @@ def check_mlflow_server(uri: str, timeout_s: float = 10) -> None:
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return
-    shown = parts._replace(netloc=f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname).geturl().rstrip("/")
+    shown = (
+        parts._replace(netloc=f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname).geturl().rstrip("/")
+    )
     try:
         with urllib.request.urlopen(f"{shown}/health", timeout=timeout_s):
             return
@@ -178,13 +211,21 @@ def program_metadata(sweep: Sweep, trial: Trial, record: TrialRecord) -> dict[st
     from importlib.metadata import version
 
     return {
-        "sweep": sweep.name, "trial_id": trial.id, "program": trial.program, "metric": trial.metric,
-        "optimizer": trial.kind, "settings": trial.settings, "seed": trial.seed,
-        "student": trial.student.model_dump(), "teacher": trial.teacher.model_dump() if trial.teacher else None,
-        "inputs": list(sweep.data.inputs), "val_score": record.val_score, "test_score": record.test_score,
+        "sweep": sweep.name,
+        "trial_id": trial.id,
+        "program": trial.program,
+        "metric": trial.metric,
+        "optimizer": trial.kind,
+        "settings": trial.settings,
+        "seed": trial.seed,
+        "student": trial.student.model_dump(),
+        "teacher": trial.teacher.model_dump() if trial.teacher else None,
+        "inputs": list(sweep.data.inputs),
+        "val_score": record.val_score,
+        "test_score": record.test_score,
         "data_fingerprint": record.data_fingerprint,
         "versions": {pkg: version(pkg) for pkg in ("dspy", "dspy-sweeps", "mlflow", "ray")},
-    }  # fmt: skip
+    }
 
 
 @dataclass
@@ -195,7 +236,9 @@ class Trackers:
     @classmethod
     def open(cls, sweep: Sweep, state: State, fingerprint: str, resume: bool = False) -> Trackers:
         spec = sweep.tracking
-        wandb = WandbLogger(spec.wandb, sweep.name, state) if spec.wandb and spec.wandb.mode != "disabled" else NullLogger()
+        wandb = (
+            WandbLogger(spec.wandb, sweep.name, state) if spec.wandb and spec.wandb.mode != "disabled" else NullLogger()
+        )
         mlflow = MlflowLogger(spec.mlflow, sweep, state, fingerprint, resume) if spec.mlflow else NullLogger()
         return cls(wandb, mlflow)
 
@@ -208,3 +251,29 @@ class Trackers:
     def close(self, status: str) -> None:
         self.wandb.close(status)
         self.mlflow.close(status)
+
+
+def is_local_tracking_uri(uri: str) -> bool:
+    """True for a URI only one machine can use: sqlite:, file:, or a plain path."""
+    if uri.strip().lower() in ("databricks", "databricks-uc"):  # MLflow's names for a Databricks workspace
+        return False
+    scheme = urlparse(uri).scheme.lower()
+    return scheme in ("sqlite", "file") or len(scheme) <= 1  # "" is a plain path, "c" a Windows drive
+
+
+def check_tracking_for_cluster(tracking_uri: str) -> None:
+    """Refuse a machine-local MLflow store when Ray has more than one alive node.
+
+    Call after Ray is initialised: the trials run on other nodes, and the job's driver
+    (which logs to MLflow) runs on a node whose disk the user never sees.
+    """
+    if not is_local_tracking_uri(tracking_uri):
+        return
+    import ray
+
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if alive > 1:
+        raise SweepError(
+            f"MLflow tracking URI {tracking_uri}: a sqlite:/// or file MLflow URI cannot be shared by a "
+            f"multi-node cluster ({alive} nodes); run an MLflow server (cluster/mlflow) and set MLFLOW_TRACKING_URI"
+        )

@@ -43,7 +43,7 @@ from dspy_sweeps.errors import SweepError
 DASHBOARD_PORT = 8265  # Ray's default; cluster/ files and the CLI help say the same
 ADDRESS_ENV = "RAY_ADDRESS"
 SECRETS_ENV = "DSPY_SWEEPS_JOB_SECRETS"  # names the secrets file inside the shipped package; never a value
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the whole dspy_sweeps package travels with a job
 
 # Read by the driver only: tracking happens on the driver, so no actor gets them.
 TRACKING_SECRETS = ("WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
@@ -52,9 +52,24 @@ PASSTHROUGH = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "WANDB_BASE_UR
 # Never shipped: environments, state, VCS, built corpora (the cluster reads them from s3/https or builds them),
 # caches, and `.env` (it usually holds keys, which travel only as named secrets).
 EXCLUDES = [
-    ".venv", "venv", ".sweeps", ".git", "datasets/*/data", "mlruns", "mlartifacts", "wandb", ".env",
-    "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache", "*.egg-info", "build", "dist",
-]  # fmt: skip
+    ".venv",
+    "venv",
+    ".sweeps",
+    ".git",
+    "datasets/*/data",
+    "mlruns",
+    "mlartifacts",
+    "wandb",
+    ".env",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    "build",
+    "dist",
+]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRETS_FILE = re.compile(r"^job-secrets-[0-9a-f]{16}\.json$")
@@ -91,7 +106,7 @@ def job_request(
     environ: dict[str, str] | None = None,
 ) -> JobRequest:
     """Check the sweep file and work out the job: entrypoint, plain settings, secrets by name."""
-    from dspy_sweeps.config import load_sweep
+    from dspy_sweeps.spec.schema import load_sweep
 
     project = Path(project_dir or Path.cwd()).resolve()
     env = _environment(project) if environ is None else dict(environ)
@@ -201,87 +216,6 @@ def _staged_package(secrets: dict[str, str]) -> Iterator[tuple[Path, str | None]
 
 # --- inside the job ---------------------------------------------------------------------
 
-_worker_values: dict[str, str] = {}
-_worker_refs: dict[str, Any] = {}  # Ray job id -> the values in that Ray's object store
-
-
-class Secrets:
-    """Values for an actor; pickled into Ray's object store, never shown by repr or str."""
-
-    def __init__(self, values: dict[str, str]) -> None:
-        self._values = dict(values)
-
-    def __repr__(self) -> str:
-        return f"Secrets({', '.join(sorted(self._values))})"
-
-    __str__ = __repr__
-
-    def export(self) -> None:
-        os.environ.update(self._values)
-
-
-def load_job_secrets() -> list[str]:
-    """In a submitted job's driver: read and delete the secrets file the submitter shipped.
-
-    Returns the variable names loaded (none outside a submitted job). Called by `sweep run`
-    before anything else, so `${VAR}` interpolation and key checks see the values.
-    """
-    name = os.environ.pop(SECRETS_ENV, None)
-    if not name:
-        return []
-    if not _SECRETS_FILE.match(name):
-        raise SweepError(f"{SECRETS_ENV}={name!r}: not a secrets file name written by `sweep submit`")
-    path = PACKAGE_DIR / name
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(
-            f"{SECRETS_ENV}: the job's secrets file {name} is gone (it is read once, by the job's first "
-            "`sweep run`); submit the sweep again"
-        ) from None
-    finally:
-        path.unlink(missing_ok=True)
-    os.environ.update(values)
-    _worker_values.update({k: v for k, v in values.items() if k not in TRACKING_SECRETS})
-    return sorted(values)
-
-
-def gateway_secrets() -> Secrets | None:
-    """What the sweep's LM gateway needs of the loaded secrets (not the tracking ones), or None."""
-    return Secrets(_worker_values) if _worker_values else None
-
-
-def worker_secrets() -> Any:
-    """`gateway_secrets()` as an object reference in the running Ray (None outside a submitted
-    job), made once per Ray session and held by the driver, so a restarted gateway reads it again."""
-    secrets = gateway_secrets()
-    if secrets is None:
-        return None
-    import ray
-
-    job = ray.get_runtime_context().get_job_id()
-    if job not in _worker_refs:
-        _worker_refs[job] = ray.put(secrets)
-    return _worker_refs[job]
-
-
-def holding_secrets(cls: type) -> type:
-    """`cls` as an actor class whose constructor takes `worker_secrets()` first and exports them.
-
-    By reference, the values stay in Ray's object store, while an actor's creation arguments
-    and runtime_env are kept in GCS and shown by the state API; a restarted actor gets them
-    again. (Ray logs that a restartable actor has arguments in the object store: that is this.)
-    """
-
-    class HoldingSecrets(cls):  # type: ignore[valid-type, misc]
-        def __init__(self, secrets: Secrets | None, *args: Any, **kwargs: Any) -> None:
-            if secrets is not None:
-                secrets.export()
-            super().__init__(*args, **kwargs)
-
-    HoldingSecrets.__name__ = HoldingSecrets.__qualname__ = cls.__name__  # the dashboard shows the real name
-    return HoldingSecrets
-
 
 # --- following a job -------------------------------------------------------------------
 
@@ -373,29 +307,3 @@ def _talking_to(address: str | None, job_id: str | None = None) -> Iterator[None
 
 
 # --- multi-node guard ------------------------------------------------------------------
-
-
-def is_local_tracking_uri(uri: str) -> bool:
-    """True for a URI only one machine can use: sqlite:, file:, or a plain path."""
-    if uri.strip().lower() in ("databricks", "databricks-uc"):  # MLflow's names for a Databricks workspace
-        return False
-    scheme = urlparse(uri).scheme.lower()
-    return scheme in ("sqlite", "file") or len(scheme) <= 1  # "" is a plain path, "c" a Windows drive
-
-
-def check_tracking_for_cluster(tracking_uri: str) -> None:
-    """Refuse a machine-local MLflow store when Ray has more than one alive node.
-
-    Call after Ray is initialised: the trials run on other nodes, and the job's driver
-    (which logs to MLflow) runs on a node whose disk the user never sees.
-    """
-    if not is_local_tracking_uri(tracking_uri):
-        return
-    import ray
-
-    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
-    if alive > 1:
-        raise SweepError(
-            f"MLflow tracking URI {tracking_uri}: a sqlite:/// or file MLflow URI cannot be shared by a "
-            f"multi-node cluster ({alive} nodes); run an MLflow server (cluster/mlflow) and set MLFLOW_TRACKING_URI"
-        )

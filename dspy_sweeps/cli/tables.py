@@ -6,14 +6,14 @@ from typing import Any
 
 from rich.table import Table
 
-from dspy_sweeps.preflight import Prepared
-from dspy_sweeps.registry import Decision
+from dspy_sweeps.spec.preflight import Prepared
+from dspy_sweeps.track.registry import Decision
 
 
 def plan_table(prepared: Prepared) -> Table:
     """The trials with estimated calls and cost (every call priced at the dearer of the trial's
     student and teacher, for a typical call: an upper estimate, not a bill)."""
-    from dspy_sweeps.lms import typical_call_usd
+    from dspy_sweeps.lm.prices import typical_call_usd
 
     prices = {m.model_dump_json(): typical_call_usd(m) for m in prepared.sweep.models}
     table = Table(title=f"{prepared.sweep.name}: {len(prepared.trials)} trials")
@@ -45,17 +45,37 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") ->
     baselines = {r["student"]: r["val_score"] for r in rows if r["kind"] == "none" and r["status"] == "ok"}
     ordered = sorted(rows, key=lambda r: (r["status"] != "ok", -(r["val_score"] or 0), r["lm_calls"]))
     table = Table(title=title)
-    for column in ("#", "trial", "val", "baseline", "gain", "test", "calls sent/asked", "tokens", "cost $", "time s", "status"):
+    for column in (
+        "#",
+        "trial",
+        "val",
+        "baseline",
+        "gain",
+        "test",
+        "calls sent/asked",
+        "tokens",
+        "cost $",
+        "time s",
+        "status",
+    ):
         table.add_column(column, justify="left" if column in ("trial", "status") else "right")
     for rank, r in enumerate(ordered, 1):
         base = baselines.get(r["student"])
         ok = r["status"] == "ok"
         gain = f"{r['val_score'] - base:+.3f}" if ok and base is not None else "-"
         table.add_row(
-            str(rank), r["trial_id"], _score(r["val_score"]), _score(base), gain, _score(r["test_score"]),
-            f"{r['lm_calls']:,}/{r['calls_requested']:,}", f"{(r['prompt_tokens'] or 0) + (r['completion_tokens'] or 0):,}",
-            f"{r['cost_usd']:.4f}", f"{r['duration_s']:.1f}", "ok" if ok else f"[red]{r['status']}[/]: {r['error']}",
-        )  # fmt: skip
+            str(rank),
+            r["trial_id"],
+            _score(r["val_score"]),
+            _score(base),
+            gain,
+            _score(r["test_score"]),
+            f"{r['lm_calls']:,}/{r['calls_requested']:,}",
+            f"{(r['prompt_tokens'] or 0) + (r['completion_tokens'] or 0):,}",
+            f"{r['cost_usd']:.4f}",
+            f"{r['duration_s']:.1f}",
+            "ok" if ok else f"[red]{r['status']}[/]: {r['error']}",
+        )
     return table
 
 

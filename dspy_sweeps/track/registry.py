@@ -11,13 +11,14 @@ import hashlib
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from dspy_sweeps.config import ModelSpec, Promote
 from dspy_sweeps.errors import SweepError, first_line
-from dspy_sweeps.results import TrialRecord
+from dspy_sweeps.spec.schema import ModelSpec, Promote
+from dspy_sweeps.track.results import TrialRecord
 
 CHALLENGER = "challenger"
 
@@ -55,7 +56,9 @@ def promote(
     sha = program_sha(Path(winner.program_path).read_text())
     champion = _version_by_alias(client, promote.model, promote.alias)
     if champion is not None and champion.tags.get("program_sha") == sha:
-        return Decision(False, f"{winner.trial_id} is the same program as {promote.alias} v{champion.version}; nothing registered")
+        return Decision(
+            False, f"{winner.trial_id} is the same program as {promote.alias} v{champion.version}; nothing registered"
+        )
     if champion is None:
         passed, why = True, f"no {promote.alias} yet: {winner.trial_id} is the first"
     else:
@@ -64,19 +67,26 @@ def promote(
         passed = gain > promote.min_gain
         versus = f"{promote.alias} v{champion.version} ({champion_score:.3f})"
         why = (
-            f"test {winner.test_score:.3f} beats {versus} by {gain:+.3f}" if passed
+            f"test {winner.test_score:.3f} beats {versus} by {gain:+.3f}"
+            if passed
             else f"test {winner.test_score:.3f} does not beat {versus} by more than min_gain {promote.min_gain}"
-        )  # fmt: skip
+        )
     if not passed:
         return _register_challenger(client, promote.model, winner, run_id, program, sha, tracking_uri, why)
     version = _register(promote.model, winner, run_id, program, sha, tracking_uri, gate="passed")
     holder = _settle(client, promote.model, promote.alias, winner.data_fingerprint)
     if holder != version:
-        return Decision(False, f"{why}, but v{holder}, promoted meanwhile, scores higher; v{version} registered without the alias", version)
+        return Decision(
+            False,
+            f"{why}, but v{holder}, promoted meanwhile, scores higher; v{version} registered without the alias",
+            version,
+        )
     return Decision(True, why, version, promote.alias)
 
 
-def _register_challenger(client: Any, name: str, winner: TrialRecord, run_id: str, program: Any, sha: str, uri: str, why: str) -> Decision:
+def _register_challenger(
+    client: Any, name: str, winner: TrialRecord, run_id: str, program: Any, sha: str, uri: str, why: str
+) -> Decision:
     challenger = _version_by_alias(client, name, CHALLENGER)
     if challenger is not None and challenger.tags.get("program_sha") == sha:
         return Decision(False, f"{why}; already registered as {CHALLENGER} v{challenger.version}")
@@ -91,9 +101,10 @@ def _settle(client: Any, name: str, alias: str, fingerprint: str) -> str:
     settles after registering, so the last one to settle sees all of them: the better program
     wins, not the last writer."""
     passed = [
-        v for v in client.search_model_versions(f"name = '{name}'")
+        v
+        for v in client.search_model_versions(f"name = '{name}'")
         if v.tags.get("gate") == "passed" and v.tags.get("data_fingerprint") == fingerprint
-    ]  # fmt: skip
+    ]
     best = max(passed, key=lambda v: (float(v.tags["test_score"]), -int(v.version)))
     current = _version_by_alias(client, name, alias)
     if current is None or str(current.version) != str(best.version):
@@ -160,12 +171,20 @@ def _version_tags(winner: TrialRecord, sha: str, gate: str, promotion_id: str) -
     from importlib.metadata import version
 
     return {
-        "sweep": winner.sweep, "trial": winner.trial_id, "optimizer": winner.kind, "settings": winner.settings,
-        "student": winner.student, "teacher": winner.teacher or "", "val_score": str(winner.val_score),
-        "test_score": str(winner.test_score), "data_fingerprint": winner.data_fingerprint, "program_sha": sha,
+        "sweep": winner.sweep,
+        "trial": winner.trial_id,
+        "optimizer": winner.kind,
+        "settings": winner.settings,
+        "student": winner.student,
+        "teacher": winner.teacher or "",
+        "val_score": str(winner.val_score),
+        "test_score": str(winner.test_score),
+        "data_fingerprint": winner.data_fingerprint,
+        "program_sha": sha,
         "versions": json.dumps({p: version(p) for p in ("dspy", "dspy-sweeps", "mlflow")}),
-        "gate": gate, "promotion_id": promotion_id,
-    }  # fmt: skip
+        "gate": gate,
+        "promotion_id": promotion_id,
+    }
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
@@ -209,11 +228,13 @@ def _download(client: Any, run_id: str, out: Path) -> Path:
     return out
 
 
-def load_pulled(folder: Path, *, model: str | None = None, api_base: str | None = None, api_key_env: str | None = None) -> Any:
+def load_pulled(
+    folder: Path, *, model: str | None = None, api_base: str | None = None, api_key_env: str | None = None
+) -> Any:
     """A ready module from a pulled folder. The student is the one it was compiled for unless
     overridden; a simulated student needs the `api_base` of a running `sweep sim`."""
-    from dspy_sweeps.imports import restore_program
-    from dspy_sweeps.lms import build_lm, resolve
+    from dspy_sweeps.lm.build import build_lm, resolve
+    from dspy_sweeps.spec.imports import restore_program
 
     meta = json.loads((folder / "metadata.json").read_text())
     student = ModelSpec(**meta["student"])
@@ -230,7 +251,9 @@ def load_pulled(folder: Path, *, model: str | None = None, api_base: str | None 
 def without_lms(state: dict[str, Any]) -> dict[str, Any]:
     """A registry is not trusted to choose endpoints: clear any LM (class, model, api_base) a
     predictor's saved state names, so the student always comes from the caller's configuration."""
-    return {name: {**part, "lm": None} if isinstance(part, dict) and "lm" in part else part for name, part in state.items()}
+    return {
+        name: {**part, "lm": None} if isinstance(part, dict) and "lm" in part else part for name, part in state.items()
+    }
 
 
 def load(
@@ -243,7 +266,7 @@ def load(
 ) -> Any:
     """`dspy_sweeps.load("demo@champion")`: the registered program, ready to call."""
     from dspy_sweeps.state import State
-    from dspy_sweeps.tracking import tracking_uri as default_uri
+    from dspy_sweeps.track.tracking import tracking_uri as default_uri
 
     uri = tracking_uri or default_uri(None, State.at())
     with tempfile.TemporaryDirectory() as tmp:

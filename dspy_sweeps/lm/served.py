@@ -13,7 +13,7 @@ restarts the server on the same port when it dies, and kills the whole group on 
 No server may outlive the sweep, so three things stop it: the context manager stops every
 replica on the way out (also on an error or Ctrl-C); the actor stops its server when its
 process exits normally (atexit, `__del__`); and a guard process beside each server
-(`python -m dspy_sweeps.serving --guard`) kills the server's group when the actor's process
+(`python -m dspy_sweeps.lm.served --guard`) kills the server's group when the actor's process
 dies without cleaning up (SIGKILL, `ray.kill`, a crashed node).
 
 Each replica's server output and the supervisor's notes go to `<state>/serve/<sweep>/<replica>.log`
@@ -42,19 +42,38 @@ from typing import TYPE_CHECKING, Any
 from dspy_sweeps.errors import SweepError
 
 if TYPE_CHECKING:
-    from dspy_sweeps.config import ModelSpec, ServeSpec, Sweep
+    from dspy_sweeps.spec.schema import ModelSpec, ServeSpec, Sweep
     from dspy_sweeps.state import State
 
 # `args` are appended after these; `{python}` is the replica's own interpreter, so a server
 # module installed beside the project (sglang, the simulated endpoint) is the one that runs.
 DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
     "vllm": ("vllm", "serve", "{model}", "--host", "{host}", "--port", "{port}"),
-    "sglang": ("{python}", "-m", "sglang.launch_server", "--model-path", "{model}", "--host", "{host}", "--port", "{port}"),
-    "sim": (
-        "{python}", "-m", "dspy_sweeps.sim", "--answer-key", "{answer_key}",
-        "--host", "{host}", "--port", "{port}", "--model", "{model}",
+    "sglang": (
+        "{python}",
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        "{model}",
+        "--host",
+        "{host}",
+        "--port",
+        "{port}",
     ),
-}  # fmt: skip
+    "sim": (
+        "{python}",
+        "-m",
+        "dspy_sweeps.sim",
+        "--answer-key",
+        "{answer_key}",
+        "--host",
+        "{host}",
+        "--port",
+        "{port}",
+        "--model",
+        "{model}",
+    ),
+}
 STOP_GRACE_S = 15.0  # SIGTERM, then this long for the server (and vLLM's engine processes) to exit
 MAX_FAILED_RESTARTS = 3  # a server that dies this many times in a row before /health is given up
 GUARD_POLL_S = 0.5
@@ -64,13 +83,20 @@ PLACEMENT_SLACK_S = 120.0  # on top of startup_timeout_s: time for Ray (or an au
 # -- the command line ------------------------------------------------------------------
 
 
-def render_command(spec: ServeSpec, *, host: str, port: int, python: str = sys.executable,
-                   answer_key: str | Path | None = None) -> list[str]:  # fmt: skip
+def render_command(
+    spec: ServeSpec, *, host: str, port: int, python: str = sys.executable, answer_key: str | Path | None = None
+) -> list[str]:
     """The engine's command line for one replica: the template filled in, then `args` as they are."""
     template = spec.command or DEFAULT_COMMANDS[spec.engine]
     if answer_key is None and any("{answer_key}" in part for part in template):
         raise SweepError("serve: the command names {answer_key}, but this sweep has no answer key to give it")
-    values = {"model": spec.model, "host": host, "port": str(port), "python": python, "answer_key": str(answer_key or "")}
+    values = {
+        "model": spec.model,
+        "host": host,
+        "port": str(port),
+        "python": python,
+        "answer_key": str(answer_key or ""),
+    }
     return [part.format_map(values) for part in template] + list(spec.args)
 
 
@@ -164,7 +190,9 @@ def _guard(pgid: int, log: str) -> None:
 class Replica:
     """One supervised server process. A Ray actor (see `_actor_class`); plain Python otherwise."""
 
-    def __init__(self, label: str, spec: ServeSpec, answer_key: str | None, log_dir: str, host: str | None = None) -> None:
+    def __init__(
+        self, label: str, spec: ServeSpec, answer_key: str | None, log_dir: str, host: str | None = None
+    ) -> None:
         if host is None:
             import ray
 
@@ -206,9 +234,13 @@ class Replica:
     def status(self) -> dict[str, Any]:
         process = self._process
         return {
-            "label": self.label, "url": self.url, "pids": list(self.pids), "restarts": max(len(self.pids) - 1, 0),
-            "healthy": self.healthy and process is not None and process.poll() is None, "failure": self.failure,
-        }  # fmt: skip
+            "label": self.label,
+            "url": self.url,
+            "pids": list(self.pids),
+            "restarts": max(len(self.pids) - 1, 0),
+            "healthy": self.healthy and process is not None and process.poll() is None,
+            "failure": self.failure,
+        }
 
     def stop(self) -> None:
         """Kill the server's whole process group and its guard; safe to call twice, from any thread."""
@@ -252,7 +284,9 @@ class Replica:
                 self.failure = self._failure_message(process, exited)
                 self._note(f"giving up: {self.failure.splitlines()[0]}")
                 return
-            self._note(f"server pid {process.pid} exited with code {process.returncode}; restarting on port {self.port}")
+            self._note(
+                f"server pid {process.pid} exited with code {process.returncode}; restarting on port {self.port}"
+            )
             self._stopping.wait(min(2.0**failures, 30.0))
 
     def _spawn(self) -> subprocess.Popen | None:
@@ -272,7 +306,7 @@ class Replica:
         old = self._guard
         if old is not None and old.poll() is None:
             old.terminate()
-        command = [sys.executable, "-m", "dspy_sweeps.serving", "--guard", str(pgid), "--log", str(self.log_path)]
+        command = [sys.executable, "-m", "dspy_sweeps.lm.served", "--guard", str(pgid), "--log", str(self.log_path)]
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _wait_healthy(self, process: subprocess.Popen) -> bool:
@@ -295,7 +329,10 @@ class Replica:
         else:
             what = f"did not answer GET /health within {self.spec.startup_timeout_s:.0f} s"
         lines = self.log_path.read_text(errors="replace").splitlines()[-30:]
-        return f"replica {self.label}: `{' '.join(self.command)}` {what}\n--- last lines of {self.log_path} ---\n" + "\n".join(lines)
+        return (
+            f"replica {self.label}: `{' '.join(self.command)}` {what}\n--- last lines of {self.log_path} ---\n"
+            + "\n".join(lines)
+        )
 
     def _note(self, message: str) -> None:
         with self.log_path.open("a") as f:
@@ -315,7 +352,9 @@ def _actor_class(spec: ServeSpec) -> Any:
 
 
 @contextlib.contextmanager
-def served_students(sweep: Sweep, state: State, answer_key: Path | None, console: Any = None) -> Iterator[dict[str, list[str]]]:
+def served_students(
+    sweep: Sweep, state: State, answer_key: Path | None, console: Any = None
+) -> Iterator[dict[str, list[str]]]:
     """Start every replica of every served student, yield {student name: replica base URLs}, and
     stop them all on the way out. Ray must be initialised; SweepError if a replica cannot start."""
     if not sweep.served:
@@ -350,8 +389,10 @@ def _await_replicas(sweep: Sweep, actors: dict[str, list[Any]]) -> dict[str, lis
         assert student.serve is not None
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=student.serve.startup_timeout_s + PLACEMENT_SLACK_S)
         if pending:
-            raise SweepError(f"{field}.serve: {len(pending)} of {len(refs)} replicas of {name} did not start in time; "
-                             f"{_resources_hint(student)}")  # fmt: skip
+            raise SweepError(
+                f"{field}.serve: {len(pending)} of {len(refs)} replicas of {name} did not start in time; "
+                f"{_resources_hint(student)}"
+            )
         try:
             urls[name] = ray.get(refs)
         except ray.exceptions.RayError as exc:  # a task error (the server failed) or the actor could not be made
@@ -365,19 +406,24 @@ def _resources_hint(student: ModelSpec) -> str:
     spec = student.serve
     assert spec is not None
     free = ray.available_resources()
-    return (f"each replica needs {spec.gpus} GPU(s) and {spec.cpus:g} CPU(s); the cluster has "
-            f"{free.get('GPU', 0):g} GPU(s) and {free.get('CPU', 0):g} CPU(s) free")  # fmt: skip
+    return (
+        f"each replica needs {spec.gpus} GPU(s) and {spec.cpus:g} CPU(s); the cluster has "
+        f"{free.get('GPU', 0):g} GPU(s) and {free.get('CPU', 0):g} CPU(s) free"
+    )
 
 
 def _warn_if_no_room_for_trials(console: Any) -> None:
     import ray
 
-    from dspy_sweeps.runner import CPUS_PER_TRIAL
+    from dspy_sweeps.run.runner import CPUS_PER_TRIAL
 
     free = ray.available_resources().get("CPU", 0.0)
     if free < CPUS_PER_TRIAL:
-        _say(console, f"[yellow]warning[/]: the served students hold the cluster's CPUs ({free:g} free, a trial needs "
-                      f"{CPUS_PER_TRIAL:g}); trials wait until an autoscaler adds some (or lower serve.cpus)")  # fmt: skip
+        _say(
+            console,
+            f"[yellow]warning[/]: the served students hold the cluster's CPUs ({free:g} free, a trial needs "
+            f"{CPUS_PER_TRIAL:g}); trials wait until an autoscaler adds some (or lower serve.cpus)",
+        )
 
 
 def _stop_replicas(actors: dict[str, list[Any]], console: Any) -> None:
@@ -390,7 +436,9 @@ def _stop_replicas(actors: dict[str, list[Any]], console: Any) -> None:
     with contextlib.suppress(Exception):
         for status in ray.get([a.status.remote() for a in handles], timeout=10):
             if status["restarts"]:
-                _say(console, f"replica {status['label']} restarted {status['restarts']} time(s) (pids {status['pids']})")
+                _say(
+                    console, f"replica {status['label']} restarted {status['restarts']} time(s) (pids {status['pids']})"
+                )
     with contextlib.suppress(Exception):
         ray.get([a.stop.remote() for a in handles], timeout=STOP_GRACE_S + 15)
     for actor in handles:
@@ -404,7 +452,9 @@ def _say(console: Any, message: str) -> None:
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dspy_sweeps.serving", description="internal: a served replica's guard")
+    parser = argparse.ArgumentParser(
+        prog="python -m dspy_sweeps.lm.served", description="internal: a served replica's guard"
+    )
     parser.add_argument("--guard", type=int, required=True, metavar="PGID", help="the server's process group")
     parser.add_argument("--log", required=True, help="the replica's log, for a note when the guard acts")
     args = parser.parse_args(argv)

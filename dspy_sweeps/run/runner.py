@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray import tune
@@ -60,15 +61,18 @@ def _start_reaper() -> None:
     if node is None or not node.head:  # joined a cluster someone else runs: not ours to clean up
         return
     subprocess.Popen(
-        [sys.executable, "-m", "dspy_sweeps.reaper", str(os.getpid())],
-        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [sys.executable, "-m", "dspy_sweeps.run.reaper", str(os.getpid())],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any) -> Any:
     """The sweep's LM gateway as an async actor: one event loop serving every trial's calls."""
-    from dspy_sweeps.gateway import GatewayCore
-    from dspy_sweeps.jobs import holding_secrets, worker_secrets
+    from dspy_sweeps.jobs.secrets import holding_secrets, worker_secrets
+    from dspy_sweeps.lm.gateway import GatewayCore
 
     # Restarted if its process dies; calls in flight then fail as transport errors and DSPy retries them.
     actor = ray.remote(num_cpus=0, max_concurrency=100_000, max_restarts=-1)(holding_secrets(GatewayCore))
@@ -87,12 +91,13 @@ def run_trials(
     on_outcome: Callable[[Outcome], None],
 ) -> list[Outcome]:
     """Run `fn(trial_id, shared)` for every id as a Tune trial; `on_outcome` sees each as it ends."""
+
     def trainable(config: dict[str, Any], shared: Any = None) -> None:
         # A trial's own exception is its result (failed, with the reason); Tune's errors are
         # left for what kills the actor itself. JSON keeps Tune from flattening the record.
         try:
             outcome = {"result": fn(config["trial_id"], shared), "error": None}
-        except Exception as exc:  # noqa: BLE001 - any failure of user code fails only this trial
+        except Exception as exc:
             outcome = {"result": None, "error": f"{type(exc).__name__}: {exc}"[:1000]}
         tune.report({"outcome": json.dumps(outcome, default=str)})
 

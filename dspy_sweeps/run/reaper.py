@@ -2,7 +2,7 @@
 but its dashboard and runtime-env agents can outlive a killed driver (seen with Ray 2.60), and
 they rename themselves (`ray::DashboardAgent`), so only their ancestry identifies them.
 
-Started by `runner.start_ray` in its own session: `python -m dspy_sweeps.reaper PARENT_PID`.
+Started by `runner.start_ray` in its own session: `python -m dspy_sweeps.run.reaper PARENT_PID`.
 It keeps a list of the parent's descendants while the parent lives; once the parent has ended,
 however it ended, it kills those still running (the same process: pid and start time match).
 """

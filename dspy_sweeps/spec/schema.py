@@ -75,10 +75,11 @@ class ServeSpec(_Strict):
     replicas: int = Field(default=1, gt=0)
     args: list[str] = Field(default=[], description="appended to the command line as they are")
     command: list[str] | None = Field(
-        default=None, min_length=1,
+        default=None,
+        min_length=1,
         description="command line template replacing the engine's default; placeholders {model} {host} {port} "
         "{python} {answer_key}",
-    )  # fmt: skip
+    )
     startup_timeout_s: float = Field(default=900.0, gt=0, description="seconds to wait for GET /health")
     cpus: float = Field(default=1.0, ge=0, description="CPUs per replica, reserved in Ray")
 
@@ -88,7 +89,9 @@ class ServeSpec(_Strict):
             try:
                 names = {name for _, name, _, _ in string.Formatter().parse(part) if name is not None}
             except ValueError as exc:
-                raise ValueError(f"command: {part!r} is not a valid template ({exc}; write {{{{ for a literal brace)")
+                raise ValueError(
+                    f"command: {part!r} is not a valid template ({exc}; write {{{{ for a literal brace)"
+                ) from None
             unknown = sorted(names - set(SERVE_PLACEHOLDERS))
             if unknown:
                 valid = ", ".join(f"{{{p}}}" for p in SERVE_PLACEHOLDERS)
@@ -223,7 +226,9 @@ class Sweep(_Strict):
     def _serving(self) -> Sweep:
         for i, teacher in enumerate(self.teachers):
             if teacher.serve is not None:
-                raise ValueError(f"teachers.{i}.serve: only students are served by the sweep; give the teacher an api_base")
+                raise ValueError(
+                    f"teachers.{i}.serve: only students are served by the sweep; give the teacher an api_base"
+                )
         for role, models in (("students", self.students), ("teachers", self.teachers)):
             names = [m.name for m in models]
             repeated = sorted({n for n in names if names.count(n) > 1})
@@ -288,7 +293,9 @@ def _interpolate(value: Any, env: dict[str, str], path: Path, field: str) -> Any
             return env[name]
         if default is not None:
             return default
-        raise SweepError(f"{path}: {field}: environment variable {name} is not set (set it, or write ${{{name}:-default}})")
+        raise SweepError(
+            f"{path}: {field}: environment variable {name} is not set (set it, or write ${{{name}:-default}})"
+        )
 
     return _VAR.sub(substitute, value)
 

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dspy_sweeps.plan import Trial
-from dspy_sweeps.trial import TrialResult
+from dspy_sweeps.run.trial import TrialResult
+from dspy_sweeps.spec.plan import Trial
 
 
 @dataclass(frozen=True)
@@ -48,19 +48,38 @@ class TrialRecord:
     attempts: int = 1  # runs of the trial it took: a retry after a worker died, or a resume
 
     @classmethod
-    def of(cls, sweep: str, trial: Trial, result: TrialResult, program_path: Path | None, fingerprint: str) -> TrialRecord:
+    def of(
+        cls, sweep: str, trial: Trial, result: TrialResult, program_path: Path | None, fingerprint: str
+    ) -> TrialRecord:
         return cls(
-            sweep=sweep, trial_id=trial.id, kind=trial.kind, settings=json.dumps(trial.settings, sort_keys=True),
-            student=trial.student.model, teacher=trial.teacher.model if trial.teacher and trial.kind != "none" else None,
-            seed=trial.seed, status=result.status, error=result.error, reason=result.reason, val_score=result.val_score,
-            test_score=result.test_score, lm_calls=result.lm_calls, calls_requested=result.calls_requested,
-            cache_hits=result.cache_hits, merged_calls=result.merged_calls, failed_calls=result.failed_calls,
+            sweep=sweep,
+            trial_id=trial.id,
+            kind=trial.kind,
+            settings=json.dumps(trial.settings, sort_keys=True),
+            student=trial.student.model,
+            teacher=trial.teacher.model if trial.teacher and trial.kind != "none" else None,
+            seed=trial.seed,
+            status=result.status,
+            error=result.error,
+            reason=result.reason,
+            val_score=result.val_score,
+            test_score=result.test_score,
+            lm_calls=result.lm_calls,
+            calls_requested=result.calls_requested,
+            cache_hits=result.cache_hits,
+            merged_calls=result.merged_calls,
+            failed_calls=result.failed_calls,
             failed_examples=result.failed_examples,
-            estimated_calls=trial.estimated_calls, prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens, latency_s=result.latency_s, cost_usd=result.cost_usd,
-            duration_s=result.duration_s, program_path=str(program_path) if program_path else None,
-            data_fingerprint=fingerprint, attempts=result.attempts,
-        )  # fmt: skip
+            estimated_calls=trial.estimated_calls,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            latency_s=result.latency_s,
+            cost_usd=result.cost_usd,
+            duration_s=result.duration_s,
+            program_path=str(program_path) if program_path else None,
+            data_fingerprint=fingerprint,
+            attempts=result.attempts,
+        )
 
 
 def write_records(path: Path, records: list[TrialRecord]) -> None:

@@ -258,18 +258,29 @@ class GatewayCore:
         timeout = aiohttp.ClientTimeout(total=endpoint.timeout_s)
         try:
             async with self.session.post(
-                f"{base.rstrip('/')}/chat/completions", json={**body, "model": endpoint.model}, headers=headers, timeout=timeout
+                f"{base.rstrip('/')}/chat/completions",
+                json={**body, "model": endpoint.model},
+                headers=headers,
+                timeout=timeout,
             ) as response:
                 text = await response.text()
                 if response.status == 200:
                     return _parse_completion(text, endpoint)
                 if _kind(response.status) == "auth":
                     variable = endpoint.api_key_env or "no key variable (api_key_env is not set)"
-                    raise GatewayError("auth", f"{endpoint.model} refused the key from {variable} (HTTP {response.status})", response.status)
+                    raise GatewayError(
+                        "auth",
+                        f"{endpoint.model} refused the key from {variable} (HTTP {response.status})",
+                        response.status,
+                    )
                 retry_after = _seconds(response.headers.get("Retry-After"))
-                raise GatewayError(_kind(response.status), f"{endpoint.model}: HTTP {response.status}: {text[:300]}",
-                                   response.status, retry_after)  # fmt: skip
-        except asyncio.TimeoutError:
+                raise GatewayError(
+                    _kind(response.status),
+                    f"{endpoint.model}: HTTP {response.status}: {text[:300]}",
+                    response.status,
+                    retry_after,
+                )
+        except TimeoutError:
             raise GatewayError("timeout", f"{endpoint.model}: no answer within {endpoint.timeout_s:.0f} s") from None
         except aiohttp.ClientError as exc:
             raise GatewayError("transport", f"{endpoint.model}: {type(exc).__name__}: {exc}") from None
@@ -381,10 +392,12 @@ async def _litellm_call(endpoint: Endpoint, body: Body) -> tuple[Body, float]:
     except (litellm.APIConnectionError, litellm.Timeout) as exc:
         raise GatewayError("transport", f"{endpoint.model}: {type(exc).__name__}") from None
     except litellm.APIError as exc:
-        raise GatewayError("server", f"{endpoint.model}: {type(exc).__name__}", getattr(exc, "status_code", None)) from None
+        raise GatewayError(
+            "server", f"{endpoint.model}: {type(exc).__name__}", getattr(exc, "status_code", None)
+        ) from None
     try:
         cost = float(litellm.completion_cost(completion_response=response) or 0.0)
-    except Exception:  # noqa: BLE001 - a model missing from the price map costs "unknown", reported as 0
+    except Exception:
         cost = 0.0
     return response.model_dump(), cost
 

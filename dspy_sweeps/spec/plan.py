@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from dspy_sweeps.config import ModelSpec, Sweep
+from dspy_sweeps.spec.schema import ModelSpec, Sweep
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,14 @@ def expand_grid(settings: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _trial(sweep: Sweep, kind: str, settings: dict, student: ModelSpec, teacher: ModelSpec | None, seed: int) -> Trial:
     identity = {
-        "program": sweep.program, "metric": sweep.metric, "kind": kind, "settings": settings, "seed": seed,
+        "program": sweep.program,
+        "metric": sweep.metric,
+        "kind": kind,
+        "settings": settings,
+        "seed": seed,
         "student": student.model_dump(exclude_none=True),
         "teacher": teacher.model_dump(exclude_none=True) if teacher else None,
-    }  # fmt: skip
+    }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     teacher_name = f"-{teacher.name}" if teacher and kind != "none" else ""
     trial_id = f"{kind}-{student.name}{teacher_name}-s{seed}-{digest}"

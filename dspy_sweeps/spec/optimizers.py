@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from dspy_sweeps.errors import SweepError
 
@@ -20,10 +21,24 @@ CLASSES = {"bootstrap_fewshot": "BootstrapFewShot", "mipro_v2": "MIPROv2", "gepa
 
 # Arguments the platform supplies from the sweep (metric, teacher, seed, ...), never from settings.
 PLATFORM_ARGS = {
-    "metric", "teacher_settings", "prompt_model", "task_model", "reflection_lm", "seed", "num_threads",
-    "log_dir", "student", "trainset", "valset", "teacher", "requires_permission_to_run",
-    "use_wandb", "wandb_api_key", "wandb_init_kwargs", "use_mlflow",
-}  # fmt: skip
+    "metric",
+    "teacher_settings",
+    "prompt_model",
+    "task_model",
+    "reflection_lm",
+    "seed",
+    "num_threads",
+    "log_dir",
+    "student",
+    "trainset",
+    "valset",
+    "teacher",
+    "requires_permission_to_run",
+    "use_wandb",
+    "wandb_api_key",
+    "wandb_init_kwargs",
+    "use_mlflow",
+}
 
 
 @dataclass(frozen=True)

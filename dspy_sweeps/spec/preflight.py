@@ -7,13 +7,13 @@ import inspect
 import os
 from dataclasses import dataclass
 
-from dspy_sweeps.config import Sweep
 from dspy_sweeps.data import Dataset, load_dataset
 from dspy_sweeps.errors import SweepError
-from dspy_sweeps.imports import build_program, load_object
-from dspy_sweeps.lms import check_keys
-from dspy_sweeps.optimizers import bind_settings, estimate_calls
-from dspy_sweeps.plan import Trial, expand_grid, plan_trials
+from dspy_sweeps.lm.checks import check_keys
+from dspy_sweeps.spec.imports import build_program, load_object
+from dspy_sweeps.spec.optimizers import bind_settings, estimate_calls
+from dspy_sweeps.spec.plan import Trial, expand_grid, plan_trials
+from dspy_sweeps.spec.schema import Sweep
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ def _check_metric(path: str) -> None:
     metric = load_object(path, "metric")
     shape = "a function of (example, prediction, trace=None)"
     if isinstance(metric, type) or not callable(metric):
-        raise SweepError(f"metric: '{path}' is {'a class' if isinstance(metric, type) else 'not callable'}, not {shape}")
+        raise SweepError(
+            f"metric: '{path}' is {'a class' if isinstance(metric, type) else 'not callable'}, not {shape}"
+        )
     try:
         inspect.signature(metric).bind(None, None)
     except TypeError as exc:

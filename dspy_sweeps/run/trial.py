@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dspy_sweeps.data import Dataset
-from dspy_sweeps.imports import build_program, load_object
-from dspy_sweeps.optimizers import bind_settings, optimizer_class
-from dspy_sweeps.plan import Trial
+from dspy_sweeps.spec.imports import build_program, load_object
+from dspy_sweeps.spec.optimizers import bind_settings, optimizer_class
+from dspy_sweeps.spec.plan import Trial
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,23 @@ def compile_program(
         return optimizer.compile(program, trainset=trainset, **bound.compile)
     if trial.kind == "mipro_v2":
         optimizer = cls(
-            metric=metric, prompt_model=lms.teacher, task_model=lms.student, teacher_settings=teacher_settings,
-            seed=trial.seed, num_threads=trial.num_threads, **bound.init,
-        )  # fmt: skip
+            metric=metric,
+            prompt_model=lms.teacher,
+            task_model=lms.student,
+            teacher_settings=teacher_settings,
+            seed=trial.seed,
+            num_threads=trial.num_threads,
+            **bound.init,
+        )
         return optimizer.compile(program, trainset=trainset, valset=valset, **bound.compile)
     optimizer = cls(
-        metric=feedback_metric(metric), reflection_lm=lms.teacher, seed=trial.seed,
-        num_threads=trial.num_threads, log_dir=str(workdir / "gepa"), **bound.init,
-    )  # fmt: skip
+        metric=feedback_metric(metric),
+        reflection_lm=lms.teacher,
+        seed=trial.seed,
+        num_threads=trial.num_threads,
+        log_dir=str(workdir / "gepa"),
+        **bound.init,
+    )
     return optimizer.compile(program, trainset=trainset, valset=valset, **bound.compile)
 
 
@@ -122,7 +132,7 @@ def lm_call_errors() -> tuple[type[Exception], ...]:
     """Errors that mean the LM call failed, as opposed to the program or its answer."""
     from dspy.utils.exceptions import LMAuthError, LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError
 
-    from dspy_sweeps.lms import BudgetSpent
+    from dspy_sweeps.lm.engine import BudgetSpent
 
     return (LMTransportError, LMRateLimitError, LMTimeoutError, LMServerError, LMAuthError, BudgetSpent)
 

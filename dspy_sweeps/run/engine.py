@@ -19,19 +19,19 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dspy_sweeps.config import ModelSpec, Sweep
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.errors import SweepError, first_line
-from dspy_sweeps.imports import restore_program
-from dspy_sweeps.jobs import check_tracking_for_cluster
-from dspy_sweeps.lms import check_endpoints, endpoint_for, resolve, served_models
-from dspy_sweeps.preflight import Prepared
-from dspy_sweeps.registry import Decision, best, promote
-from dspy_sweeps.results import TrialRecord, read_records, write_records
-from dspy_sweeps.serving import served_students
+from dspy_sweeps.lm.build import endpoint_for, resolve
+from dspy_sweeps.lm.checks import check_endpoints, served_models
+from dspy_sweeps.lm.served import served_students
+from dspy_sweeps.run.trial import TrialResult
+from dspy_sweeps.spec.imports import restore_program
+from dspy_sweeps.spec.preflight import Prepared
+from dspy_sweeps.spec.schema import ModelSpec, Sweep
 from dspy_sweeps.state import State
-from dspy_sweeps.tracking import Trackers, check_mlflow_server, tracking_uri
-from dspy_sweeps.trial import TrialResult
+from dspy_sweeps.track.registry import Decision, best, promote
+from dspy_sweeps.track.results import TrialRecord, read_records, write_records
+from dspy_sweeps.track.tracking import Trackers, check_mlflow_server, check_tracking_for_cluster, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def run_sweep(
 
 @contextlib.contextmanager
 def _ray(sweep: Sweep, state: State, address: str | None) -> Iterator[None]:
-    from dspy_sweeps import runner
+    from dspy_sweeps.run import runner
 
     runner.start_ray(address, Path.cwd())
     try:
@@ -107,9 +107,9 @@ def _run_trials(
     prepared: Prepared, state: State, endpoints: dict[str, Any], trackers: Trackers, console: Console, resume: bool
 ) -> list[TrialRecord]:
     """Every trial on Ray, all LM calls through one gateway; each record is saved and tracked as it lands."""
-    from dspy_sweeps import runner
-    from dspy_sweeps.gateway import Budget
-    from dspy_sweeps.worker import TrialContext, execute_trial
+    from dspy_sweeps.lm.gateway import Budget
+    from dspy_sweeps.run import runner
+    from dspy_sweeps.run.worker import TrialContext, execute_trial
 
     sweep, trials = prepared.sweep, {t.id: t for t in prepared.trials}
     records = _finished(state, prepared) if resume else []
@@ -131,7 +131,7 @@ def _run_trials(
             write_records(state.results(sweep.name), records)  # saved before tracking, which may fail
             try:
                 run_id = trackers.log_trial(trial, record, result)
-            except Exception as exc:  # noqa: BLE001 - a tracker gone mid-sweep: stop with one line, keep results
+            except Exception as exc:
                 raise SweepError(
                     f"tracking failed for trial {trial.id} ({type(exc).__name__}: {first_line(exc)}); "
                     f"finished trials are saved in {state.results(sweep.name)}: fix it, then --resume"
@@ -142,13 +142,20 @@ def _run_trials(
             status = f"{record.val_score:.3f}" if record.status == "ok" else f"[red]{record.status}[/]: {record.error}"
             progress.console.print(f"  {trial.id}  val {status}")
             if record.reason == "auth":  # a refused key fails every trial that uses it: stop now
-                raise SweepError(f"{record.error}; sweep stopped (finished trials are kept: fix the key, then --resume)")
+                raise SweepError(
+                    f"{record.error}; sweep stopped (finished trials are kept: fix the key, then --resume)"
+                )
 
         if pending:
             runner.run_trials(
-                pending, execute_trial, ctx, name=sweep.name, storage=state.ray,
-                parallelism=sweep.parallelism, on_outcome=on_outcome,
-            )  # fmt: skip
+                pending,
+                execute_trial,
+                ctx,
+                name=sweep.name,
+                storage=state.ray,
+                parallelism=sweep.parallelism,
+                on_outcome=on_outcome,
+            )
     return records
 
 
@@ -156,9 +163,10 @@ def _finished(state: State, prepared: Prepared) -> list[TrialRecord]:
     """For --resume: the trials of this plan that already finished on the same data."""
     planned = {t.id for t in prepared.trials}
     return [
-        r for r in read_records(state.results(prepared.sweep.name))
+        r
+        for r in read_records(state.results(prepared.sweep.name))
         if r.status == "ok" and r.tracked and r.trial_id in planned and r.data_fingerprint == prepared.data.fingerprint
-    ]  # fmt: skip
+    ]
 
 
 def _roles(sweep: Sweep) -> Iterator[tuple[str, ModelSpec]]:
@@ -194,14 +202,16 @@ def _promote(
     student = resolved[next(s for s in sweep.students if s.model == winner.student).model_dump_json()]
 
     def rescore(program_json: str) -> float:
-        from dspy_sweeps.imports import load_object
-        from dspy_sweeps.lms import build_lm
-        from dspy_sweeps.trial import evaluate, to_examples
+        from dspy_sweeps.lm.build import build_lm
+        from dspy_sweeps.run.trial import evaluate, to_examples
+        from dspy_sweeps.spec.imports import load_object
 
         champion = restore_program(sweep.program, program_json)
         champion.set_lm(build_lm(student))
         metric = load_object(sweep.metric, "metric")
-        return evaluate(champion, to_examples(prepared.data.test, prepared.data.inputs), metric, sweep.num_threads).score
+        return evaluate(
+            champion, to_examples(prepared.data.test, prepared.data.inputs), metric, sweep.num_threads
+        ).score
 
     uri = tracking_uri(sweep.tracking.mlflow, state)
     return promote(sweep.promote, winner, winner.mlflow_run_id, program, uri, rescore)
@@ -230,9 +240,14 @@ def simulator(sweep: Sweep, key: Path | None, state: State, console: Console) ->
     assert key is not None
     spec = sweep.sim
     with SimServer(
-        key, state.sim / sweep.name, models=models, max_num_seqs=spec.max_num_seqs, ttft_ms=spec.ttft_ms,
-        per_token_ms=spec.per_token_ms, time_scale=spec.time_scale,
-    ) as sim:  # fmt: skip
+        key,
+        state.sim / sweep.name,
+        models=models,
+        max_num_seqs=spec.max_num_seqs,
+        ttft_ms=spec.ttft_ms,
+        per_token_ms=spec.per_token_ms,
+        time_scale=spec.time_scale,
+    ) as sim:
         console.print(f"[yellow]SIMULATED[/] LM endpoint (test/demo double, not a real model) at {sim.base_url}")
         yield sim.base_url
 
@@ -251,6 +266,10 @@ def write_answer_key(data: Dataset, path: Path) -> Path:
 
 def _progress(console: Console, total: int) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
-    )  # fmt: skip
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.data import Dataset
-from dspy_sweeps.lms import build_gateway_lm
-from dspy_sweeps.plan import Trial
+from dspy_sweeps.lm.engine import build_gateway_lm
+from dspy_sweeps.run.trial import TrialLMs, TrialResult, run_trial
+from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.state import State
-from dspy_sweeps.trial import TrialLMs, TrialResult, run_trial
 
 
 @dataclass(frozen=True)
@@ -39,16 +39,23 @@ def execute_trial(trial_id: str, ctx: TrialContext) -> dict[str, Any]:
     attempt = _next_attempt(workdir)
     try:
         result = run_trial(trial, ctx.data, TrialLMs(student, teacher), workdir)
-    except Exception as exc:  # noqa: BLE001 - a trial's failure is its result, with the reason
+    except Exception as exc:
         result = failed(trial_id, exc, budget_spent=ray.get(ctx.gateway.exhausted.remote()))
     stats = ray.get(ctx.gateway.trial_stats.remote(trial_id))
     return asdict(
         dataclasses.replace(
-            result, attempts=attempt, lm_calls=stats.sent, calls_requested=stats.requested, cache_hits=stats.cache_hits,
-            merged_calls=stats.merged, failed_calls=stats.failed, prompt_tokens=stats.prompt_tokens,
-            completion_tokens=stats.completion_tokens, latency_s=round(stats.latency_s, 3),
+            result,
+            attempts=attempt,
+            lm_calls=stats.sent,
+            calls_requested=stats.requested,
+            cache_hits=stats.cache_hits,
+            merged_calls=stats.merged,
+            failed_calls=stats.failed,
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens,
+            latency_s=round(stats.latency_s, 3),
             cost_usd=round(stats.cost_usd, 6),
-        )  # fmt: skip
+        )
     )
 
 
@@ -66,11 +73,13 @@ def failed(trial_id: str, exc: BaseException, budget_spent: bool) -> TrialResult
     from dspy import lm15
     from dspy.utils.exceptions import LMAuthError
 
-    from dspy_sweeps.trial import EndpointFailure, lm_call_errors
+    from dspy_sweeps.run.trial import EndpointFailure, lm_call_errors
 
     message = f"{type(exc).__name__}: {exc}"[:1000]
     if budget_spent:
-        return TrialResult(trial_id, "cut", error=f"stopped when the sweep's budget was spent ({type(exc).__name__})", reason="budget")
+        return TrialResult(
+            trial_id, "cut", error=f"stopped when the sweep's budget was spent ({type(exc).__name__})", reason="budget"
+        )
     if isinstance(exc, (LMAuthError, lm15.AuthError)):
         return TrialResult(trial_id, "failed", error=str(exc).strip().splitlines()[0], reason="auth")
     if isinstance(exc, (EndpointFailure, *lm_call_errors())):

@@ -9,15 +9,19 @@ from __future__ import annotations
 import errno
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import typer
 
 from dspy_sweeps.errors import SweepError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.splitlines()[0],
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help=__doc__.splitlines()[0],
     rich_markup_mode=None,  # plain help: Rich's help renderer alone costs ~0.3 s of start-up
 )
 
@@ -49,8 +53,8 @@ def _console():
 def _prepare(path: Path, overrides: list[str] | None):
     from dotenv import load_dotenv
 
-    from dspy_sweeps.config import load_sweep
-    from dspy_sweeps.preflight import prepare
+    from dspy_sweeps.spec.preflight import prepare
+    from dspy_sweeps.spec.schema import load_sweep
 
     load_dotenv(".env", override=False)  # keys named by api_key_env may live in .env; the environment wins
     return prepare(load_sweep(path, overrides or []))
@@ -68,7 +72,7 @@ def validate(sweep_file: SweepFile, set_: Overrides = None) -> None:
 @exits_on_bad_input
 def plan(sweep_file: SweepFile, set_: Overrides = None) -> None:
     """Print the trials a sweep would run, with their estimated LM calls."""
-    from dspy_sweeps.report import plan_table
+    from dspy_sweeps.cli.tables import plan_table
 
     prepared = _prepare(sweep_file, set_)
     _console().print(plan_table(prepared))
@@ -84,22 +88,26 @@ def run(
     resume: Annotated[bool, typer.Option(help="Keep trials that already finished; run only the rest")] = False,
 ) -> None:
     """Run every trial of a sweep in parallel on Ray, track them, and promote the winner."""
-    from dspy_sweeps.engine import run_sweep
-    from dspy_sweeps.jobs import load_job_secrets
-    from dspy_sweeps.report import decision_line, leaderboard_table
+    from dspy_sweeps.cli.tables import decision_line, leaderboard_table
+    from dspy_sweeps.jobs.secrets import load_job_secrets
+    from dspy_sweeps.run.engine import run_sweep
     from dspy_sweeps.state import State
 
     load_job_secrets()  # in a job from `sweep submit`: the secrets it was sent, before anything reads keys
     console = _console()
     prepared = _prepare(sweep_file, set_)
-    console.print(f"[bold]{prepared.sweep.name}[/]: {len(prepared.trials)} trials, about {prepared.estimated_calls:,} LM calls")
+    console.print(
+        f"[bold]{prepared.sweep.name}[/]: {len(prepared.trials)} trials, about {prepared.estimated_calls:,} LM calls"
+    )
     state = State.at(state_dir)
     try:
         outcome = run_sweep(prepared, state, address, console, resume=resume)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        raise SweepError(f"the state directory {state.root} is full ({exc.strerror}); free space, then run again with --resume") from None
+        raise SweepError(
+            f"the state directory {state.root} is full ({exc.strerror}); free space, then run again with --resume"
+        ) from None
     console.print(leaderboard_table([r.__dict__ for r in outcome.records]))
     if outcome.decision is not None:
         console.print(decision_line(outcome.decision))
@@ -114,9 +122,9 @@ def results(
     state_dir: StateDir = None,
 ) -> None:
     """Print a sweep's leaderboard from its results file."""
-    from dspy_sweeps.report import leaderboard_table
-    from dspy_sweeps.results import leaderboard
+    from dspy_sweeps.cli.tables import leaderboard_table
     from dspy_sweeps.state import State
+    from dspy_sweeps.track.results import leaderboard
 
     state = State.at(state_dir)
     paths = [state.results(name)] if name else sorted((state.root / "results").glob("*.parquet"))
@@ -135,9 +143,9 @@ def pull(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Write a registered program as DSPy JSON state plus its metadata (never unpickles)."""
-    from dspy_sweeps.registry import pull as pull_program
     from dspy_sweeps.state import State
-    from dspy_sweeps.tracking import tracking_uri as default_uri
+    from dspy_sweeps.track.registry import pull as pull_program
+    from dspy_sweeps.track.tracking import tracking_uri as default_uri
 
     folder = pull_program(ref, out, tracking_uri or default_uri(None, State.at(state_dir)))
     print(f"{ref} -> {folder}/program.json, {folder}/metadata.json")
@@ -148,12 +156,14 @@ def pull(
 def ask(
     ref: Annotated[str, typer.Argument(help="name@alias, e.g. demo@champion")],
     inputs: Annotated[list[str], typer.Argument(help="Input fields as key=value")],
-    api_base: Annotated[str | None, typer.Option(help="Student endpoint (default: the one it was compiled for)")] = None,
+    api_base: Annotated[
+        str | None, typer.Option(help="Student endpoint (default: the one it was compiled for)")
+    ] = None,
     state_dir: StateDir = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Load a registered program and ask it one question."""
-    from dspy_sweeps.asking import ask_program
+    from dspy_sweeps.cli.ask import ask_program
 
     kwargs = dict(_key_value(item) for item in inputs)
     prediction = ask_program(ref, kwargs, api_base=api_base, state_dir=state_dir, tracking_uri=tracking_uri)
@@ -180,12 +190,18 @@ def sim(
     """Serve the SIMULATED OpenAI-compatible endpoint (a test/demo double, not a real model)."""
     from dspy_sweeps.sim.server import serve
 
-    serve(answer_key, host=host, port=port, models=tuple(model or ("student", "teacher")),
-          time_scale=time_scale, max_num_seqs=max_num_seqs)  # fmt: skip
+    serve(
+        answer_key,
+        host=host,
+        port=port,
+        models=tuple(model or ("student", "teacher")),
+        time_scale=time_scale,
+        max_num_seqs=max_num_seqs,
+    )
 
 
 # --- Ray Jobs: sweep submit / status / logs / stop ----------------------------------------
-# A sweep runs on a cluster as a Ray job whose driver is `sweep run`; see dspy_sweeps/jobs.py
+# A sweep runs on a cluster as a Ray job whose driver is `sweep run`; see dspy_sweeps/jobs/
 # for what is shipped and how named secrets travel without entering the job's metadata.
 
 JobAddress = Annotated[
@@ -203,13 +219,18 @@ def submit(
     set_: Overrides = None,
     secret: Annotated[
         list[str] | None,
-        typer.Option("--secret", help="Environment variable passed to the job as a secret (repeatable); "
-                     "every api_key_env of the sweep and WANDB_API_KEY/MLFLOW_TRACKING_TOKEN go too when set"),
+        typer.Option(
+            "--secret",
+            help="Environment variable passed to the job as a secret (repeatable); "
+            "every api_key_env of the sweep and WANDB_API_KEY/MLFLOW_TRACKING_TOKEN go too when set",
+        ),
     ] = None,
-    follow: Annotated[bool, typer.Option("--follow", help="Stream the job's log; exit 0 if it succeeds, else 1")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Stream the job's log; exit 0 if it succeeds, else 1")
+    ] = False,
 ) -> None:
     """Submit a sweep to a Ray cluster as a Ray job and print the job id."""
-    from dspy_sweeps import jobs
+    from dspy_sweeps.jobs import client as jobs
 
     request = jobs.job_request(sweep_file, set_ or [], secret or [])
     job_id = jobs.submit(request, address)
@@ -229,7 +250,7 @@ def submit(
 @exits_on_bad_input
 def status(job_id: JobId, address: JobAddress = None) -> None:
     """Print a submitted sweep's job status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    from dspy_sweeps import jobs
+    from dspy_sweeps.jobs import client as jobs
 
     report = jobs.status(job_id, address)
     print(f"{report.job_id}: {report.status}" + (f" ({report.message})" if report.message else ""))
@@ -243,7 +264,7 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", help="Keep streaming until the job ends")] = False,
 ) -> None:
     """Print a submitted sweep's job log."""
-    from dspy_sweeps import jobs
+    from dspy_sweeps.jobs import client as jobs
 
     if follow:
         jobs.follow(job_id, address)
@@ -255,7 +276,7 @@ def logs(
 @exits_on_bad_input
 def stop(job_id: JobId, address: JobAddress = None) -> None:
     """Stop a submitted sweep's job."""
-    from dspy_sweeps import jobs
+    from dspy_sweeps.jobs import client as jobs
 
     stopped = jobs.stop(job_id, address)
     print(f"{job_id}: " + ("stop requested" if stopped else "already finished"))

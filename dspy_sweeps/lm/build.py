@@ -1,0 +1,80 @@
+"""Student and teacher LMs as DSPy builds them: a simulated model resolved to the simulator's URL, a `dspy.LM` for a spec.
+
+Simulated models (`sim/student`) are rewritten to the OpenAI-compatible simulator's URL,
+so the production path (LiteLLM/DSPy speaking HTTP to an endpoint) is the one exercised.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dspy_sweeps.errors import SweepError
+from dspy_sweeps.spec.schema import SIM_PREFIX, ModelSpec
+
+NO_KEY = "EMPTY"  # what vLLM and SGLang accept when they run without --api-key
+
+
+def resolve(spec: ModelSpec, sim_url: str | None) -> ModelSpec:
+    """A simulated model becomes an OpenAI-compatible model at the simulator's URL."""
+    if not spec.simulated:
+        return spec
+    if sim_url is None:
+        raise SweepError(f"{spec.name}: model {spec.model} needs the simulated endpoint, which is not running")
+    served = "openai/" + spec.model.removeprefix(SIM_PREFIX)
+    return spec.model_copy(
+        update={"model": served, "api_base": sim_url, "api_key_env": None}
+    )  # the simulator takes no key
+
+
+def build_lm(spec: ModelSpec, cache: bool = True) -> Any:
+    """A dspy.LM for a resolved spec. The key is read from the environment at the last moment."""
+    import dspy
+
+    kwargs: dict[str, Any] = {}
+    if spec.temperature is not None:
+        kwargs["temperature"] = spec.temperature
+    if spec.max_tokens is not None:
+        kwargs["max_tokens"] = spec.max_tokens
+    if spec.api_key_env:
+        kwargs["api_key"] = _key(spec)
+    if spec.api_bases:
+        kwargs["api_base"] = spec.api_bases[0]
+        # A self-hosted endpoint gets a placeholder, never a cloud key LiteLLM would find in the environment.
+        kwargs.setdefault("api_key", NO_KEY)
+    return dspy.LM(spec.model, cache=cache, **kwargs)
+
+
+def _key(spec: ModelSpec) -> str:
+    key = os.environ.get(spec.api_key_env or "")
+    if not key:
+        raise SweepError(f"{spec.name} ({spec.model}): API key variable {spec.api_key_env} is not set")
+    return key
+
+
+def endpoint_for(original: ModelSpec, resolved: ModelSpec) -> Any:
+    """The gateway's view of a model. Its id names the model and the served checkpoint (vLLM's
+    `root`), not the URL, so a restarted server or simulator keeps its cache entries."""
+    from dspy_sweeps.lm.checks import served_models
+    from dspy_sweeps.lm.gateway import Endpoint
+
+    served = served_name(resolved)
+    root = ""
+    if resolved.api_bases:
+        root = served_models(resolved.api_bases[0], original.name).get(served, {}).get("root") or ""
+    return Endpoint(
+        id=f"{original.model}|{root}",
+        model=served,
+        api_bases=resolved.api_bases,
+        api_key_env=resolved.api_key_env,
+        max_concurrency=resolved.max_concurrency,
+        rpm=resolved.rpm,
+        tpm=resolved.tpm,
+        cost_per_hour=resolved.cost_per_hour,
+        timeout_s=resolved.timeout_s,
+    )
+
+
+def served_name(spec: ModelSpec) -> str:
+    """The model name an OpenAI-compatible server knows (`openai/llama-8b` → `llama-8b`)."""
+    return spec.model.split("/", 1)[1] if spec.api_bases and "/" in spec.model else spec.model

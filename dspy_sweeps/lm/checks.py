@@ -1,0 +1,59 @@
+"""Checks before any LM call: every key variable is set, every self-hosted endpoint answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+from dspy_sweeps.errors import SweepError
+from dspy_sweeps.spec.schema import ModelSpec, Sweep
+
+
+def check_keys(sweep: Sweep) -> None:
+    """Every cloud model has its key variable set; the error names the variable, never a value."""
+    for role, specs in (("students", sweep.students), ("teachers", sweep.teachers)):
+        for i, spec in enumerate(specs):
+            if spec.simulated:
+                continue
+            if spec.api_key_env:
+                if not os.environ.get(spec.api_key_env):
+                    raise SweepError(f"{role}.{i} ({spec.model}): API key variable {spec.api_key_env} is not set")
+            elif not spec.api_base and spec.serve is None:  # self-hosted endpoints take no cloud key
+                _check_litellm_env(f"{role}.{i}", spec.model)
+
+
+def _check_litellm_env(where: str, model: str) -> None:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    missing = litellm.validate_environment(model=model).get("missing_keys") or []
+    if missing:
+        raise SweepError(f"{where} ({model}): API key variable {', '.join(missing)} is not set")
+
+
+def check_endpoints(specs: list[tuple[str, ModelSpec]], timeout: float = 5.0) -> None:
+    """One short GET /models per self-hosted endpoint, so a typo in api_base costs seconds, not a sweep."""
+    seen: set[str] = set()
+    for where, spec in specs:
+        for base in spec.api_bases:
+            if base not in seen:
+                seen.add(base)
+                served_models(base, f"{where} ({spec.name})", timeout)
+
+
+def served_models(base: str, where: str, timeout: float = 5.0) -> dict[str, Any]:
+    """GET {base}/models: the served models by id, or {} when the endpoint wants a key to list them."""
+    url = base.rstrip("/") + "/models"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return {m.get("id"): m for m in json.load(response).get("data", [])}
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # an endpoint that asks for a key is there
+            return {}
+        raise SweepError(f"{where}: endpoint {url} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SweepError(f"{where}: endpoint {base} is unreachable ({reason})") from None

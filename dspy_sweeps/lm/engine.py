@@ -1,0 +1,96 @@
+"""DSPy's side of the gateway: a DSPy 3.4 engine that hands every request of a trial's LM to the
+sweep's gateway actor, and turns the gateway's failures back into DSPy's (lm15) errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dspy_sweeps.spec.schema import ModelSpec
+
+
+def build_gateway_lm(spec: ModelSpec, gateway: Any, endpoint_id: str, trial_id: str) -> Any:
+    """A dspy.LM whose calls go through the sweep's gateway (which caches, so DSPy does not)."""
+    import dspy
+
+    kwargs = {
+        k: v for k, v in {"temperature": spec.temperature, "max_tokens": spec.max_tokens}.items() if v is not None
+    }
+    return dspy.LM(spec.model, engine=GatewayEngine(gateway, endpoint_id, trial_id), cache=False, **kwargs)
+
+
+class GatewayEngine:
+    """DSPy 3.4 engine (`complete(Request) -> Response`) that hands each request to the gateway actor."""
+
+    def __init__(self, gateway: Any, endpoint_id: str, trial_id: str) -> None:
+        self.gateway, self.endpoint_id, self.trial_id = gateway, endpoint_id, trial_id
+
+    def complete(self, request: Any) -> Any:
+        import ray
+        from dspy.lm15 import response_from_openai_chat
+
+        try:
+            body = ray.get(self.gateway.complete.remote(self.trial_id, self.endpoint_id, openai_body(request)))
+        except ray.exceptions.RayTaskError as exc:
+            raise lm_error(exc.cause) from None
+        except ray.exceptions.RayActorError as exc:  # the gateway is restarting: retryable like a dropped connection
+            from dspy import lm15
+
+            raise lm15.TransportError(f"LM gateway unavailable: {exc}") from None
+        return response_from_openai_chat(body, model=request.model)
+
+    def stream(self, request: Any) -> Any:
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        pass
+
+
+class BudgetSpent(Exception):
+    """The sweep's budget is spent: not retried, and the trial is marked as cut short."""
+
+
+def lm_error(cause: BaseException | None) -> Exception:
+    """The DSPy (lm15) error for a gateway failure, so DSPy's own retry policy applies."""
+    from dspy import lm15
+
+    from dspy_sweeps.lm.gateway import GatewayError
+
+    if not isinstance(cause, GatewayError):
+        return RuntimeError(f"LM gateway failed: {cause!r}")
+    if cause.kind == "budget":
+        return BudgetSpent(str(cause))
+    classes = {
+        "rate_limit": lm15.RateLimitError,
+        "server": lm15.ServerError,
+        "transport": lm15.TransportError,
+        "timeout": lm15.TimeoutError,
+        "auth": lm15.AuthError,
+        "invalid": lm15.InvalidRequestError,
+    }
+    return classes[cause.kind](str(cause), status=cause.status, retry_after=cause.retry_after)
+
+
+def openai_body(request: Any) -> dict[str, Any]:
+    """An OpenAI chat-completions body (without `model`) for a text-only lm15 Request."""
+    from dspy.lm15 import UnsupportedFeatureError
+
+    messages = []
+    if request.system is not None:
+        system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+        messages.append({"role": "system", "content": system})
+    for message in request.messages:
+        if message.text is None:
+            raise UnsupportedFeatureError("the sweep gateway sends text messages only")
+        messages.append({"role": message.role, "content": message.text})
+    config = request.config
+    body: dict[str, Any] = {"messages": messages}
+    for name in ("max_tokens", "temperature", "top_p", "seed", "frequency_penalty", "presence_penalty"):
+        if getattr(config, name) is not None:
+            body[name] = getattr(config, name)
+    if config.stop:
+        body["stop"] = list(config.stop)
+    if config.response_format is not None:
+        body["response_format"] = config.response_format
+    return {**body, **(config.extensions or {})}

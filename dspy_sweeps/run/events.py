@@ -1,0 +1,44 @@
+"""Progress events: what a running trial tells the driver, and how the driver stops it early.
+
+A trial knows DSPy, not Ray: it is handed a `TrialEvents` and calls `report(phase, score)`
+after every evaluation its optimizer makes. The trial host forwards each event to the driver
+while the trial runs; the driver alone talks to W&B, MLflow and Optuna. When the driver
+prunes a trial, the trial's next `report` raises `Pruned`, so it stops within one evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class TrialEvent:
+    """One evaluation inside a running trial, with the trial's LM spend so far."""
+
+    trial_id: str
+    phase: str  # "compile" (the optimizer's own evaluations), "val", "test"
+    step: int  # LM calls the trial has requested so far, bucketed so trials report at the same steps
+    score: float | None
+    best: float | None  # best score the trial has reached so far
+    calls: int
+    tokens: int
+    cost_usd: float
+    failed_calls: int
+    elapsed_s: float
+
+
+class Pruned(Exception):
+    """The driver stopped this trial early: a loser at its step. Not a failure, and never a score of 0."""
+
+
+class TrialEvents(Protocol):
+    def report(self, phase: str, score: float | None) -> None:
+        """Record an evaluation; raises `Pruned` when the driver has asked the trial to stop."""
+
+
+class NoEvents:
+    """For a trial run outside a sweep (tests, benchmarks): events go nowhere, nothing prunes."""
+
+    def report(self, phase: str, score: float | None) -> None:
+        pass
