@@ -1,4 +1,5 @@
-"""Shared fixtures: the repo root, a 30-row arithmetic corpus, sweep files built from the demo.
+"""Shared fixtures: the repo root, a 30-row arithmetic corpus, sweep files built from the demo,
+and one Ray head for the whole test run.
 
 Run: ``.venv/bin/python -m pytest -q``. Nothing here imports DSPy, Ray or DuckDB, so tests
 that do not need them stay fast.
@@ -20,6 +21,42 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_ROWS = 30
+RAY_HEAD_CPUS = 32  # logical CPUs: sweeps from both test workers place their trial hosts at once
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One Ray head for the run: every `sweep run` a test starts joins it through RAY_ADDRESS (the
+    test workers inherit this process's environment), instead of starting a Ray of its own. Tests
+    whose subject is Ray's own start-up or clean-up drop RAY_ADDRESS (`own_ray`). Not for a run of
+    unit tests alone, which start no sweep."""
+    if hasattr(config, "workerinput") or "RAY_ADDRESS" in os.environ or _unit_tests_only(config):
+        return
+    from ray_head import start_head
+
+    head = start_head(dashboard=False, num_cpus=RAY_HEAD_CPUS)
+    config.stash[_HEAD] = head
+    os.environ.update({"RAY_ADDRESS": head.address, **head.env})
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    head = config.stash.get(_HEAD, None)
+    if head is not None:
+        for name in ("RAY_ADDRESS", *head.env):
+            os.environ.pop(name, None)
+        head.stop()
+
+
+_HEAD = pytest.StashKey[Any]()
+
+
+def _unit_tests_only(config: pytest.Config) -> bool:
+    paths = [Path(arg.split("::")[0]).resolve() for arg in config.args] or [REPO / "tests"]
+    return all((REPO / "tests" / "unit") in (p, *p.parents) for p in paths)
+
+
+def own_ray(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the shared head's address: the sweep starts (and must clean up) its own Ray."""
+    return {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
 
 
 def _reset_dspy() -> None:

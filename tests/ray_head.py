@@ -1,0 +1,157 @@
+"""A real Ray head on loopback, started with `ray start --head --block` in its own process group.
+
+The test run shares one (see `tests/conftest.py`): sweeps whose subject is not Ray's own start-up
+join it through `RAY_ADDRESS` instead of paying a Ray start each. `tests/integration/test_ray_jobs.py`
+starts one of its own, with the dashboard, to submit jobs to.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    process: subprocess.Popen
+    temp_dir: Path
+    address: str  # the GCS address a driver joins
+    dashboard: str | None  # the dashboard's URL, when it was started with one
+    env: dict[str, str]  # what a client needs for this cluster: auth mode and token
+    stopped: bool = False
+
+    def processes(self) -> list[str]:
+        """Processes still running with this cluster's temp dir on their command line."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # not a process, or it just exited
+                continue
+            if str(self.temp_dir) in cmdline and entry.name != str(os.getpid()):
+                found.append(f"{entry.name} {cmdline[:160]}")
+        return found
+
+    def stop(self) -> list[str]:
+        """SIGTERM to `ray start --block` stops all it started; return leftovers (then killed, by pid).
+
+        Never `ray stop`: it stops every Ray on the machine, other tests' too."""
+        if not self.stopped:
+            self.stopped = True
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        deadline = time.monotonic() + 15  # workers notice their raylet is gone within seconds
+        while (leftovers := self.processes()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for line in leftovers:
+            try:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return leftovers
+
+
+def start_head(*, dashboard: bool, num_cpus: int, env: dict[str, str] | None = None) -> RayHead:
+    """A Ray head on 127.0.0.1 with token auth and every port picked free (Ray's worker ports,
+    10002-19999, and its agent's 52365 are not among them: the kernel hands out higher ones).
+
+    The temp dir is short because Unix socket paths are limited to about 107 bytes."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    gcs_port, dashboard_port = free_port(), free_port()
+    ports = {
+        "--port": gcs_port,
+        "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+    }
+    if dashboard:
+        ports["--dashboard-port"] = dashboard_port
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    full_env = {
+        **(env or os.environ),
+        **auth,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    full_env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        "--disable-usage-stats",
+        f"--include-dashboard={'true' if dashboard else 'false'}",
+        *(["--dashboard-host=127.0.0.1"] if dashboard else []),
+        *(f"{flag}={port}" for flag, port in ports.items()),
+    ]
+    log_path = temp_dir / "ray-start.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            cmd, env=full_env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    head = RayHead(
+        process,
+        temp_dir,
+        f"127.0.0.1:{gcs_port}",
+        f"http://127.0.0.1:{dashboard_port}" if dashboard else None,
+        auth,
+    )
+    try:
+        _wait_until_up(head, log_path)
+    except BaseException:
+        head.stop()
+        raise
+    return head
+
+
+def _wait_until_up(head: RayHead, log: Path, timeout: float = 180) -> None:
+    """The dashboard answers (any HTTP answer: 401 without a token means it is up), or, without
+    one, `ray start` has printed that the head is running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert head.process.poll() is None, f"ray start exited:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"the Ray head did not come up in {timeout}s:\n{log.read_text()[-3000:]}"
+        if head.dashboard is None:
+            if "Ray runtime started" in log.read_text():
+                return
+        else:
+            try:
+                with urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2):
+                    return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                pass
+        time.sleep(0.5)
