@@ -7,6 +7,8 @@ of the host's threads and turns the trial's evaluations into progress events for
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
 import threading
 import time
 from dataclasses import dataclass
@@ -58,6 +60,8 @@ def execute_trial(trial_id: str, ctx: TrialContext, channel: Any) -> TrialResult
     workdir = State(Path(ctx.state_root)).trial_dir(ctx.sweep, trial_id)
     workdir.mkdir(parents=True, exist_ok=True)
     attempt = _next_attempt(workdir)
+    # Which process runs the trial (node and pid), for finding its logs or its host.
+    (workdir / "host").write_text(f"{platform.node()} {os.getpid()}\n")
     events = GatewayEvents(trial_id, ctx.gateway, channel)
     try:
         result = run_trial(trial, ctx.data, TrialLMs(student, teacher), workdir, events)
