@@ -94,7 +94,9 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
             time.sleep(0.2)
 
     killed = run_with(kill_driver_after_first_trial, args, state=state)
-    assert killed.returncode == -signal.SIGKILL, "the driver should have been killed mid-sweep"
+    assert killed.returncode == -signal.SIGKILL, (
+        f"the driver should have been killed mid-sweep: {killed.stderr[-3000:]}"
+    )
     before = {r["trial_id"]: r for r in rows(state)}
     left = _alive_after(children, seconds=20)
     resumed = sweep_cli(*args, "--resume", state=state)
