@@ -36,10 +36,6 @@ class State:
         return self.root / "wandb"
 
     @property
-    def ray(self) -> Path:
-        return self.root / "ray"
-
-    @property
     def sim(self) -> Path:
         return self.root / "sim"
 

@@ -372,7 +372,7 @@ def served_students(
         urls = _await_replicas(sweep, actors)
         for name, bases in urls.items():
             _say(console, f"serving student {name}: {len(bases)} replica(s) at {', '.join(bases)} (logs in {log_dir})")
-        _warn_if_no_room_for_trials(console)
+        _warn_if_no_room_for_trials(console, sweep.hosts.cpus)
         yield urls
     finally:
         _stop_replicas(actors, console)
@@ -412,17 +412,15 @@ def _resources_hint(student: ModelSpec) -> str:
     )
 
 
-def _warn_if_no_room_for_trials(console: Any) -> None:
+def _warn_if_no_room_for_trials(console: Any, host_cpus: float) -> None:
     import ray
 
-    from dspy_sweeps.run.runner import CPUS_PER_TRIAL
-
     free = ray.available_resources().get("CPU", 0.0)
-    if free < CPUS_PER_TRIAL:
+    if free < host_cpus:
         _say(
             console,
-            f"[yellow]warning[/]: the served students hold the cluster's CPUs ({free:g} free, a trial needs "
-            f"{CPUS_PER_TRIAL:g}); trials wait until an autoscaler adds some (or lower serve.cpus)",
+            f"[yellow]warning[/]: the served students hold the cluster's CPUs ({free:g} free, a trial host needs "
+            f"{host_cpus:g}); trials wait until an autoscaler adds some (or lower serve.cpus or hosts.cpus)",
         )
 
 

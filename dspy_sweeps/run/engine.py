@@ -45,8 +45,8 @@ def run_sweep(
 ) -> SweepOutcome:
     """Start what the sweep needs, run its trials, promote the winner, and stop everything again.
 
-    Order: simulator, Ray, served students (their replicas are Ray actors), endpoint checks,
-    trials, promotion (which re-scores on the student, so the replicas are still up); then, each
+    Order: simulator, Ray, served students (their replicas are Ray actors), trial hosts (warming
+    up while endpoints are checked and trackers open), trials, promotion (which re-scores on the student, so the replicas are still up); then, each
     in a `finally`, the replicas stop, Ray stops, the simulator stops.
     """
     sweep = prepared.sweep
@@ -58,13 +58,17 @@ def run_sweep(
         check_endpoints([(role, resolve(s, sim_url)) for role, s in _roles(sweep) if s.serve is None])
         # Importing MLflow and creating its store takes seconds: done while Ray starts.
         opening = background.submit(Trackers.open, sweep, state, prepared.data.fingerprint, resume)
-        with _ray(sweep, state, address), served_students(sweep, state, key, console) as served:
+        with (
+            _ray(sweep, state, address),
+            served_students(sweep, state, key, console) as served,
+            _hosts(prepared) as hosts,
+        ):
             specs = {s.model_dump_json(): s for _, s in _roles(sweep)}  # the key trials know their LMs by
             resolved = {k: _resolve(s, sim_url, served) for k, s in specs.items()}
             _check_served(sweep, resolved)
             endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
             trackers = opening.result()
-            records = _run_trials(prepared, state, endpoints, trackers, console, resume)
+            records = _run_trials(prepared, state, endpoints, trackers, console, resume, hosts)
             decision = _promote(prepared, records, trackers, state, resolved) if sweep.promote else None
             trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")
     return SweepOutcome(records, decision)
@@ -80,6 +84,28 @@ def _ray(sweep: Sweep, state: State, address: str | None) -> Iterator[None]:
         yield
     finally:
         runner.stop_ray()
+
+
+@contextlib.contextmanager
+def _hosts(prepared: Prepared) -> Iterator[Any]:
+    """The sweep's trial hosts, sized from the sweep file and the CPUs Ray has free."""
+    import functools
+
+    import ray
+
+    from dspy_sweeps.run.hosts import HostPool, size_hosts
+    from dspy_sweeps.run.worker import execute_trial, warm
+
+    sweep, total = prepared.sweep, len(prepared.trials)
+    fill = max(1, min(s.max_concurrency for s in sweep.students) // sweep.num_threads)
+    free = ray.available_resources().get("CPU", 0.0)
+    plan = size_hosts(min(sweep.parallelism or total, total), sweep.hosts.trials_per_host, sweep.hosts.cpus, free, fill)
+    kinds = tuple(sorted({t.kind for t in prepared.trials}))
+    pool = HostPool(execute_trial, functools.partial(warm, sweep.program, sweep.metric, kinds), plan)
+    try:
+        yield pool
+    finally:
+        pool.close()
 
 
 def _resolve(spec: ModelSpec, sim_url: str | None, served: dict[str, list[str]]) -> ModelSpec:
@@ -104,12 +130,20 @@ def _check_served(sweep: Sweep, resolved: dict[str, ModelSpec]) -> None:
 
 
 def _run_trials(
-    prepared: Prepared, state: State, endpoints: dict[str, Any], trackers: Trackers, console: Console, resume: bool
+    prepared: Prepared,
+    state: State,
+    endpoints: dict[str, Any],
+    trackers: Trackers,
+    console: Console,
+    resume: bool,
+    hosts: Any,
 ) -> list[TrialRecord]:
-    """Every trial on Ray, all LM calls through one gateway; each record is saved and tracked as it lands."""
+    """Every trial on the trial hosts, all LM calls through one gateway; each record is saved and
+    tracked as it lands."""
     from dspy_sweeps.lm.gateway import Budget
     from dspy_sweeps.run import runner
-    from dspy_sweeps.run.worker import TrialContext, execute_trial
+    from dspy_sweeps.run.hosts import Outcome
+    from dspy_sweeps.run.worker import TrialContext
 
     sweep, trials = prepared.sweep, {t.id: t for t in prepared.trials}
     records = _finished(state, prepared) if resume else []
@@ -123,7 +157,7 @@ def _run_trials(
         if records:
             progress.console.print(f"  resuming: {len(records)} finished trials kept, {len(pending)} to run")
 
-        def on_outcome(outcome: runner.Outcome) -> None:
+        def on_outcome(outcome: Outcome) -> None:
             trial, result = trials[outcome.trial_id], _result(outcome)
             program_path = _save_program(state, sweep.name, trial.id, result)
             record = TrialRecord.of(sweep.name, trial, result, program_path, prepared.data.fingerprint)
@@ -147,15 +181,7 @@ def _run_trials(
                 )
 
         if pending:
-            runner.run_trials(
-                pending,
-                execute_trial,
-                ctx,
-                name=sweep.name,
-                storage=state.ray,
-                parallelism=sweep.parallelism,
-                on_outcome=on_outcome,
-            )
+            hosts.run(pending, ctx, parallelism=sweep.parallelism, on_outcome=on_outcome)
     return records
 
 
@@ -177,7 +203,7 @@ def _roles(sweep: Sweep) -> Iterator[tuple[str, ModelSpec]]:
 def _result(outcome) -> TrialResult:
     if outcome.error is not None:
         return TrialResult(trial_id=outcome.trial_id, status="failed", error=outcome.error, reason="error")
-    return TrialResult(**outcome.result)
+    return outcome.result
 
 
 def _save_program(state: State, sweep: str, trial_id: str, result: TrialResult) -> Path | None:

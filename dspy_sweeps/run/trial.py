@@ -1,7 +1,7 @@
 """One trial: compile the program with one optimizer, score it on val and test.
 
-`run_trial(trial, data, lms)` is a plain function a Ray worker imports; it knows DSPy,
-not Ray. It raises on failure, so the caller records the reason instead of a score of 0.
+`run_trial(trial, data, lms, workdir, events)` is a plain function a trial host imports; it knows
+DSPy, not Ray, and tells the driver about its evaluations through `events` (see events.py). It raises on failure, so the caller records the reason instead of a score of 0.
 LM accounting (calls, tokens, cost) is the gateway's, filled in by the worker.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.data import Dataset
+from dspy_sweeps.run.events import NoEvents, TrialEvents
 from dspy_sweeps.spec.imports import build_program, load_object
 from dspy_sweeps.spec.optimizers import bind_settings, optimizer_class
 from dspy_sweeps.spec.plan import Trial
@@ -32,9 +33,9 @@ class TrialResult:
     """What a trial produced; `program` is DSPy's JSON state of the compiled program."""
 
     trial_id: str
-    status: str  # "ok" | "failed" | "cut" (stopped by the sweep's budget)
+    status: str  # "ok" | "failed" | "cut" (stopped by the sweep's budget) | "pruned" (stopped early by the sweep)
     error: str | None = None
-    reason: str | None = None  # why it failed: "endpoint", "auth", "budget", "error"
+    reason: str | None = None  # why it failed: "endpoint", "auth", "budget", "error"; or "pruned"
     val_score: float | None = None
     test_score: float | None = None
     lm_calls: int = 0  # calls sent to an endpoint
@@ -48,12 +49,14 @@ class TrialResult:
     latency_s: float = 0.0
     cost_usd: float = 0.0
     duration_s: float = 0.0
-    attempts: int = 1  # more than 1: the trial was retried after its worker died, or resumed
+    attempts: int = 1  # more than 1: the trial was retried after its host died, or resumed
     program: str | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_trial(trial: Trial, data: Dataset, lms: TrialLMs, workdir: Path) -> TrialResult:
+def run_trial(
+    trial: Trial, data: Dataset, lms: TrialLMs, workdir: Path, events: TrialEvents = NoEvents()
+) -> TrialResult:
     import dspy
 
     start = time.monotonic()
@@ -62,6 +65,7 @@ def run_trial(trial: Trial, data: Dataset, lms: TrialLMs, workdir: Path) -> Tria
     with dspy.context(lm=lms.student):
         program = compile_program(trial, build_program(trial.program), metric, lms, trainset, valset, workdir)
         val = evaluate(program, valset, metric, trial.num_threads)
+        events.report("val", val.score)
         test = evaluate(program, testset, metric, trial.num_threads)
     return TrialResult(
         trial_id=trial.id,

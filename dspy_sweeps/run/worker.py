@@ -1,15 +1,26 @@
-"""What a Ray trial actor runs: build the trial's LMs on the sweep's gateway, run it, add its accounting."""
+"""What a trial host runs: build the trial's LMs on the sweep's gateway, run it, add its accounting.
+
+`warm` is what a host imports once before its first trial; `execute_trial` runs one trial on one
+of the host's threads and turns the trial's evaluations into progress events for the driver.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.lm.engine import build_gateway_lm
+from dspy_sweeps.run.events import Pruned, TrialEvent
 from dspy_sweeps.run.trial import TrialLMs, TrialResult, run_trial
+from dspy_sweeps.spec.imports import load_object
+from dspy_sweeps.spec.optimizers import optimizer_class
 from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.state import State
 
@@ -26,41 +37,89 @@ class TrialContext:
     state_root: str
 
 
-def execute_trial(trial_id: str, ctx: TrialContext) -> dict[str, Any]:
+def warm(program: str, metric: str, kinds: tuple[str, ...]) -> None:
+    """Import DSPy, the sweep's optimizers, program and metric once, before a host's first trial."""
+    import dspy  # noqa: F401  (most of a host's start-up; done before any trial waits on it)
+
+    for kind in kinds:
+        if kind != "none":
+            optimizer_class(kind)
+    load_object(program, "program")
+    load_object(metric, "metric")
+
+
+def execute_trial(trial_id: str, ctx: TrialContext, channel: Any) -> TrialResult:
+    """Run one trial on a host's thread; `channel` carries its events to the driver (see hosts.py)."""
     import ray
 
     trial = ctx.trials[trial_id]
     if ray.get(ctx.gateway.exhausted.remote()):
-        return asdict(TrialResult(trial_id, "cut", error="not started: the sweep's budget is spent"))
+        return TrialResult(trial_id, "cut", error="not started: the sweep's budget is spent")
     student = _lm(ctx, trial.student, trial_id)
     teacher = _lm(ctx, trial.teacher, trial_id) if trial.teacher else student
     workdir = State(Path(ctx.state_root)).trial_dir(ctx.sweep, trial_id)
     workdir.mkdir(parents=True, exist_ok=True)
     attempt = _next_attempt(workdir)
+    # Which process runs the trial (node and pid), for finding its logs or its host.
+    (workdir / "host").write_text(f"{platform.node()} {os.getpid()}\n")
+    events = GatewayEvents(trial_id, ctx.gateway, channel)
     try:
-        result = run_trial(trial, ctx.data, TrialLMs(student, teacher), workdir)
+        result = run_trial(trial, ctx.data, TrialLMs(student, teacher), workdir, events)
     except Exception as exc:
         result = failed(trial_id, exc, budget_spent=ray.get(ctx.gateway.exhausted.remote()))
     stats = ray.get(ctx.gateway.trial_stats.remote(trial_id))
-    return asdict(
-        dataclasses.replace(
-            result,
-            attempts=attempt,
-            lm_calls=stats.sent,
-            calls_requested=stats.requested,
-            cache_hits=stats.cache_hits,
-            merged_calls=stats.merged,
-            failed_calls=stats.failed,
-            prompt_tokens=stats.prompt_tokens,
-            completion_tokens=stats.completion_tokens,
-            latency_s=round(stats.latency_s, 3),
-            cost_usd=round(stats.cost_usd, 6),
-        )
+    return dataclasses.replace(
+        result,
+        attempts=attempt,
+        lm_calls=stats.sent,
+        calls_requested=stats.requested,
+        cache_hits=stats.cache_hits,
+        merged_calls=stats.merged,
+        failed_calls=stats.failed,
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        latency_s=round(stats.latency_s, 3),
+        cost_usd=round(stats.cost_usd, 6),
     )
 
 
+class GatewayEvents:
+    """The `TrialEvents` a trial gets in a sweep: each report becomes a `TrialEvent` carrying the
+    trial's spend so far (the gateway's count) and goes to the driver through the host's channel,
+    which raises `Pruned` once the driver has stopped the trial."""
+
+    def __init__(self, trial_id: str, gateway: Any, channel: Any) -> None:
+        self.trial_id, self.gateway, self.channel = trial_id, gateway, channel
+        self.best: float | None = None
+        self.start = time.monotonic()
+        self.lock = threading.Lock()  # an optimizer may report from its evaluation threads
+
+    def report(self, phase: str, score: float | None) -> None:
+        import ray
+
+        stats = ray.get(self.gateway.trial_stats.remote(self.trial_id))
+        with self.lock:
+            if score is not None and (self.best is None or score > self.best):
+                self.best = score
+            best = self.best
+        self.channel.emit(
+            TrialEvent(
+                trial_id=self.trial_id,
+                phase=phase,
+                step=stats.requested,
+                score=score,
+                best=best,
+                calls=stats.sent,
+                tokens=stats.prompt_tokens + stats.completion_tokens,
+                cost_usd=round(stats.cost_usd, 6),
+                failed_calls=stats.failed,
+                elapsed_s=round(time.monotonic() - self.start, 3),
+            )
+        )
+
+
 def _next_attempt(workdir: Path) -> int:
-    """Which run of this trial this is. A trial retried after its worker died (or resumed after the
+    """Which run of this trial this is. A trial retried after its host died (or resumed after the
     driver died) finds its folder used; GEPA, whose log_dir is in it, resumes from its saved state."""
     counter = workdir / "attempts"
     attempt = int(counter.read_text().strip() or 0) + 1 if counter.is_file() else 1
@@ -69,13 +128,16 @@ def _next_attempt(workdir: Path) -> int:
 
 
 def failed(trial_id: str, exc: BaseException, budget_spent: bool) -> TrialResult:
-    """A failed trial and why: the budget, a refused key, the endpoint, or the program itself."""
+    """A trial that ended without scores and why: stopped by the sweep (pruned), the budget, a
+    refused key, the endpoint, or the program itself."""
     from dspy import lm15
     from dspy.utils.exceptions import LMAuthError
 
     from dspy_sweeps.run.trial import EndpointFailure, lm_call_errors
 
     message = f"{type(exc).__name__}: {exc}"[:1000]
+    if isinstance(exc, Pruned):  # not a failure: the driver stopped a loser
+        return TrialResult(trial_id, "pruned", reason="pruned")
     if budget_spent:
         return TrialResult(
             trial_id, "cut", error=f"stopped when the sweep's budget was spent ({type(exc).__name__})", reason="budget"

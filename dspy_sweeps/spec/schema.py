@@ -206,6 +206,18 @@ class SimSpec(_Strict):
     per_token_ms: float = Field(default=4.5, ge=0)
 
 
+class Hosts(_Strict):
+    """Trial hosts: warm processes that each run many trials at once on threads."""
+
+    trials_per_host: int | None = Field(
+        default=None,
+        gt=0,
+        description="trials one host runs at once (1: a process per trial, for programs that are not "
+        "thread-safe); default: enough to keep one student endpoint busy, one host per CPU",
+    )
+    cpus: float = Field(default=0.25, gt=0, description="CPUs Ray reserves for each host")
+
+
 class Sweep(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     program: str = Field(pattern=r"^[\w.]+:[\w.]+$")
@@ -220,6 +232,7 @@ class Sweep(_Strict):
     tracking: Tracking = Tracking()
     parallelism: int | None = Field(default=None, gt=0, description="trials running at once; default all")
     num_threads: int = Field(default=8, gt=0, description="DSPy threads inside each trial")
+    hosts: Hosts = Hosts()
     sim: SimSpec = SimSpec()
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""Crashes during a sweep (issue: reliability): a trial's worker, the driver itself and the state
+"""Crashes during a sweep (issue: reliability): a trial's host, the driver itself and the state
 directory's disk. Finished work is never lost or redone, nothing is left running, and each case
 records its figures for `make reliability`."""
 
@@ -22,43 +22,50 @@ from dspy_sweeps.sim.launch import SimServer
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 
-def test_a_killed_trial_worker_is_retried_and_gepa_resumes(sim: SimServer, tmp_path: Path, reliability) -> None:
-    """GEPA's worker is killed once GEPA has saved its state in the trial's folder; Tune retries the
-    trial, whose GEPA finds its log_dir and resumes; the baseline trial beside it is untouched."""
+def test_a_killed_trial_host_has_its_trial_retried_and_gepa_resumes(
+    sim: SimServer, tmp_path: Path, reliability
+) -> None:
+    """One trial per host: GEPA's host is SIGKILLed once GEPA has saved its state in the trial's
+    folder; a fresh host re-runs the trial, whose GEPA finds its log_dir and resumes; the baseline
+    trial on the other host is untouched, and every trial finishes once."""
     killed: list[int] = []
     gepa_states: list[Path] = []
 
-    def kill_the_gepa_worker(cli: subprocess.Popen) -> None:
+    def kill_the_gepa_host(cli: subprocess.Popen) -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and cli.poll() is None and not killed:
             gepa_states[:] = list((tmp_path / "trials").glob("demo/gepa-*/gepa/gepa_state.bin"))
-            finished = len(rows(tmp_path)) if (tmp_path / "results" / "demo.parquet").exists() else 0
-            workers = [
-                p for p in psutil.Process(cli.pid).children(recursive=True) if "ImplicitFunc" in " ".join(_cmdline(p))
-            ]
-            if gepa_states and finished == 1 and len(workers) == 1:  # the baseline is done: GEPA's is the one left
-                workers[0].kill()
-                killed.append(workers[0].pid)
+            hosts = {p.pid: p for p in psutil.Process(cli.pid).children(recursive=True) if "TrialHost" in _title(p)}
+            markers = list((tmp_path / "trials").glob("demo/gepa-*/host"))
+            pid = int(markers[0].read_text().split()[1]) if markers else None
+            if gepa_states and pid in hosts and len(hosts) == 2:  # both hosts up, GEPA's has saved its state
+                hosts[pid].kill()
+                killed.append(pid)
             time.sleep(0.1)
 
     grid = "optimizers=[{kind: gepa, max_metric_calls: 150}]"
-    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, *UNTRACKED]
-    result = run_with(kill_the_gepa_worker, args, state=tmp_path)
-    records = {r["kind"]: r for r in rows(tmp_path)}
-    survived = result.returncode == 0 and all(r["status"] == "ok" for r in records.values())
+    hosts = "hosts={trials_per_host: 1}"
+    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, "--set", hosts, *UNTRACKED]
+    result = run_with(kill_the_gepa_host, args, state=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    all_rows = rows(tmp_path)
+    records = {r["kind"]: r for r in all_rows}
+    survived = all(r["status"] == "ok" for r in records.values()) and len(all_rows) == 2
     reliability(
-        "SIGKILL of a running trial's worker (GEPA, mid-run)",
+        "SIGKILL of a running trial's host (GEPA, mid-run)",
         runs=1,
         faults_injected=len(killed),
         faults_survived=int(survived and records["gepa"]["attempts"] == 2) * len(killed),
         trials_lost=len([r for r in records.values() if r["status"] != "ok"]),
     )
-    assert killed, "GEPA's worker was not found running after it saved its state"
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert killed, "GEPA's host was not found running after it saved its state"
+    assert len(all_rows) == 2, "every trial is recorded exactly once"
     assert sorted(records) == ["gepa", "none"] and all(r["status"] == "ok" for r in records.values())
     assert records["gepa"]["attempts"] == 2, "retried once, in the folder where GEPA saved its state"
     assert gepa_states[0].is_file(), "GEPA's saved state stayed in the trial's folder for the retry"
-    assert records["none"]["attempts"] == 1, "the other trial was not disturbed"
+    gepa_dir = gepa_states[0].parents[1]
+    assert int((gepa_dir / "host").read_text().split()[1]) != killed[0], "the retry ran on a fresh host"
+    assert records["none"]["attempts"] == 1, "the other host's trial was not disturbed"
 
 
 def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_path: Path, reliability) -> None:
@@ -87,7 +94,9 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
             time.sleep(0.2)
 
     killed = run_with(kill_driver_after_first_trial, args, state=state)
-    assert killed.returncode == -signal.SIGKILL, "the driver should have been killed mid-sweep"
+    assert killed.returncode == -signal.SIGKILL, (
+        f"the driver should have been killed mid-sweep: {killed.stderr[-3000:]}"
+    )
     before = {r["trial_id"]: r for r in rows(state)}
     left = _alive_after(children, seconds=20)
     resumed = sweep_cli(*args, "--resume", state=state)
@@ -133,6 +142,14 @@ def _cmdline(proc: psutil.Process) -> list[str]:
         return proc.cmdline()
     except psutil.Error:
         return []
+
+
+def _title(proc: psutil.Process) -> str:
+    """A Ray worker's process title (`ray::TrialHost.run`), or its command line."""
+    try:
+        return f"{proc.name()} {' '.join(proc.cmdline())}"
+    except psutil.Error:
+        return ""
 
 
 def _alive_after(processes: list[psutil.Process], seconds: float) -> list[str]:

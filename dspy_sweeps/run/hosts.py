@@ -1,0 +1,249 @@
+"""Trial hosts: long-lived Ray actors that each run many trials at once, on threads.
+
+A trial waits on LM endpoints almost all the time, so it is a thread in a warm process rather
+than a process of its own: a host imports DSPy, the optimizers and the sweep's program once
+(its `warm` call), then runs every trial it is handed on the actor's thread pool. The driver's
+`HostPool` starts the hosts (Ray places them), hands pending trials to hosts with free slots,
+forwards the trials' progress events, and when a host dies (SIGKILL, a lost node) re-runs that
+host's trials on a fresh host; other hosts' trials never notice.
+
+Like the rest of the Ray layer it knows trials only by id and a function
+`fn(trial_id, shared, channel) -> result`; a trial that raises is reported as failed with its
+reason and never stops the others.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dspy_sweeps.run.events import Pruned, TrialEvent
+
+HOST_RETRIES = 2  # times a trial is re-run after its host died; its own exceptions are never retried
+CONTROL_THREADS = 4  # actor threads beyond the trial slots, so drain/stop/pid never wait for a trial
+POLL_S = 0.5  # how often the driver collects progress events while trials run
+
+
+@dataclass(frozen=True)
+class Outcome:
+    trial_id: str
+    result: Any  # what the trial function returned; None when it raised or its hosts kept dying
+    error: str | None
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    hosts: int
+    trials_per_host: int
+    cpus: float  # reserved in Ray per host
+
+
+def size_hosts(running: int, trials_per_host: int | None, cpus: float, free_cpus: float, fill: int) -> HostPlan:
+    """Hosts for `running` trials at once. By default a host holds `fill` trials (enough to keep one
+    endpoint busy) and there is at most one host per free CPU, since a host is one GIL; never more
+    hosts than Ray can place, so no trial waits on a host that cannot start."""
+    placeable = max(1, int(free_cpus // cpus))
+    running = max(running, 1)
+    if trials_per_host is None:
+        hosts = max(1, min(math.ceil(running / max(fill, 1)), int(free_cpus), placeable))
+        return HostPlan(hosts, math.ceil(running / hosts), cpus)
+    return HostPlan(max(1, min(math.ceil(running / trials_per_host), placeable)), trials_per_host, cpus)
+
+
+class Channel:
+    """A running trial's line to the driver: its events wait in the host until the driver drains
+    them, and once the driver has stopped the trial, its next event raises `Pruned`."""
+
+    def __init__(self, trial_id: str, host: TrialHost) -> None:
+        self.trial_id, self._host = trial_id, host
+
+    def emit(self, event: TrialEvent) -> None:
+        with self._host.lock:
+            if self.trial_id in self._host.stopped:
+                raise Pruned(f"trial {self.trial_id} was stopped by the sweep")
+            self._host.events.append(event)
+
+
+class TrialHost:
+    """One host process: a threaded Ray actor whose `run` calls execute on the actor's thread pool."""
+
+    def __init__(self, fn: Callable[[str, Any, Channel], Any], warm: Callable[[], None] | None) -> None:
+        self.fn = fn
+        self.lock = threading.Lock()
+        self.events: list[TrialEvent] = []
+        self.stopped: set[str] = set()
+        self._shared: dict[str, Any] = {}
+        if warm is not None:
+            warm()
+
+    def run(self, trial_id: str, shared: list[Any], stopped: bool = False) -> Outcome:
+        """Run one trial. `shared` holds the sweep's object reference (kept nested, so Ray does not
+        fetch and unpickle it for every trial: the host keeps one copy)."""
+        if stopped:
+            self.stop(trial_id)
+        try:
+            return Outcome(trial_id, self.fn(trial_id, self._load(shared[0]), Channel(trial_id, self)), None)
+        except Exception as exc:
+            return Outcome(trial_id, None, f"{type(exc).__name__}: {exc}"[:1000])
+
+    def _load(self, ref: Any) -> Any:
+        import ray
+
+        with self.lock:
+            if ref.hex() not in self._shared:
+                self._shared[ref.hex()] = ray.get(ref)
+            return self._shared[ref.hex()]
+
+    def drain(self) -> list[TrialEvent]:
+        with self.lock:
+            events, self.events = self.events, []
+        return events
+
+    def stop(self, trial_id: str) -> None:
+        with self.lock:
+            self.stopped.add(trial_id)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def imported(self, modules: list[str]) -> list[str]:
+        """Which of `modules` this host has imported (hosts keep tracking libraries out)."""
+        return [m for m in modules if m in sys.modules]
+
+
+@dataclass(eq=False)
+class _Host:
+    handle: Any
+    running: set[str] = field(default_factory=set)
+    draining: Any = None  # the drain call in flight, if any
+
+
+class HostPool:
+    """The driver's side: starts the hosts, hands them trials as they have room, and collects
+    outcomes and events. `close()` kills the hosts."""
+
+    def __init__(self, fn: Callable[[str, Any, Channel], Any], warm: Callable[[], None] | None, plan: HostPlan) -> None:
+        import ray
+
+        self.plan = plan
+        self._actor = ray.remote(
+            num_cpus=plan.cpus, max_concurrency=plan.trials_per_host + CONTROL_THREADS, max_restarts=0
+        )(TrialHost)
+        self._fn, self._warm = fn, warm
+        # Created now, warmed in the background: Ray runs each constructor while the driver goes on.
+        self.hosts = [self._start() for _ in range(plan.hosts)]
+        self._stopped: set[str] = set()
+
+    def _start(self) -> _Host:
+        return _Host(self._actor.remote(self._fn, self._warm))
+
+    def pids(self) -> list[int]:
+        """The live hosts' process ids (for benchmarks and fault tests)."""
+        import ray
+
+        return ray.get([h.handle.pid.remote() for h in self.hosts])
+
+    def stop(self, trial_id: str) -> None:
+        """Stop a trial early: its next event raises `Pruned` (also if it has not started yet)."""
+        self._stopped.add(trial_id)
+        for host in self.hosts:
+            if trial_id in host.running:
+                host.handle.stop.remote(trial_id)
+
+    def run(
+        self,
+        trial_ids: list[str],
+        shared: Any,
+        *,
+        parallelism: int | None,
+        on_outcome: Callable[[Outcome], None],
+        on_event: Callable[[TrialEvent], None] | None = None,
+    ) -> list[Outcome]:
+        """Run `fn(trial_id, shared, channel)` for every id, at most `parallelism` at once;
+        `on_outcome` sees each outcome as it lands (after that trial's last events)."""
+        import ray
+
+        shared_ref = [ray.put(shared)]
+        pending, deaths = list(trial_ids), dict.fromkeys(trial_ids, 0)
+        limit = parallelism or len(trial_ids)
+        runs: dict[Any, tuple[_Host, str]] = {}
+        outcomes: list[Outcome] = []
+        while pending or runs:
+            self._submit(pending, runs, shared_ref, limit)
+            ready, _ = ray.wait(list(runs), num_returns=1, timeout=POLL_S)
+            self._forward(on_event, block=False)
+            for ref in ready:
+                host, trial_id = runs.pop(ref)
+                host.running.discard(trial_id)
+                try:
+                    outcome = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    outcome = self._host_died(host, trial_id, exc, deaths)
+                    if outcome is None:
+                        pending.insert(0, trial_id)
+                        continue
+                else:
+                    self._forward(on_event, block=True, only=host)
+                outcomes.append(outcome)
+                on_outcome(outcome)
+        return outcomes
+
+    def _submit(self, pending: list[str], runs: dict[Any, tuple[_Host, str]], shared_ref: list, limit: int) -> None:
+        while pending and len(runs) < limit:
+            host = min(self.hosts, key=lambda h: len(h.running))
+            if len(host.running) >= self.plan.trials_per_host:
+                return
+            trial_id = pending.pop(0)
+            host.running.add(trial_id)
+            runs[host.handle.run.remote(trial_id, shared_ref, trial_id in self._stopped)] = (host, trial_id)
+
+    def _host_died(self, host: _Host, trial_id: str, exc: Exception, deaths: dict[str, int]) -> Outcome | None:
+        """Replace a dead host (once) and say whether its trial runs again (None) or has failed."""
+        if host in self.hosts:
+            self.hosts[self.hosts.index(host)] = self._start()
+        deaths[trial_id] += 1
+        if deaths[trial_id] <= HOST_RETRIES:
+            return None
+        return Outcome(trial_id, None, f"its host died {deaths[trial_id]} times; last: {_reason(exc)}")
+
+    def _forward(self, on_event: Callable[[TrialEvent], None] | None, block: bool, only: _Host | None = None) -> None:
+        """Hand the hosts' buffered events to `on_event`. Not blocking: a host still warming up
+        answers on a later round. Blocking (for one host whose trial just ended): all of its events."""
+        import ray
+
+        for host in [only] if only is not None else self.hosts:
+            if host.draining is None:
+                host.draining = host.handle.drain.remote()
+            ready, _ = ray.wait([host.draining], timeout=None if block else 0)
+            if block:
+                ready += [host.handle.drain.remote()]  # events sent after the drain in flight was served
+            for ref in ready:
+                try:
+                    events = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    events = []  # a dead host: its trials' runs report that
+                for event in events if on_event is not None else ():
+                    on_event(event)
+            if ready:
+                host.draining = None
+
+    def close(self) -> None:
+        import ray
+
+        for host in self.hosts:
+            ray.kill(host.handle)
+
+
+def _reason(error: BaseException | None) -> str:
+    """The root cause in one line: Ray wraps errors in its own types."""
+    while error is not None and getattr(error, "cause", None) is not None:
+        error = error.cause
+    if error is None:
+        return "unknown error"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"[:500]
