@@ -27,7 +27,7 @@ RAY_HEAD_CPUS = 32  # logical CPUs: sweeps from both test workers place their tr
 def pytest_configure(config: pytest.Config) -> None:
     """One Ray head for the run: every `sweep run` a test starts joins it through RAY_ADDRESS (the
     test workers inherit this process's environment), instead of starting a Ray of its own. Tests
-    whose subject is Ray's own start-up or clean-up drop RAY_ADDRESS (`own_ray`). Not for a run of
+    whose subject is Ray's own start-up or clean-up drop RAY_ADDRESS (`ray_head.own_ray`). Not for a run of
     unit tests alone, which start no sweep."""
     if hasattr(config, "workerinput") or "RAY_ADDRESS" in os.environ or _unit_tests_only(config):
         return
@@ -52,11 +52,6 @@ _HEAD = pytest.StashKey[Any]()
 def _unit_tests_only(config: pytest.Config) -> bool:
     paths = [Path(arg.split("::")[0]).resolve() for arg in config.args] or [REPO / "tests"]
     return all((REPO / "tests" / "unit") in (p, *p.parents) for p in paths)
-
-
-def own_ray(env: dict[str, str]) -> dict[str, str]:
-    """`env` without the shared head's address: the sweep starts (and must clean up) its own Ray."""
-    return {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
 
 
 def _reset_dspy() -> None:

@@ -74,6 +74,11 @@ class RayHead:
         return leftovers
 
 
+def own_ray(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the shared head's address: the sweep starts (and must clean up) its own Ray."""
+    return {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+
+
 def start_head(*, dashboard: bool, num_cpus: int, env: dict[str, str] | None = None) -> RayHead:
     """A Ray head on 127.0.0.1 with token auth and every port picked free (Ray's worker ports,
     10002-19999, and its agent's 52365 are not among them: the kernel hands out higher ones).

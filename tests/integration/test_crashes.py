@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ray_head import own_ray
 from sweep_helpers import BOOTSTRAP_ONLY, REPO, SWEEP, UNTRACKED, pointed_at, rows, sweep_cli
 
 from dspy_sweeps.sim.launch import SimServer
@@ -128,7 +129,8 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
 def run_with(fault, args: list[str], state: Path) -> subprocess.CompletedProcess:
     """Run the CLI with `args` while `fault(process)` acts on it from a thread."""
     cmd = [str(SWEEP), *args, "--state-dir", str(state)]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    # Its own Ray: the faults act on the processes the driver starts (its hosts) and on what it leaves.
+    env = own_ray({**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
     cli = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     thread = threading.Thread(target=fault, args=(cli,))
     thread.start()
