@@ -89,7 +89,7 @@ class ProcessStats:
     peak_rss: dict[int, int] = field(default_factory=dict)  # pid -> bytes
     cpu_s: dict[int, float] = field(default_factory=dict)  # pid -> user+system seconds, last seen
     role: dict[int, str] = field(default_factory=dict)
-    peak_trial_actors: int = 0  # trial actors alive at once, at most
+    peak_hosts: int = 0  # trial hosts alive at once, at most
 
 
 class Sampler(threading.Thread):
@@ -128,7 +128,7 @@ class Sampler(threading.Thread):
                 procs.append(psutil.Process(pid))
             except psutil.NoSuchProcess:
                 pass
-        actors = 0
+        hosts = 0
         for proc in procs:
             try:
                 with proc.oneshot():
@@ -140,8 +140,8 @@ class Sampler(threading.Thread):
             self.procs.peak_rss[proc.pid] = max(self.procs.peak_rss.get(proc.pid, 0), rss)
             # children_* holds CPU of exited children the process waited for (short helpers).
             self.procs.cpu_s[proc.pid] = cpu.user + cpu.system
-            actors += role == "trial actors"
-        self.procs.peak_trial_actors = max(self.procs.peak_trial_actors, actors)
+            hosts += role == "trial hosts"
+        self.procs.peak_hosts = max(self.procs.peak_hosts, hosts)
 
     def cpu_by_role(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -149,11 +149,11 @@ class Sampler(threading.Thread):
             out[self.procs.role[pid]] = out.get(self.procs.role[pid], 0.0) + seconds
         return out
 
-    def trial_actor_peaks(self) -> list[int]:
-        return [rss for pid, rss in self.procs.peak_rss.items() if self.procs.role[pid] == "trial actors"]
+    def host_peaks(self) -> list[int]:
+        return [rss for pid, rss in self.procs.peak_rss.items() if self.procs.role[pid] == "trial hosts"]
 
-    def trial_actor_cpu(self) -> list[float]:
-        return [cpu for pid, cpu in self.procs.cpu_s.items() if self.procs.role[pid] == "trial actors"]
+    def host_cpu(self) -> list[float]:
+        return [cpu for pid, cpu in self.procs.cpu_s.items() if self.procs.role[pid] == "trial hosts"]
 
 
 def _role(pid: int, cmdline: list[str], driver_pid: int | None, sims: set[int]) -> str:
@@ -165,8 +165,8 @@ def _role(pid: int, cmdline: list[str], driver_pid: int | None, sims: set[int]) 
         return "simulated endpoints"
     if cmd.startswith("ray::GatewayCore"):
         return "gateway actor"
-    if cmd.startswith(("ray::ImplicitFunc", "ray::_Inner", "ray::Trainable")):
-        return "trial actors"
+    if cmd.startswith("ray::TrialHost"):
+        return "trial hosts"
     return "Ray system"
 
 

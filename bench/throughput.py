@@ -9,7 +9,8 @@ Every measured run is a child process (`throughput.py platform|sequential|overhe
 each gets a fresh Ray and a fresh DSPy, and this process only starts the simulated endpoints
 (`measure.Fleet`) and samples them and Ray's processes (`measure.Sampler`):
 
-- platform: `engine.run_sweep` on `bench/sweep.yaml` against 1, 2 or 4 student endpoints;
+- platform: `engine.run_sweep` on `bench/sweep.yaml` against 1, 2 or 4 student endpoints, on a
+  Ray it starts (cold) or, with `--address`, on a Ray head already running (`ray start`);
 - sequential: the same trials one after another in one process with `dspy.LM`s from
   `lms.build_lm`, DSPy's default threads and its disk cache: what users do today;
 - overhead: N calls of one shape through GatewayEngine and the gateway actor against the same
@@ -48,16 +49,15 @@ TIME_SCALE = 1.2
 class Sizes:
     split: tuple[int, int, int]  # train, val, test rows
     main_trials: int
-    scaling: tuple[tuple[int, int], ...]  # (endpoints, trials)
-    parallelism: int  # trials running at once, at most (memory: one actor each)
+    scaling: tuple[tuple[int, int], ...]  # (endpoints, trials); (1, main_trials) and (1, many) are needed
+    many: int  # the larger sweep: marginal CPU and memory per trial come from it and the main one
     overhead_calls: int
 
     @classmethod
     def pick(cls) -> Sizes:
         if os.environ.get("BENCH_QUICK"):
-            return cls((10, 10, 10), 4, ((1, 4), (2, 4), (4, 4), (1, 7)), 4, 100)
-        # (2, 64) is left out to keep `make bench` near 20 minutes on 2 cores
-        return cls((10, 10, 10), 16, ((1, 16), (2, 16), (4, 16), (1, 64), (4, 64)), 32, 400)
+            return cls((10, 10, 10), 4, ((1, 4), (2, 4), (1, 7)), 7, 100)
+        return cls((10, 10, 10), 16, ((1, 16), (2, 16), (4, 16), (1, 64), (4, 64)), 64, 400)
 
 
 def sweep_overrides(sizes: Sizes, trials: int, extra: list[str] = ()) -> list[str]:
@@ -65,12 +65,7 @@ def sweep_overrides(sizes: Sizes, trials: int, extra: list[str] = ()) -> list[st
         raise ValueError(f"{trials} trials: the bench sweep has 1 baseline + 3 optimizers × seeds")
     train, val, test = sizes.split
     seeds = list(range((trials - 1) // 3))
-    return [
-        f"data.split={{train: {train}, val: {val}, test: {test}, seed: 0}}",
-        f"seeds={seeds}",
-        f"parallelism={min(trials, sizes.parallelism)}",
-        *extra,
-    ]
+    return [f"data.split={{train: {train}, val: {val}, test: {test}, seed: 0}}", f"seeds={seeds}", *extra]
 
 
 # -- children: each measured run in its own process -------------------------------------------
@@ -78,6 +73,7 @@ def sweep_overrides(sizes: Sizes, trials: int, extra: list[str] = ()) -> list[st
 
 def platform_child(args: argparse.Namespace) -> dict[str, Any]:
     """One sweep through the engine's programmatic API, exactly as `sweep run` does it."""
+    from measure import psutil_module
     from rich.console import Console
 
     from dspy_sweeps.run.engine import run_sweep
@@ -90,11 +86,13 @@ def platform_child(args: argparse.Namespace) -> dict[str, Any]:
     state.root.mkdir(parents=True, exist_ok=True)
     with (state.root / "console.log").open("w") as log:
         cpu_at_start, start = time.process_time(), time.time()
-        outcome = run_sweep(prepared, state, None, Console(file=log, width=240))
+        outcome = run_sweep(prepared, state, args.address, Console(file=log, width=240))
         end = time.time()
     trials = [
         {
             "id": r.trial_id,
+            # A trial writes `host` in its folder as it starts (see run/worker.py).
+            "start": state.trial_dir(prepared.sweep.name, r.trial_id).joinpath("host").stat().st_mtime,
             "kind": r.kind,
             "status": r.status,
             "error": r.error,
@@ -107,7 +105,8 @@ def platform_child(args: argparse.Namespace) -> dict[str, Any]:
         }
         for r in outcome.records
     ]
-    return {"start": start, "end": end, "cpu_at_start": cpu_at_start, "trials": trials}
+    launched = psutil_module().Process().create_time()  # as `sweep run` would: imports and preflight count
+    return {"start": start, "end": end, "launched": launched, "cpu_at_start": cpu_at_start, "trials": trials}
 
 
 def sequential_child(args: argparse.Namespace) -> dict[str, Any]:
@@ -247,6 +246,7 @@ def child_main(argv: list[str]) -> None:
     parser.add_argument("--state", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument("--address", default=None, help="platform: join this running Ray instead of starting one")
     args = parser.parse_args(argv)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.chdir(REPO)
@@ -254,13 +254,16 @@ def child_main(argv: list[str]) -> None:
     Path(args.out).write_text(json.dumps(result))
 
 
-def run_child(mode: str, overrides: list[str], workdir: Path, **options: Any) -> tuple[subprocess.Popen, Path]:
+def run_child(
+    mode: str, overrides: list[str], workdir: Path, env: dict[str, str] | None = None, **options: Any
+) -> tuple[subprocess.Popen, Path]:
     out = workdir / f"{mode}.json"
     cmd = [sys.executable, __file__, mode, "--state", str(workdir / "state"), "--out", str(out)]
     cmd += [arg for o in overrides for arg in ("--set", o)]
-    cmd += [arg for k, v in options.items() for arg in (f"--{k}", str(v))]
+    cmd += [arg for k, v in options.items() if v is not None for arg in (f"--{k}", str(v))]
     env = {
         **os.environ,
+        **(env or {}),
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     with (workdir / f"{mode}.log").open("w") as log:  # the child keeps its own copy of the file
@@ -298,9 +301,10 @@ class Run:
     decode_tokens_per_call: float  # mean over the students' unique calls
     failed: int
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU-seconds by part of the run
-    actor_peak_rss_mb: list[float] = field(default_factory=list)
-    actor_cpu_s: list[float] = field(default_factory=list)  # CPU-seconds of each trial actor, start-up included
-    peak_actors: int = 0  # trial actors alive at once, at most (sampled every second)
+    host_peak_rss_mb: list[float] = field(default_factory=list)  # each trial host's peak
+    host_cpu_s: list[float] = field(default_factory=list)  # CPU-seconds of each trial host, start-up included
+    peak_hosts: int = 0  # trial hosts alive at once, at most (sampled every second)
+    peak_trials: int = 0  # trials running at once, at most (from their start and end times)
     cache_hits: int = 0
     merged: int = 0
     chain_s: float = 0.0  # lower bound: the longest chain, from the sequential run
@@ -341,6 +345,11 @@ class Results:
     sequential_threads: int
     sequential_trials: list[tuple[str, float, float]]  # (kind, wall, chain) per trial of the loop
     platform_threads: int  # DSPy threads per trial in the platform's sweep (the sweep's num_threads)
+    joined: Run  # the main sweep again, joining a Ray head that was already running
+
+    @property
+    def many(self) -> Run:
+        return next(r for r in self.scaling if (r.endpoints, r.trials) == (1, self.sizes.many))
 
 
 def run_throughput(sizes: Sizes, progress: Any = print) -> Results:
@@ -369,6 +378,9 @@ def run_throughput(sizes: Sizes, progress: Any = print) -> Results:
         run.chain_s = chain_s * endpoints  # the chain scales with the time scale
         scaling.append(run)
     main = next(r for r in scaling if (r.endpoints, r.trials) == (1, sizes.main_trials))
+    progress(f"platform: {sizes.main_trials} trials joining a Ray head that is already running")
+    joined = measure_joined(sizes, key, root)
+    joined.chain_s = chain_s
     results = Results(
         sizes,
         overhead,
@@ -379,6 +391,7 @@ def run_throughput(sizes: Sizes, progress: Any = print) -> Results:
         seq_result["threads"],
         list(chains.values()),
         sweep.num_threads,
+        joined,
     )
     if os.environ.get("BENCH_KEEP"):
         (root / "results.pkl").write_bytes(pickle.dumps(results))  # `python bench/report.py <it>` renders it again
@@ -388,8 +401,31 @@ def run_throughput(sizes: Sizes, progress: Any = print) -> Results:
     return results
 
 
+def measure_joined(sizes: Sizes, key: Path, root: Path) -> Run:
+    """The main sweep with `--address` of a Ray head started beforehand (`ray start`, as on a cluster
+    or a laptop that keeps one running): no Ray start-up in the sweep. The head's processes are not
+    the sweep's children, so only its own process is sampled."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from ray_head import start_head  # the tests' loopback head: token auth, free ports, own process group
+
+    head = start_head(dashboard=False, num_cpus=os.cpu_count() or 2)
+    try:
+        env = {"RAY_ADDRESS": head.address, **head.env}
+        return measure_run("platform", "joined", sizes, key, 1, sizes.main_trials, root, env, head.address)[0]
+    finally:
+        head.stop()
+
+
 def measure_run(
-    mode: str, label: str, sizes: Sizes, key: Path, endpoints: int, trials: int, root: Path
+    mode: str,
+    label: str,
+    sizes: Sizes,
+    key: Path,
+    endpoints: int,
+    trials: int,
+    root: Path,
+    env: dict[str, str] | None = None,
+    address: str | None = None,
 ) -> tuple[Run, dict, list]:
     """Start a fleet, run one child against it while sampling, and reduce what was seen to a Run."""
     from measure import Fleet, Sampler
@@ -397,7 +433,8 @@ def measure_run(
     time_scale = TIME_SCALE * endpoints
     workdir = Path(tempfile.mkdtemp(prefix=f"{mode}-{endpoints}x{trials}-", dir=root))
     with Fleet(key, workdir / "sims", endpoints, time_scale) as fleet:
-        process, out = run_child(mode, sweep_overrides(sizes, trials, fleet.overrides()), workdir)
+        overrides = sweep_overrides(sizes, trials, fleet.overrides())
+        process, out = run_child(mode, overrides, workdir, env, address=address)
         sampler = Sampler(fleet, driver_pid=process.pid)
         sampler.start()
         try:
@@ -439,7 +476,7 @@ def _reduce(
         resent_sampled=sum(1 for d in every if d in sampled) - len(sampled),
         utilisation=slot_s / (slots * wall),
         utilisation_active=active / (slots * max(last - first, 1e-9)),
-        first_call_s=first - result["start"],
+        first_call_s=first - result.get("launched", result["start"]),
         active_s=last - first,
         # Student and teacher are separate endpoints: the busier one bounds the sweep.
         capacity_s=max(
@@ -449,12 +486,23 @@ def _reduce(
         decode_tokens_per_call=sum(student.values()) / max(len(student), 1),
         failed=sum(t["status"] != "ok" for t in trials),
         cpu_s=cpu,
-        actor_peak_rss_mb=[b / 2**20 for b in sampler.trial_actor_peaks()],
-        actor_cpu_s=sampler.trial_actor_cpu(),
-        peak_actors=sampler.procs.peak_trial_actors,
+        host_peak_rss_mb=[b / 2**20 for b in sampler.host_peaks()],
+        host_cpu_s=sampler.host_cpu(),
+        peak_hosts=sampler.procs.peak_hosts,
+        peak_trials=_most_at_once([(t["start"], t["start"] + t["duration_s"]) for t in trials if "start" in t]),
         cache_hits=sum(t.get("cache_hits", 0) for t in trials),
         merged=sum(t.get("merged", 0) for t in trials),
     )
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most intervals that overlap at one moment."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
 
 
 def chains_of(result: dict[str, Any], log: list, time_scale: float) -> dict[str, tuple[str, float, float]]:

@@ -79,7 +79,18 @@ def own_ray(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
 
 
-def start_head(*, dashboard: bool, num_cpus: int, env: dict[str, str] | None = None) -> RayHead:
+def start_head(*, dashboard: bool, num_cpus: int, env: dict[str, str] | None = None, tries: int = 3) -> RayHead:
+    """`_start_head`, again if it fails: on a loaded machine the raylet can miss Ray's fixed
+    30-second window to register with the GCS ("The current node timed out during startup")."""
+    for _ in range(tries - 1):
+        try:
+            return _start_head(dashboard=dashboard, num_cpus=num_cpus, env=env)
+        except AssertionError:
+            pass
+    return _start_head(dashboard=dashboard, num_cpus=num_cpus, env=env)
+
+
+def _start_head(*, dashboard: bool, num_cpus: int, env: dict[str, str] | None) -> RayHead:
     """A Ray head on 127.0.0.1 with token auth and every port picked free (Ray's worker ports,
     10002-19999, and its agent's 52365 are not among them: the kernel hands out higher ones).
 
