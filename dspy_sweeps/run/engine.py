@@ -160,12 +160,15 @@ def _run_trials(
 
 
 def _finished(state: State, prepared: Prepared) -> list[TrialRecord]:
-    """For --resume: the trials of this plan that already finished on the same data."""
+    """For --resume: the trials of this plan that already finished (or were pruned) on the same data."""
     planned = {t.id for t in prepared.trials}
     return [
         r
         for r in read_records(state.results(prepared.sweep.name))
-        if r.status == "ok" and r.tracked and r.trial_id in planned and r.data_fingerprint == prepared.data.fingerprint
+        if r.status in ("ok", "pruned")
+        and r.tracked
+        and r.trial_id in planned
+        and r.data_fingerprint == prepared.data.fingerprint
     ]
 
 
