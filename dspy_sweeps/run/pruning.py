@@ -109,8 +109,11 @@ class SweepStudy:
             self.running[trial.id] = _Running(asked)
 
     def _asked(self) -> int:
+        from optuna.trial import TrialState
+
         superseded = set(self.study.user_attrs.get(SUPERSEDED, []))
-        return sum(t.number not in superseded for t in self.study.get_trials(deepcopy=False))
+        trials = self.study.get_trials(deepcopy=False)  # a WAITING trial is a re-asked point, not yet started
+        return sum(t.number not in superseded and t.state != TrialState.WAITING for t in trials)
 
     def on_event(self, event: TrialEvent) -> bool:
         """Report the trial's best so far at its step; True when the pruner says stop it."""
