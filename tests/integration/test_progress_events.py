@@ -77,3 +77,80 @@ def test_mipro_and_gepa_trials_stream_events_at_increasing_steps(sim: SimServer,
         assert bests == sorted(bests)
         val = next(e for e in seen if e.phase == "val")
         assert val.score == results[trial.kind].val_score and val.best >= val.score
+
+
+def host(trial, data, lms, workdir: Path, study) -> tuple[object, list[TrialEvent], list[bool]]:
+    """What a trial host and the driver do for one trial: events to the study, its answer back."""
+    seen, answers = [], []
+    stream: TrialStream
+
+    def send(event: TrialEvent) -> None:
+        seen.append(event)
+        answers.append(study.on_event(event))
+        if answers[-1]:
+            stream.stop()
+
+    stream = TrialStream(trial.id, send)
+    result = run_trial(trial, data, lms, workdir, stream)
+    # the gateway's accounting in a sweep; here the trial's own meter stands in for it
+    result.calls_requested, result.failed_calls = stream.spend.calls, stream.spend.failed_calls
+    result.cost_usd = stream.spend.cost_usd
+    study.trial_finished(trial.id, result)
+    return result, seen, answers
+
+
+def test_a_hopeless_trial_is_pruned_recorded_pruned_with_its_calls(sim: SimServer, tmp_path: Path) -> None:
+    """A weak student (the simulator's student profile) against a strong one (its teacher profile
+    served as a student): the weak trial's best so far trails the strong one's at the same spend,
+    and the median pruner stops it."""
+    import optuna
+
+    from dspy_sweeps.run.pruning import SweepStudy
+    from dspy_sweeps.spec.preflight import prepare
+    from dspy_sweeps.state import State
+    from dspy_sweeps.track.registry import best
+    from dspy_sweeps.track.results import TrialRecord, leaderboard, write_records
+
+    students = (
+        f"students=[{{name: sound, model: openai/teacher, api_base: '{sim.base_url}'}},"
+        f" {{name: hopeless, model: openai/student, api_base: '{sim.base_url}'}}]"
+    )
+    sweep, data, _ = sweep_trials(
+        [
+            students,
+            f"teachers=[{{name: big, model: openai/teacher, api_base: '{sim.base_url}'}}]",
+            "optimizers=[{kind: mipro_v2, auto: null, num_candidates: 3, num_trials: 6, minibatch_size: 5}]",
+            "prune={kind: median, n_startup_trials: 1}",
+            "tracking={wandb: null, mlflow: null}",
+            "promote=null",
+        ]
+    )
+    prepared = prepare(sweep)
+    state = State(tmp_path / "state")
+    study = SweepStudy.open(prepared, state, resume=False)
+    lms = {s.name: build_lm(s.model_copy(update={"name": s.name}), cache=False) for s in sweep.students}
+    teacher = build_lm(sweep.teachers[0], cache=False)
+    outcomes = {}
+    while (trial := study.next_trial()) is not None:  # one at a time: the sound trial completes first
+        trial_lms = TrialLMs(lms[trial.student.name], teacher)
+        outcomes[(trial.kind, trial.student.name)] = (trial, *host(trial, data, trial_lms, tmp_path / trial.id, study))
+
+    sound, sound_result, _, _ = outcomes[("mipro_v2", "sound")]
+    hopeless, result, seen, answers = outcomes[("mipro_v2", "hopeless")]
+    assert sound_result.status == "ok" and sound_result.val_score > 0
+    assert result.status == "pruned", (result.error, [(e.phase, e.step, e.best) for e in seen])
+    # stopped within one evaluation: the event the driver answered "stop" to is the trial's last
+    assert answers.index(True) == len(answers) - 1
+    assert "val" not in {e.phase for e in seen}  # it never reached the platform's val and test scoring
+    assert 0 < result.calls_requested < sound_result.calls_requested
+    assert result.val_score == max(e.best for e in seen)  # its best candidate, kept with its score
+    assert result.program is not None and result.test_score is None
+
+    records = [TrialRecord.of(sweep.name, t, r, None, data.fingerprint) for t, r, _, _ in outcomes.values()]
+    write_records(state.results(sweep.name), records)
+    rows = {r["trial_id"]: r for r in leaderboard(state.results(sweep.name))}
+    assert rows[hopeless.id]["status"] == "pruned" and rows[hopeless.id]["error"]
+    assert rows[hopeless.id]["calls_requested"] == result.calls_requested  # its spend stays in the accounting
+    assert best(records).trial_id != hopeless.id
+    stored = optuna.load_study(study_name=sweep.name, storage=f"sqlite:///{state.root}/optuna/{sweep.name}.db")
+    assert [t.state.name for t in stored.trials] == ["COMPLETE", "PRUNED"]
