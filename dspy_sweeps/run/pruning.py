@@ -119,8 +119,8 @@ class SweepStudy:
         """Report the trial's best so far at its step; True when the pruner says stop it."""
         with self._lock:
             run = self.running.get(event.trial_id)
-            if run is None or event.best is None or event.phase == "test":
-                return False  # a baseline, nothing scored yet, or a trial that has finished its work
+            if not self.prunes or run is None or event.best is None or event.phase == "test":
+                return False  # no pruner, a baseline, nothing scored yet, or a trial that has finished its work
             step = max(run.step, 1)
             while step * 2 <= event.step:  # steps passed since the last event: the best it had then
                 step *= 2
@@ -141,11 +141,21 @@ class SweepStudy:
             if run is None:
                 return
             if result.status == "ok" and result.val_score is not None:
-                self.study.tell(run.optuna_trial, result.val_score)
+                _tell(self.study, run.optuna_trial, result.val_score)
             elif result.status == "pruned":
-                self.study.tell(run.optuna_trial, state=TrialState.PRUNED)
+                _tell(self.study, run.optuna_trial, state=TrialState.PRUNED)
             else:
-                self.study.tell(run.optuna_trial, state=TrialState.FAIL)
+                _tell(self.study, run.optuna_trial, state=TrialState.FAIL)
+
+
+def _tell(study: Any, trial: Any, value: float | None = None, state: Any = None) -> None:
+    """`study.tell`. Once every grid point is visited, GridSampler asks the study to stop, which
+    raises outside `study.optimize`; the outcome is stored before it asks, and `next_trial` counts."""
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
 
 
 def _estimated(trial: Trial, prepared: Prepared) -> Trial:

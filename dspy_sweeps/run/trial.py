@@ -67,13 +67,16 @@ def run_trial(
     from dspy_sweeps.run.progress import Candidate, Stopped, TrialProgress, TrialStream, state_of
 
     start = time.monotonic()
+    # No events (None): no hooks in DSPy at all, the baseline the events' overhead is measured from.
+    hooked = events is not None
     events = events or NoEvents()
     # A TrialStream carries the spend its events report; other sinks (NoEvents) get a meter of their own.
     spend = events.spend if isinstance(events, TrialStream) else TrialStream(trial.id, lambda e: None).spend
     progress = TrialProgress(events, spend, len(data.val), _priced(trial))
+    hooks = {"callbacks": [progress], "usage_tracker": progress} if hooked else {}
     metric = load_object(trial.metric, "metric")
     trainset, valset, testset = (to_examples(rows, data.inputs) for rows in (data.train, data.val, data.test))
-    with dspy.context(lm=lms.student, callbacks=[progress], usage_tracker=progress):
+    with dspy.context(lm=lms.student, **hooks):
         try:
             program = compile_program(
                 trial, build_program(trial.program), metric, lms, trainset, valset, workdir, progress.guard
