@@ -154,3 +154,21 @@ def test_a_hopeless_trial_is_pruned_recorded_pruned_with_its_calls(sim: SimServe
     assert best(records).trial_id != hopeless.id
     stored = optuna.load_study(study_name=sweep.name, storage=f"sqlite:///{state.root}/optuna/{sweep.name}.db")
     assert [t.state.name for t in stored.trials] == ["COMPLETE", "PRUNED"]
+
+
+def test_a_gepa_trial_told_to_stop_ends_at_its_next_evaluation(sim: SimServer, tmp_path: Path) -> None:
+    """GEPA catches a candidate's errors and keeps going; a stop must still end it."""
+    _, data, trials = sweep_trials(["optimizers=[{kind: gepa, max_metric_calls: 200}]"])
+    seen: list[TrialEvent] = []
+    stream: TrialStream
+
+    def send(event: TrialEvent) -> None:
+        seen.append(event)
+        if len(seen) == 3:  # the driver's answer to the third event: stop
+            stream.stop()
+
+    stream = TrialStream(trials[0].id, send)
+    result = run_trial(trials[0], data, lms_for(sim), tmp_path / "gepa", stream)
+    assert result.status == "pruned", result
+    assert len(seen) == 3, [(e.phase, e.score) for e in seen]  # nothing evaluated after the stop reported
+    assert result.test_score is None
