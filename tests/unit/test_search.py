@@ -142,3 +142,27 @@ def test_resumed_search_continues_its_study_without_repeating_finished_trials(
 
     fresh = SweepStudy.open(prepared, state, resume=False)  # without --resume: a new search
     assert fresh.next_trial().kind == "none" and len(fresh.study.trials) == 0
+
+
+def test_a_grid_search_runs_out_of_points_cleanly(sweep_file, tmp_path: Path) -> None:
+    """Optuna's GridSampler asks the study to stop after the last point; the outcome still counts."""
+    import optuna
+
+    from dspy_sweeps.run.pruning import SweepStudy
+    from dspy_sweeps.spec.preflight import prepare
+    from dspy_sweeps.spec.schema import load_sweep
+    from dspy_sweeps.state import State
+
+    changes = {"search": {"kind": "grid"}, "optimizers": [{**BOOTSTRAP, "max_bootstrapped_demos": [1, 2]}]}
+    prepared = prepare(load_sweep(sweep_file(changes)))
+    study = SweepStudy.open(prepared, State(tmp_path), resume=False)
+    finish(study, study.next_trial())  # the baseline
+    points = [study.next_trial(), study.next_trial()]
+    assert study.next_trial() is None
+    assert {t.settings["max_bootstrapped_demos"] for t in points} == {1, 2}
+    for trial in points:
+        finish(study, trial)
+    stored = optuna.load_study(
+        study_name=prepared.sweep.name, storage=f"sqlite:///{tmp_path}/optuna/{prepared.sweep.name}.db"
+    )
+    assert [t.state.name for t in stored.trials] == ["COMPLETE", "COMPLETE"]
