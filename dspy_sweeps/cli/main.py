@@ -75,6 +75,10 @@ def plan(sweep_file: SweepFile, set_: Overrides = None) -> None:
     from dspy_sweeps.cli.tables import plan_table
 
     prepared = _prepare(sweep_file, set_)
+    if prepared.sweep.search is not None:
+        from dspy_sweeps.spec.search import space_lines
+
+        print("\n".join(space_lines(prepared.sweep)))  # the space; the table previews its first trials
     _console().print(plan_table(prepared))
 
 

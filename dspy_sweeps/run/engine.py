@@ -24,8 +24,10 @@ from dspy_sweeps.errors import SweepError, first_line
 from dspy_sweeps.lm.build import endpoint_for, resolve
 from dspy_sweeps.lm.checks import check_endpoints, served_models
 from dspy_sweeps.lm.served import served_students
+from dspy_sweeps.run.pruning import SweepStudy
 from dspy_sweeps.run.trial import TrialResult
 from dspy_sweeps.spec.imports import restore_program
+from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.spec.preflight import Prepared
 from dspy_sweeps.spec.schema import ModelSpec, Sweep
 from dspy_sweeps.state import State
@@ -142,23 +144,40 @@ def _run_trials(
     tracked as it lands."""
     from dspy_sweeps.lm.gateway import Budget
     from dspy_sweeps.run import runner
+    from dspy_sweeps.run.events import TrialEvent
     from dspy_sweeps.run.hosts import Outcome
     from dspy_sweeps.run.worker import TrialContext
 
-    sweep, trials = prepared.sweep, {t.id: t for t in prepared.trials}
+    sweep = prepared.sweep
     records = _finished(state, prepared) if resume else []
-    pending = [trial_id for trial_id in trials if trial_id not in {r.trial_id for r in records}]
+    done = {r.trial_id for r in records}
+    study = SweepStudy.open(prepared, state, resume, done) if sweep.search or sweep.prune else None
+    trials: dict[str, Trial] = {}  # every trial started, by id: a search samples them as it goes
+
+    def to_run() -> Iterator[Trial]:
+        planned = (t for t in prepared.trials if t.id not in done)
+        for trial in iter(study.next_trial, None) if study else planned:
+            trials[trial.id] = trial
+            yield trial
+
     budget = Budget(sweep.budget.max_lm_calls, sweep.budget.max_usd)
     gateway = runner.start_gateway(list({e.id: e for e in endpoints.values()}.values()), state.cache, budget)
     endpoint_ids = {key: e.id for key, e in endpoints.items()}
-    ctx = TrialContext(sweep.name, trials, prepared.data, gateway, endpoint_ids, str(state.root))
-    with _progress(console, len(trials)) as progress:
-        task = progress.add_task("trials", total=len(trials), completed=len(records))
+    ctx = TrialContext(sweep.name, prepared.data, gateway, endpoint_ids, str(state.root))
+    total = len(done) + (study.remaining() if study else len(prepared.trials) - len(done))
+    with _progress(console, total) as progress:
+        task = progress.add_task("trials", total=total, completed=len(records))
         if records:
-            progress.console.print(f"  resuming: {len(records)} finished trials kept, {len(pending)} to run")
+            progress.console.print(f"  resuming: {len(records)} finished trials kept, {total - len(done)} to run")
+
+        def on_event(event: TrialEvent) -> None:
+            if study is not None and study.on_event(event):
+                hosts.stop(event.trial_id)
 
         def on_outcome(outcome: Outcome) -> None:
             trial, result = trials[outcome.trial_id], _result(outcome)
+            if study is not None:
+                study.trial_finished(trial.id, result)
             program_path = _save_program(state, sweep.name, trial.id, result)
             record = TrialRecord.of(sweep.name, trial, result, program_path, prepared.data.fingerprint)
             records.append(record)
@@ -180,18 +199,27 @@ def _run_trials(
                     f"{record.error}; sweep stopped (finished trials are kept: fix the key, then --resume)"
                 )
 
-        if pending:
-            hosts.run(pending, ctx, parallelism=sweep.parallelism, on_outcome=on_outcome)
+        hosts.run(
+            to_run(), ctx, parallelism=sweep.parallelism, on_outcome=on_outcome, on_event=on_event, id_of=_trial_id
+        )
     return records
 
 
+def _trial_id(trial: Trial) -> str:
+    return trial.id
+
+
 def _finished(state: State, prepared: Prepared) -> list[TrialRecord]:
-    """For --resume: the trials of this plan that already finished on the same data."""
+    """For --resume: the trials of this plan that already finished (or were pruned) on the same data;
+    for a search, every such trial of the sweep (its study knows which points they were)."""
     planned = {t.id for t in prepared.trials}
     return [
         r
         for r in read_records(state.results(prepared.sweep.name))
-        if r.status == "ok" and r.tracked and r.trial_id in planned and r.data_fingerprint == prepared.data.fingerprint
+        if r.status in ("ok", "pruned")
+        and r.tracked
+        and (r.trial_id in planned or prepared.sweep.search is not None)
+        and r.data_fingerprint == prepared.data.fingerprint
     ]
 
 

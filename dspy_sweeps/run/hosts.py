@@ -7,9 +7,10 @@ than a process of its own: a host imports DSPy, the optimizers and the sweep's p
 forwards the trials' progress events, and when a host dies (SIGKILL, a lost node) re-runs that
 host's trials on a fresh host; other hosts' trials never notice.
 
-Like the rest of the Ray layer it knows trials only by id and a function
-`fn(trial_id, shared, channel) -> result`; a trial that raises is reported as failed with its
-reason and never stops the others.
+Like the rest of the Ray layer it knows trials only as work items, each with an id, and a function
+`fn(item, shared, channel) -> result`; a trial that raises is reported as failed with its reason
+and never stops the others. Items are drawn from an iterable only when a host has room, so a
+search can pick its next trial knowing how the earlier ones ended.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +73,7 @@ class Channel:
 class TrialHost:
     """One host process: a threaded Ray actor whose `run` calls execute on the actor's thread pool."""
 
-    def __init__(self, fn: Callable[[str, Any, Channel], Any], warm: Callable[[], None] | None) -> None:
+    def __init__(self, fn: Callable[[Any, Any, Channel], Any], warm: Callable[[], None] | None) -> None:
         self.fn = fn
         self.lock = threading.Lock()
         self.events: list[TrialEvent] = []
@@ -81,13 +82,13 @@ class TrialHost:
         if warm is not None:
             warm()
 
-    def run(self, trial_id: str, shared: list[Any], stopped: bool = False) -> Outcome:
+    def run(self, trial_id: str, item: Any, shared: list[Any], stopped: bool = False) -> Outcome:
         """Run one trial. `shared` holds the sweep's object reference (kept nested, so Ray does not
         fetch and unpickle it for every trial: the host keeps one copy)."""
         if stopped:
             self.stop(trial_id)
         try:
-            return Outcome(trial_id, self.fn(trial_id, self._load(shared[0]), Channel(trial_id, self)), None)
+            return Outcome(trial_id, self.fn(item, self._load(shared[0]), Channel(trial_id, self)), None)
         except Exception as exc:
             return Outcome(trial_id, None, f"{type(exc).__name__}: {exc}"[:1000])
 
@@ -127,7 +128,7 @@ class HostPool:
     """The driver's side: starts the hosts, hands them trials as they have room, and collects
     outcomes and events. `close()` kills the hosts."""
 
-    def __init__(self, fn: Callable[[str, Any, Channel], Any], warm: Callable[[], None] | None, plan: HostPlan) -> None:
+    def __init__(self, fn: Callable[[Any, Any, Channel], Any], warm: Callable[[], None] | None, plan: HostPlan) -> None:
         import ray
 
         self.plan = plan
@@ -157,24 +158,26 @@ class HostPool:
 
     def run(
         self,
-        trial_ids: list[str],
+        items: Iterable[Any],
         shared: Any,
         *,
         parallelism: int | None,
         on_outcome: Callable[[Outcome], None],
         on_event: Callable[[TrialEvent], None] | None = None,
+        id_of: Callable[[Any], str] = str,
     ) -> list[Outcome]:
-        """Run `fn(trial_id, shared, channel)` for every id, at most `parallelism` at once;
-        `on_outcome` sees each outcome as it lands (after that trial's last events)."""
+        """Run `fn(item, shared, channel)` for every item, at most `parallelism` at once (default:
+        as many as the hosts hold); `on_outcome` sees each outcome as it lands (after that trial's
+        last events). An item is drawn only when a host has room for it."""
         import ray
 
         shared_ref = [ray.put(shared)]
-        pending, deaths = list(trial_ids), dict.fromkeys(trial_ids, 0)
-        limit = parallelism or len(trial_ids)
+        work = _Work(iter(items), id_of)
+        limit = parallelism or self.plan.hosts * self.plan.trials_per_host
         runs: dict[Any, tuple[_Host, str]] = {}
         outcomes: list[Outcome] = []
-        while pending or runs:
-            self._submit(pending, runs, shared_ref, limit)
+        while work.retries or runs or work.more():
+            self._submit(work, runs, shared_ref, limit)
             ready, _ = ray.wait(list(runs), num_returns=1, timeout=POLL_S)
             self._forward(on_event, block=False)
             for ref in ready:
@@ -183,9 +186,9 @@ class HostPool:
                 try:
                     outcome = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
-                    outcome = self._host_died(host, trial_id, exc, deaths)
+                    outcome = self._host_died(host, trial_id, exc, work.deaths)
                     if outcome is None:
-                        pending.insert(0, trial_id)
+                        work.retries.append(trial_id)
                         continue
                 else:
                     self._forward(on_event, block=True, only=host)
@@ -193,20 +196,24 @@ class HostPool:
                 on_outcome(outcome)
         return outcomes
 
-    def _submit(self, pending: list[str], runs: dict[Any, tuple[_Host, str]], shared_ref: list, limit: int) -> None:
-        while pending and len(runs) < limit:
+    def _submit(self, work: _Work, runs: dict[Any, tuple[_Host, str]], shared_ref: list, limit: int) -> None:
+        while len(runs) < limit:
             host = min(self.hosts, key=lambda h: len(h.running))
             if len(host.running) >= self.plan.trials_per_host:
                 return
-            trial_id = pending.pop(0)
+            taken = work.take()
+            if taken is None:
+                return
+            trial_id, item = taken
             host.running.add(trial_id)
-            runs[host.handle.run.remote(trial_id, shared_ref, trial_id in self._stopped)] = (host, trial_id)
+            stopped = trial_id in self._stopped
+            runs[host.handle.run.remote(trial_id, item, shared_ref, stopped)] = (host, trial_id)
 
     def _host_died(self, host: _Host, trial_id: str, exc: Exception, deaths: dict[str, int]) -> Outcome | None:
         """Replace a dead host (once) and say whether its trial runs again (None) or has failed."""
         if host in self.hosts:
             self.hosts[self.hosts.index(host)] = self._start()
-        deaths[trial_id] += 1
+        deaths[trial_id] = deaths.get(trial_id, 0) + 1
         if deaths[trial_id] <= HOST_RETRIES:
             return None
         return Outcome(trial_id, None, f"its host died {deaths[trial_id]} times; last: {_reason(exc)}")
@@ -237,6 +244,36 @@ class HostPool:
 
         for host in self.hosts:
             ray.kill(host.handle)
+
+
+class _Work:
+    """The trials still to start: those whose host died first, then new ones drawn from `items`."""
+
+    def __init__(self, items: Iterator[Any], id_of: Callable[[Any], str]) -> None:
+        self.items, self.id_of = items, id_of
+        self.by_id: dict[str, Any] = {}
+        self.retries: list[str] = []
+        self.deaths: dict[str, int] = {}
+        self._next: Any = None
+        self._done = False
+
+    def more(self) -> bool:
+        """Whether `items` has another trial (drawing it now, if none is waiting)."""
+        if self._next is None and not self._done:
+            self._next = next(self.items, None)
+            self._done = self._next is None
+        return self._next is not None
+
+    def take(self) -> tuple[str, Any] | None:
+        if self.retries:
+            trial_id = self.retries.pop(0)
+            return trial_id, self.by_id[trial_id]
+        if not self.more():
+            return None
+        item, self._next = self._next, None
+        trial_id = self.id_of(item)
+        self.by_id[trial_id] = item
+        return trial_id, item
 
 
 def _reason(error: BaseException | None) -> str:

@@ -1,13 +1,18 @@
 """One trial: compile the program with one optimizer, score it on val and test.
 
 `run_trial(trial, data, lms, workdir, events)` is a plain function a trial host imports; it knows
-DSPy, not Ray, and tells the driver about its evaluations through `events` (see events.py). It raises on failure, so the caller records the reason instead of a score of 0.
+DSPy, not Ray. It raises on failure, so the caller records the reason instead of a score of 0.
 LM accounting (calls, tokens, cost) is the gateway's, filled in by the worker.
+
+While it runs, every evaluation (the optimizer's and the platform's val and test) is reported
+to `events` with the trial's spend so far (see `run/progress.py`). A trial the driver prunes
+stops within one evaluation and comes back "pruned", with the best program its optimizer had
+scored on the whole validation set and that score as its val score (no test score: scoring a
+loser on test would spend what pruning saved).
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable
@@ -33,7 +38,7 @@ class TrialResult:
     """What a trial produced; `program` is DSPy's JSON state of the compiled program."""
 
     trial_id: str
-    status: str  # "ok" | "failed" | "cut" (stopped by the sweep's budget) | "pruned" (stopped early by the sweep)
+    status: str  # "ok" | "failed" | "cut" (stopped by the sweep's budget) | "pruned" (stopped by the pruner)
     error: str | None = None
     reason: str | None = None  # why it failed: "endpoint", "auth", "budget", "error"; or "pruned"
     val_score: float | None = None
@@ -55,18 +60,35 @@ class TrialResult:
 
 
 def run_trial(
-    trial: Trial, data: Dataset, lms: TrialLMs, workdir: Path, events: TrialEvents = NoEvents()
+    trial: Trial, data: Dataset, lms: TrialLMs, workdir: Path, events: TrialEvents | None = None
 ) -> TrialResult:
     import dspy
 
+    from dspy_sweeps.run.progress import Candidate, Stopped, TrialProgress, TrialStream, state_of
+
     start = time.monotonic()
+    # No events (None): no hooks in DSPy at all, the baseline the events' overhead is measured from.
+    hooked = events is not None
+    events = events or NoEvents()
+    # A TrialStream carries the spend its events report; other sinks (NoEvents) get a meter of their own.
+    spend = events.spend if isinstance(events, TrialStream) else TrialStream(trial.id, lambda e: None).spend
+    progress = TrialProgress(events, spend, len(data.val), _priced(trial))
+    hooks = {"callbacks": [progress], "usage_tracker": progress} if hooked else {}
     metric = load_object(trial.metric, "metric")
     trainset, valset, testset = (to_examples(rows, data.inputs) for rows in (data.train, data.val, data.test))
-    with dspy.context(lm=lms.student):
-        program = compile_program(trial, build_program(trial.program), metric, lms, trainset, valset, workdir)
+    with dspy.context(lm=lms.student, **hooks):
+        try:
+            program = compile_program(
+                trial, build_program(trial.program), metric, lms, trainset, valset, workdir, progress.guard
+            )
+        except Stopped:
+            return _pruned(trial, progress, progress.best, start)
         val = evaluate(program, valset, metric, trial.num_threads)
-        events.report("val", val.score)
+        progress.report("val", val.score)
+        if progress.pruned is not None:  # pruned on its final val score: the compiled program is its best
+            return _pruned(trial, progress, Candidate(val.score, state_of(program)), start)
         test = evaluate(program, testset, metric, trial.num_threads)
+        progress.report("test", test.score)  # the trial is done: a prune now has nothing left to stop
     return TrialResult(
         trial_id=trial.id,
         status="ok",
@@ -74,15 +96,42 @@ def run_trial(
         test_score=test.score,
         failed_examples=val.failed + test.failed,
         duration_s=round(time.monotonic() - start, 3),
-        program=json.dumps(program.dump_state(), sort_keys=True, default=str),
+        program=state_of(program),
         predictions=val.records,
     )
 
 
+def _pruned(trial: Trial, progress: Any, best: Any, start: float) -> TrialResult:
+    """A pruned trial keeps the best candidate scored on the whole val set so far, if any."""
+    return TrialResult(
+        trial_id=trial.id,
+        status="pruned",
+        error=str(progress.pruned) if progress.pruned else "pruned",
+        reason="pruned",
+        val_score=best.score if best else None,
+        duration_s=round(time.monotonic() - start, 3),
+        program=best.program if best else None,
+    )
+
+
+def _priced(trial: Trial) -> frozenset[str]:
+    """The trial's cloud models, priced from LiteLLM's map as calls land (not self-hosted or simulated)."""
+    specs = [s for s in (trial.student, trial.teacher) if s is not None]
+    return frozenset(s.model for s in specs if not (s.simulated or s.api_bases or s.serve))
+
+
 def compile_program(
-    trial: Trial, program: Any, metric: Callable, lms: TrialLMs, trainset: list, valset: list, workdir: Path
+    trial: Trial,
+    program: Any,
+    metric: Callable,
+    lms: TrialLMs,
+    trainset: list,
+    valset: list,
+    workdir: Path,
+    guard: Callable[[Callable], Callable] = lambda metric: metric,
 ) -> Any:
-    """Compile with the trial's optimizer; the teacher bootstraps, proposes and reflects."""
+    """Compile with the trial's optimizer; the teacher bootstraps, proposes and reflects.
+    `guard` wraps the metric the optimizer gets (it stops a pruned trial at its next evaluation)."""
     if trial.kind == "none":
         return program
     bound = bind_settings(trial.kind, trial.settings)
@@ -90,11 +139,11 @@ def compile_program(
     teacher_settings = {"lm": lms.teacher}
     if trial.kind == "bootstrap_fewshot":
         trainset = random.Random(trial.seed).sample(trainset, len(trainset))
-        optimizer = cls(metric=metric, teacher_settings=teacher_settings, **bound.init)
+        optimizer = cls(metric=guard(metric), teacher_settings=teacher_settings, **bound.init)
         return optimizer.compile(program, trainset=trainset, **bound.compile)
     if trial.kind == "mipro_v2":
         optimizer = cls(
-            metric=metric,
+            metric=guard(metric),
             prompt_model=lms.teacher,
             task_model=lms.student,
             teacher_settings=teacher_settings,
@@ -104,7 +153,7 @@ def compile_program(
         )
         return optimizer.compile(program, trainset=trainset, valset=valset, **bound.compile)
     optimizer = cls(
-        metric=feedback_metric(metric),
+        metric=guard(feedback_metric(metric)),
         reflection_lm=lms.teacher,
         seed=trial.seed,
         num_threads=trial.num_threads,

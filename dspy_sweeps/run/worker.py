@@ -9,15 +9,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.lm.engine import build_gateway_lm
-from dspy_sweeps.run.events import Pruned, TrialEvent
+from dspy_sweeps.run.events import Pruned
+from dspy_sweeps.run.progress import TrialStream
 from dspy_sweeps.run.trial import TrialLMs, TrialResult, run_trial
 from dspy_sweeps.spec.imports import load_object
 from dspy_sweeps.spec.optimizers import optimizer_class
@@ -30,7 +29,6 @@ class TrialContext:
     """Shared by every trial of a sweep; Ray puts it in the object store once."""
 
     sweep: str
-    trials: dict[str, Trial]
     data: Dataset
     gateway: Any  # the gateway actor's handle
     endpoint_ids: dict[str, str]  # ModelSpec JSON -> gateway endpoint id
@@ -48,11 +46,11 @@ def warm(program: str, metric: str, kinds: tuple[str, ...]) -> None:
     load_object(metric, "metric")
 
 
-def execute_trial(trial_id: str, ctx: TrialContext, channel: Any) -> TrialResult:
+def execute_trial(trial: Trial, ctx: TrialContext, channel: Any) -> TrialResult:
     """Run one trial on a host's thread; `channel` carries its events to the driver (see hosts.py)."""
     import ray
 
-    trial = ctx.trials[trial_id]
+    trial_id = trial.id
     if ray.get(ctx.gateway.exhausted.remote()):
         return TrialResult(trial_id, "cut", error="not started: the sweep's budget is spent")
     student = _lm(ctx, trial.student, trial_id)
@@ -62,7 +60,9 @@ def execute_trial(trial_id: str, ctx: TrialContext, channel: Any) -> TrialResult
     attempt = _next_attempt(workdir)
     # Which process runs the trial (node and pid), for finding its logs or its host.
     (workdir / "host").write_text(f"{platform.node()} {os.getpid()}\n")
-    events = GatewayEvents(trial_id, ctx.gateway, channel)
+    # The trial's spend and evaluations, as events through the host's channel (which raises Pruned
+    # once the driver has stopped the trial; see run/progress.py for how that stops the optimizer).
+    events = TrialStream(trial_id, send=channel.emit)
     try:
         result = run_trial(trial, ctx.data, TrialLMs(student, teacher), workdir, events)
     except Exception as exc:
@@ -81,41 +81,6 @@ def execute_trial(trial_id: str, ctx: TrialContext, channel: Any) -> TrialResult
         latency_s=round(stats.latency_s, 3),
         cost_usd=round(stats.cost_usd, 6),
     )
-
-
-class GatewayEvents:
-    """The `TrialEvents` a trial gets in a sweep: each report becomes a `TrialEvent` carrying the
-    trial's spend so far (the gateway's count) and goes to the driver through the host's channel,
-    which raises `Pruned` once the driver has stopped the trial."""
-
-    def __init__(self, trial_id: str, gateway: Any, channel: Any) -> None:
-        self.trial_id, self.gateway, self.channel = trial_id, gateway, channel
-        self.best: float | None = None
-        self.start = time.monotonic()
-        self.lock = threading.Lock()  # an optimizer may report from its evaluation threads
-
-    def report(self, phase: str, score: float | None) -> None:
-        import ray
-
-        stats = ray.get(self.gateway.trial_stats.remote(self.trial_id))
-        with self.lock:
-            if score is not None and (self.best is None or score > self.best):
-                self.best = score
-            best = self.best
-        self.channel.emit(
-            TrialEvent(
-                trial_id=self.trial_id,
-                phase=phase,
-                step=stats.requested,
-                score=score,
-                best=best,
-                calls=stats.sent,
-                tokens=stats.prompt_tokens + stats.completion_tokens,
-                cost_usd=round(stats.cost_usd, 6),
-                failed_calls=stats.failed,
-                elapsed_s=round(time.monotonic() - self.start, 3),
-            )
-        )
 
 
 def _next_attempt(workdir: Path) -> int:

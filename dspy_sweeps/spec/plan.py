@@ -33,14 +33,20 @@ class Trial:
 
 
 def plan_trials(sweep: Sweep) -> list[Trial]:
-    """Every trial of the sweep, baselines first, in a deterministic order."""
-    trials = [_trial(sweep, "none", {}, student, None, sweep.seeds[0]) for student in sweep.students]
+    """Every trial of the sweep, baselines first, in a deterministic order (a search's are sampled
+    as it runs: `spec/search.py`)."""
+    trials = baselines(sweep)
     teachers = sweep.teachers or [None]
     for spec in (s for s in sweep.optimizers if s.kind != "none"):
         for settings in expand_grid(spec.settings):
             for student, teacher, seed in itertools.product(sweep.students, teachers, sweep.seeds):
-                trials.append(_trial(sweep, spec.kind, settings, student, teacher, seed))
+                trials.append(make_trial(sweep, spec.kind, settings, student, teacher, seed))
     return trials
+
+
+def baselines(sweep: Sweep) -> list[Trial]:
+    """One uncompiled trial per student: the reference every optimizer's gain is measured from."""
+    return [make_trial(sweep, "none", {}, student, None, sweep.seeds[0]) for student in sweep.students]
 
 
 def expand_grid(settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -49,7 +55,9 @@ def expand_grid(settings: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip([k for k, _ in axes], values, strict=True)) for values in itertools.product(*[v for _, v in axes])]
 
 
-def _trial(sweep: Sweep, kind: str, settings: dict, student: ModelSpec, teacher: ModelSpec | None, seed: int) -> Trial:
+def make_trial(
+    sweep: Sweep, kind: str, settings: dict, student: ModelSpec, teacher: ModelSpec | None, seed: int
+) -> Trial:
     identity = {
         "program": sweep.program,
         "metric": sweep.metric,

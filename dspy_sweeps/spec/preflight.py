@@ -12,7 +12,7 @@ from dspy_sweeps.errors import SweepError
 from dspy_sweeps.lm.checks import check_keys
 from dspy_sweeps.spec.imports import build_program, load_object
 from dspy_sweeps.spec.optimizers import bind_settings, estimate_calls
-from dspy_sweeps.spec.plan import Trial, expand_grid, plan_trials
+from dspy_sweeps.spec.plan import Trial, baselines, expand_grid, plan_trials
 from dspy_sweeps.spec.schema import Sweep
 
 
@@ -32,19 +32,36 @@ def prepare(sweep: Sweep) -> Prepared:
     data = load_dataset(sweep.data)
     predictors = len(build_program(sweep.program).predictors())
     _check_metric(sweep.metric)
-    for i, spec in enumerate(sweep.optimizers):
-        for settings in expand_grid(spec.settings):
-            bind_settings(spec.kind, settings, where=f"optimizers.{i}")
+    trials = _check_space(sweep)
     sizes = (len(data.train), len(data.val), len(data.test))
     trials = [
-        dataclasses.replace(t, estimated_calls=estimate_calls(t.kind, t.settings, sizes, predictors))
-        for t in plan_trials(sweep)
+        dataclasses.replace(t, estimated_calls=estimate_calls(t.kind, t.settings, sizes, predictors)) for t in trials
     ]
     prepared = Prepared(sweep, data, trials)
     _check_budget(prepared)
     _check_tracking(sweep)
     check_keys(sweep)
     return prepared
+
+
+def _check_space(sweep: Sweep) -> list[Trial]:
+    """The plan's trials: the grid, or for a search the baselines and a preview of its trials
+    (sampled values bound to the real signatures as grid points are); the pruner is built once."""
+    from dspy_sweeps.spec import search
+
+    search.check_space(sweep)
+    if sweep.prune is not None:
+        search.build_pruner(sweep.prune)
+    if sweep.search is not None:
+        trials = [*baselines(sweep), *search.preview(sweep)]
+    else:
+        for i, spec in enumerate(sweep.optimizers):
+            for settings in expand_grid(spec.settings):
+                bind_settings(spec.kind, settings, where=f"optimizers.{i}")
+        trials = plan_trials(sweep)
+    for t in trials:
+        bind_settings(t.kind, t.settings, where=f"optimizers ({t.label})")
+    return trials
 
 
 def _check_metric(path: str) -> None:

@@ -170,6 +170,31 @@ class OptimizerSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class Search(_Strict):
+    """Sample trials with Optuna instead of running the whole grid (see `spec/search.py`)."""
+
+    kind: Literal["grid", "random", "tpe"]
+    trials: int | None = Field(default=None, gt=0, description="trials to sample; grid: default every point")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _counted(self) -> Search:
+        if self.kind != "grid" and self.trials is None:
+            raise ValueError(f"trials: a {self.kind} search needs a number of trials (e.g. trials: 16)")
+        return self
+
+
+class Prune(BaseModel):
+    """An Optuna pruner and its settings, bound against its real signature (see `spec/search.py`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: Literal["median", "successive_halving", "hyperband"]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class Budget(_Strict):
     max_lm_calls: int | None = None
     max_usd: float | None = None
@@ -227,6 +252,8 @@ class Sweep(_Strict):
     teachers: list[ModelSpec] = []
     optimizers: list[OptimizerSpec] = Field(min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
+    search: Search | None = None
+    prune: Prune | None = None
     budget: Budget = Budget()
     promote: Promote | None = None
     tracking: Tracking = Tracking()
@@ -357,7 +384,7 @@ def _describe(exc: ValidationError) -> str:
     field = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         return _unknown_key(error["loc"])
-    if error["type"] == "literal_error" and loc[-1:] == ["kind"]:
+    if error["type"] == "literal_error" and loc[:1] == ["optimizers"] and loc[-1:] == ["kind"]:
         return f"{field}: unknown optimizer kind {error['input']!r} (valid: {', '.join(OPTIMIZER_KINDS)})"
     if error["type"] == "missing":
         return f"{field}: required field is missing"

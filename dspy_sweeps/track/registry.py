@@ -32,6 +32,8 @@ class Decision:
 
 
 def best(records: list[TrialRecord]) -> TrialRecord | None:
+    """The promotion candidate. A pruned trial never is: the pruner stopped it as a loser at its
+    spend, its val score is its best candidate's during a search cut short, and it has no test score."""
     finished = [r for r in records if r.status == "ok" and r.val_score is not None]
     return min(finished, key=lambda r: (-r.val_score, r.lm_calls, r.trial_id), default=None)
 

@@ -156,11 +156,12 @@ def run_in_one_host(prepared, trial_ids: list[str], cache: Path, root: Path) -> 
     endpoints = {s.model_dump_json(): endpoint_for(s, s) for s in sweep.models}
     gateway = runner.start_gateway(list({e.id: e for e in endpoints.values()}.values()), cache, Budget())
     ids = {key: e.id for key, e in endpoints.items()}
-    ctx = TrialContext(sweep.name, {t.id: t for t in prepared.trials}, prepared.data, gateway, ids, str(root))
+    ctx = TrialContext(sweep.name, prepared.data, gateway, ids, str(root))
     kinds = tuple(sorted({t.kind for t in prepared.trials}))
     pool = HostPool(execute_trial, functools.partial(warm, sweep.program, sweep.metric, kinds), HostPlan(1, 3, 0.25))
     try:
-        outcomes = pool.run(trial_ids, ctx, parallelism=None, on_outcome=lambda o: None)
+        chosen = [t for t in prepared.trials if t.id in trial_ids]
+        outcomes = pool.run(chosen, ctx, parallelism=None, on_outcome=lambda o: None, id_of=lambda t: t.id)
         imported = ray.get(pool.hosts[0].handle.imported.remote(["dspy", *TRACKING_LIBRARIES]))
     finally:
         pool.close()

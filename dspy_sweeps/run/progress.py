@@ -1,0 +1,192 @@
+"""Progress inside a running trial: its LM spend, an event after every evaluation, the stop when pruned.
+
+Trial side only (DSPy, no Ray). A trial host makes one `TrialStream(trial_id, send)` per trial,
+hands it to `run_trial(..., events=stream)` and calls `stream.stop()` when the driver prunes the
+trial; `send` receives each `TrialEvent` (the host buffers them for the driver).
+
+`run_trial` installs a `TrialProgress` in the trial's DSPy context, as a callback and as DSPy's
+usage tracker, so it sees every LM call and every `dspy.Evaluate` of the trial, in every thread
+DSPy starts for it (ParallelExecutor carries the context into its workers), whatever the LM's
+engine is (the gateway's in a sweep, LiteLLM's in a benchmark):
+
+- spend: `on_lm_start` counts a call requested, `on_lm_end` a failed one, `add_usage` (DSPy's
+  usage-tracker hook, called once per answered call) the tokens and the cloud price. Counting
+  here rather than in `lm/engine.py` keeps it per trial and in-process for any engine.
+- evaluations: MIPROv2's minibatch and full evaluations, BootstrapFewShotWithRandomSearch's
+  candidates and GEPA's (dspy's GEPA adapter scores every candidate and minibatch through
+  `dspy.Evaluate`; gepa 0.1.4's own callbacks swallow exceptions, so they could not stop it and
+  add nothing the Evaluate hook lacks) each become an event. Only an evaluation over the whole
+  validation set moves the best score; a minibatch is reported as phase "minibatch".
+- stopping: DSPy's callbacks swallow exceptions, so `Pruned` cannot leave the callback. The
+  trial's metric (the platform supplies it to every optimizer) raises `Stopped` at its next
+  call instead: a BaseException, so it passes the `except Exception` with which Evaluate,
+  ParallelExecutor, GEPA and MIPROv2's inner Optuna study keep going after a bad example.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dspy.utils.callback import BaseCallback
+
+from dspy_sweeps.run.events import Pruned, TrialEvent, TrialEvents
+
+
+def step_of(calls: int) -> int:
+    """LM calls bucketed down to a power of two (0, 1, 2, 4, ..., 1024, ...).
+
+    Pruners compare trials at the same step, so steps must coincide across trials. Spend spans
+    orders of magnitude between optimizers (a BootstrapFewShot trial spends tens of calls, a
+    GEPA trial thousands): fixed buckets would give one a single comparison point and the
+    other hundreds, while geometric buckets give every trial a handful, which is also the
+    shape of successive halving's and Hyperband's rungs.
+    """
+    return 0 if calls <= 0 else 1 << (calls.bit_length() - 1)
+
+
+class Stopped(BaseException):
+    """Unwinds a pruned trial through the optimizer; `run_trial` turns it into a "pruned" result."""
+
+
+@dataclass
+class Spend:
+    """A trial's LM spend so far, as the trial itself sees it (the gateway's figures are final)."""
+
+    calls: int = 0  # requested, cache hits included
+    failed_calls: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0  # cloud calls priced from LiteLLM's map; self-hosted busy time is known at the end
+
+
+class TrialStream:
+    """The `TrialEvents` a trial host gives a trial: events to `send`, `stop()` to prune it."""
+
+    def __init__(self, trial_id: str, send: Callable[[TrialEvent], None]) -> None:
+        self.trial_id, self.send = trial_id, send
+        self.spend = Spend()
+        self.best: float | None = None
+        self.started = time.monotonic()
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+
+    def stop(self) -> None:
+        """Called from the host's thread when the driver prunes this trial."""
+        self._stopped.set()
+
+    def report(self, phase: str, score: float | None) -> None:
+        with self._lock:
+            if score is not None and phase != "minibatch":
+                self.best = score if self.best is None else max(self.best, score)
+            spend = Spend(**vars(self.spend))
+            event = TrialEvent(
+                trial_id=self.trial_id,
+                phase=phase,
+                step=step_of(spend.calls),
+                score=score,
+                best=self.best,
+                calls=spend.calls,
+                tokens=spend.tokens,
+                cost_usd=round(spend.cost_usd, 6),
+                failed_calls=spend.failed_calls,
+                elapsed_s=round(time.monotonic() - self.started, 3),
+            )
+        self.send(event)
+        if self._stopped.is_set():
+            raise Pruned(f"{self.trial_id} pruned at step {event.step} (best {self.best})")
+
+
+@dataclass
+class Candidate:
+    """The best program an optimizer has scored on the whole validation set so far."""
+
+    score: float
+    program: str  # DSPy's JSON state, taken when it was scored
+
+
+class TrialProgress(BaseCallback):
+    """Installed in a trial's DSPy context: counts its spend, reports its evaluations, stops it."""
+
+    def __init__(self, events: TrialEvents, spend: Spend, valset_size: int, priced: frozenset[str]) -> None:
+        self.events, self.spend, self.valset_size, self.priced = events, spend, valset_size, priced
+        self.best: Candidate | None = None
+        self.pruned: Pruned | None = None
+        self._programs: dict[str, tuple[Any, int]] = {}
+        self._lock = threading.Lock()
+
+    # ParallelExecutor deep-copies the usage tracker into each worker so per-call usage stays
+    # apart; a trial's spend is one total, so every copy is this object.
+    def __deepcopy__(self, memo: dict) -> TrialProgress:
+        return self
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        with self._lock:
+            self.spend.calls += 1
+
+    def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
+        if exception is not None:
+            with self._lock:
+                self.spend.failed_calls += 1
+
+    def add_usage(self, lm: str, usage: dict[str, Any]) -> None:
+        """DSPy's usage-tracker hook: once per answered call, with the provider's token counts."""
+        prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+        cost = _cloud_cost(lm, prompt, completion) if lm in self.priced else 0.0
+        with self._lock:
+            self.spend.tokens += prompt + completion
+            self.spend.cost_usd += cost
+
+    def on_evaluate_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        devset = inputs.get("devset") or instance.devset
+        with self._lock:
+            self._programs[call_id] = (inputs.get("program"), len(devset))
+
+    def on_evaluate_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
+        with self._lock:
+            program, size = self._programs.pop(call_id, (None, 0))
+        if exception is not None or outputs is None:
+            return
+        score = float(outputs.score) / 100  # Evaluate reports a percentage; the platform's scores are 0-1
+        whole = size >= self.valset_size
+        if whole and program is not None and (self.best is None or score > self.best.score):
+            self.best = Candidate(score, state_of(program))
+        self.report("compile" if whole else "minibatch", score)
+
+    def report(self, phase: str, score: float | None) -> None:
+        """Report to the trial's events; a prune is kept for the metric to act on (see the module doc)."""
+        try:
+            self.events.report(phase, score)
+        except Pruned as exc:
+            self.pruned = exc
+
+    def guard(self, metric: Callable) -> Callable:
+        """The trial's metric, raising `Stopped` once the trial is pruned."""
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self.pruned is not None:
+                raise Stopped(str(self.pruned))
+            return metric(*args, **kwargs)
+
+        return guarded
+
+
+def state_of(program: Any) -> str:
+    """DSPy's JSON state of a program, as results store it."""
+    import json
+
+    return json.dumps(program.dump_state(), sort_keys=True, default=str)
+
+
+def _cloud_cost(model: str, prompt: int, completion: int) -> float:
+    import litellm
+
+    try:
+        prompt_usd, completion_usd = litellm.cost_per_token(
+            model=model, prompt_tokens=prompt, completion_tokens=completion
+        )
+    except Exception:  # a model LiteLLM's map lacks: its cost is the gateway's to find out
+        return 0.0
+    return prompt_usd + completion_usd

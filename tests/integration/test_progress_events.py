@@ -1,0 +1,174 @@
+"""Progress events from inside running trials, and a pruned trial's record.
+
+Run: ``.venv/bin/python -m pytest -q -n 0 tests/integration/test_progress_events.py``. Trials run
+in-process (`run_trial` in threads, as a trial host runs them) against the simulated endpoint on
+loopback, with `TrialStream` as their event sink; no Ray.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from sweep_helpers import REPO, demo_answer_key
+
+from dspy_sweeps.data import load_dataset
+from dspy_sweeps.lm.build import build_lm
+from dspy_sweeps.run.events import TrialEvent
+from dspy_sweeps.run.progress import TrialStream, step_of
+from dspy_sweeps.run.trial import TrialLMs, run_trial
+from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps.spec.plan import plan_trials
+from dspy_sweeps.spec.schema import ModelSpec, load_sweep
+
+OPTIMIZERS = [
+    "optimizers=[{kind: mipro_v2, auto: null, num_candidates: 3, num_trials: 6, minibatch_size: 5},"
+    " {kind: gepa, max_metric_calls: 60}]"
+]
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("sim")
+    with SimServer(demo_answer_key(root / "key.jsonl"), root / "sim", time_scale=0.01) as server:
+        yield server
+
+
+def lms_for(sim: SimServer, student: str = "student") -> TrialLMs:
+    def lm(name: str):
+        return build_lm(ModelSpec(name=name, model=f"openai/{name}", api_base=sim.base_url), cache=False)
+
+    return TrialLMs(lm(student), lm("teacher"))
+
+
+def sweep_trials(overrides: list[str]):
+    sweep = load_sweep(REPO / "sweeps/demo.yaml", ["data.split={train: 10, val: 10, test: 10, seed: 0}", *overrides])
+    return sweep, load_dataset(sweep.data), [t for t in plan_trials(sweep) if t.kind != "none"]
+
+
+def test_mipro_and_gepa_trials_stream_events_at_increasing_steps(sim: SimServer, tmp_path: Path) -> None:
+    _, data, trials = sweep_trials(OPTIMIZERS)
+    events: dict[str, list[TrialEvent]] = {t.id: [] for t in trials}
+    results = {}
+
+    def run(trial) -> None:
+        stream = TrialStream(trial.id, events[trial.id].append)
+        results[trial.kind] = run_trial(trial, data, lms_for(sim), tmp_path / trial.id, stream)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in trials]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert {k: r.status for k, r in results.items()} == {"mipro_v2": "ok", "gepa": "ok"}
+    for trial in trials:
+        seen = events[trial.id]
+        assert len(seen) >= 5, (trial.kind, seen)
+        assert {e.trial_id for e in seen} == {trial.id}
+        assert [e.step for e in seen] == sorted(e.step for e in seen)
+        assert seen[-1].step > seen[0].step
+        assert all(e.step == step_of(e.calls) for e in seen)
+        assert [e.calls for e in seen] == sorted(e.calls for e in seen) and seen[-1].tokens > 0
+        assert {"compile", "val", "test"} <= {e.phase for e in seen}, {e.phase for e in seen}
+        # the best so far never drops, and is what the trial scored on val at the end at least
+        bests = [e.best for e in seen if e.best is not None]
+        assert bests == sorted(bests)
+        val = next(e for e in seen if e.phase == "val")
+        assert val.score == results[trial.kind].val_score and val.best >= val.score
+
+
+def host(trial, data, lms, workdir: Path, study) -> tuple[object, list[TrialEvent], list[bool]]:
+    """What a trial host and the driver do for one trial: events to the study, its answer back."""
+    seen, answers = [], []
+    stream: TrialStream
+
+    def send(event: TrialEvent) -> None:
+        seen.append(event)
+        answers.append(study.on_event(event))
+        if answers[-1]:
+            stream.stop()
+
+    stream = TrialStream(trial.id, send)
+    result = run_trial(trial, data, lms, workdir, stream)
+    # the gateway's accounting in a sweep; here the trial's own meter stands in for it
+    result.calls_requested, result.failed_calls = stream.spend.calls, stream.spend.failed_calls
+    result.cost_usd = stream.spend.cost_usd
+    study.trial_finished(trial.id, result)
+    return result, seen, answers
+
+
+def test_a_hopeless_trial_is_pruned_recorded_pruned_with_its_calls(sim: SimServer, tmp_path: Path) -> None:
+    """A weak student (the simulator's student profile) against a strong one (its teacher profile
+    served as a student): the weak trial's best so far trails the strong one's at the same spend,
+    and the median pruner stops it."""
+    import optuna
+
+    from dspy_sweeps.run.pruning import SweepStudy
+    from dspy_sweeps.spec.preflight import prepare
+    from dspy_sweeps.state import State
+    from dspy_sweeps.track.registry import best
+    from dspy_sweeps.track.results import TrialRecord, leaderboard, write_records
+
+    students = (
+        f"students=[{{name: sound, model: openai/teacher, api_base: '{sim.base_url}'}},"
+        f" {{name: hopeless, model: openai/student, api_base: '{sim.base_url}'}}]"
+    )
+    sweep, data, _ = sweep_trials(
+        [
+            students,
+            f"teachers=[{{name: big, model: openai/teacher, api_base: '{sim.base_url}'}}]",
+            "optimizers=[{kind: mipro_v2, auto: null, num_candidates: 3, num_trials: 6, minibatch_size: 5}]",
+            "prune={kind: median, n_startup_trials: 1}",
+            "tracking={wandb: null, mlflow: null}",
+            "promote=null",
+        ]
+    )
+    prepared = prepare(sweep)
+    state = State(tmp_path / "state")
+    study = SweepStudy.open(prepared, state, resume=False)
+    lms = {s.name: build_lm(s.model_copy(update={"name": s.name}), cache=False) for s in sweep.students}
+    teacher = build_lm(sweep.teachers[0], cache=False)
+    outcomes = {}
+    while (trial := study.next_trial()) is not None:  # one at a time: the sound trial completes first
+        trial_lms = TrialLMs(lms[trial.student.name], teacher)
+        outcomes[(trial.kind, trial.student.name)] = (trial, *host(trial, data, trial_lms, tmp_path / trial.id, study))
+
+    sound, sound_result, _, _ = outcomes[("mipro_v2", "sound")]
+    hopeless, result, seen, answers = outcomes[("mipro_v2", "hopeless")]
+    assert sound_result.status == "ok" and sound_result.val_score > 0
+    assert result.status == "pruned", (result.error, [(e.phase, e.step, e.best) for e in seen])
+    # stopped within one evaluation: the event the driver answered "stop" to is the trial's last
+    assert answers.index(True) == len(answers) - 1
+    assert "val" not in {e.phase for e in seen}  # it never reached the platform's val and test scoring
+    assert 0 < result.calls_requested < sound_result.calls_requested
+    assert result.val_score == max(e.best for e in seen)  # its best candidate, kept with its score
+    assert result.program is not None and result.test_score is None
+
+    records = [TrialRecord.of(sweep.name, t, r, None, data.fingerprint) for t, r, _, _ in outcomes.values()]
+    write_records(state.results(sweep.name), records)
+    rows = {r["trial_id"]: r for r in leaderboard(state.results(sweep.name))}
+    assert rows[hopeless.id]["status"] == "pruned" and rows[hopeless.id]["error"]
+    assert rows[hopeless.id]["calls_requested"] == result.calls_requested  # its spend stays in the accounting
+    assert best(records).trial_id != hopeless.id
+    stored = optuna.load_study(study_name=sweep.name, storage=f"sqlite:///{state.root}/optuna/{sweep.name}.db")
+    assert [t.state.name for t in stored.trials] == ["COMPLETE", "PRUNED"]
+
+
+def test_a_gepa_trial_told_to_stop_ends_at_its_next_evaluation(sim: SimServer, tmp_path: Path) -> None:
+    """GEPA catches a candidate's errors and keeps going; a stop must still end it."""
+    _, data, trials = sweep_trials(["optimizers=[{kind: gepa, max_metric_calls: 200}]"])
+    seen: list[TrialEvent] = []
+    stream: TrialStream
+
+    def send(event: TrialEvent) -> None:
+        seen.append(event)
+        if len(seen) == 3:  # the driver's answer to the third event: stop
+            stream.stop()
+
+    stream = TrialStream(trials[0].id, send)
+    result = run_trial(trials[0], data, lms_for(sim), tmp_path / "gepa", stream)
+    assert result.status == "pruned", result
+    assert len(seen) == 3, [(e.phase, e.score) for e in seen]  # nothing evaluated after the stop reported
+    assert result.test_score is None

@@ -1,0 +1,82 @@
+"""Search and pruning through `sweep run`: Optuna picks the trials the hosts run, the streamed
+events prune a loser, and `--resume` continues the same study.
+
+Run: ``.venv/bin/python -m pytest -q -n 0 tests/integration/test_search_sweeps.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sweep_helpers import UNTRACKED, rows, sweep_cli
+
+from dspy_sweeps.sim.launch import SimServer
+
+pytestmark = pytest.mark.slow
+
+
+def study_states(state: Path) -> list[str]:
+    import optuna
+
+    study = optuna.load_study(study_name="demo", storage=f"sqlite:///{state}/optuna/demo.db")
+    return [t.state.name for t in study.trials]
+
+
+def test_a_hopeless_trial_is_pruned_in_a_sweep(sim: SimServer, tmp_path: Path) -> None:
+    """The simulator's teacher profile served as a student (sound) against its student profile
+    (hopeless): one trial at a time, so the sound one sets the bar the median pruner holds the
+    hopeless one to at equal LM spend."""
+    base = sim.base_url
+    args = [
+        "run",
+        "sweeps/demo.yaml",
+        "--set",
+        f"students=[{{name: sound, model: openai/teacher, api_base: '{base}'}},"
+        f" {{name: hopeless, model: openai/student, api_base: '{base}'}}]",
+        "--set",
+        f"teachers=[{{name: big, model: openai/teacher, api_base: '{base}'}}]",
+        "--set",
+        "optimizers=[{kind: mipro_v2, auto: null, num_candidates: 3, num_trials: 6, minibatch_size: 5}]",
+        "--set",
+        "prune={kind: median, n_startup_trials: 1}",
+        "--set",
+        "parallelism=1",
+        *UNTRACKED,
+    ]
+    run = sweep_cli(*args, state=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = {(r["kind"], r["student"]): r for r in rows(tmp_path)}
+    sound, hopeless = records[("mipro_v2", "openai/teacher")], records[("mipro_v2", "openai/student")]
+    assert sound["status"] == "ok", sound
+    assert hopeless["status"] == "pruned", hopeless
+    assert hopeless["test_score"] is None and 0 < hopeless["calls_requested"] < sound["calls_requested"]
+    assert "PRUNED" in study_states(tmp_path) and "COMPLETE" in study_states(tmp_path)
+
+
+def test_a_resumed_search_continues_its_study(sim: SimServer, tmp_path: Path) -> None:
+    args = [
+        "run",
+        "sweeps/demo.yaml",
+        "--set",
+        f"students=[{{name: student, model: openai/student, api_base: '{sim.base_url}'}}]",
+        "--set",
+        f"teachers=[{{name: big, model: openai/teacher, api_base: '{sim.base_url}'}}]",
+        "--set",
+        "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: {int: [1, 4]}, max_rounds: {int: [1, 2]}}]",
+        "--set",
+        "search={kind: random, trials: 2, seed: 3}",
+        *UNTRACKED,
+    ]
+    first = sweep_cli(*args, state=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {r["trial_id"]: r for r in rows(tmp_path)}
+    assert sorted(r["kind"] for r in before.values()) == ["bootstrap_fewshot", "bootstrap_fewshot", "none"]
+    assert study_states(tmp_path) == ["COMPLETE", "COMPLETE"]
+
+    resumed = sweep_cli(*args, "--set", "search.trials=3", "--resume", state=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = {r["trial_id"]: r for r in rows(tmp_path)}
+    assert set(before) < set(after) and len(after) == 4, "one more trial, the finished ones kept"
+    assert all(after[t]["duration_s"] == r["duration_s"] for t, r in before.items()), "no finished trial ran again"
+    assert study_states(tmp_path) == ["COMPLETE", "COMPLETE", "COMPLETE"]
