@@ -17,18 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.errors import SweepError, first_line
 from dspy_sweeps.lm.build import endpoint_for, resolve
 from dspy_sweeps.lm.checks import check_endpoints, served_models
 from dspy_sweeps.lm.served import served_students
+from dspy_sweeps.run.events import TrialEvent
 from dspy_sweeps.run.trial import TrialResult
 from dspy_sweeps.spec.imports import restore_program
 from dspy_sweeps.spec.preflight import Prepared
 from dspy_sweeps.spec.schema import ModelSpec, Sweep
 from dspy_sweeps.state import State
+from dspy_sweeps.track.live import LiveProgress, RunningTrials, progress_lines
 from dspy_sweeps.track.registry import Decision, best, promote
 from dspy_sweeps.track.results import TrialRecord, read_records, write_records
 from dspy_sweeps.track.tracking import Trackers, check_mlflow_server, check_tracking_for_cluster, tracking_uri
@@ -118,7 +119,14 @@ def _run_trials(
     gateway = runner.start_gateway(list({e.id: e for e in endpoints.values()}.values()), state.cache, budget)
     endpoint_ids = {key: e.id for key, e in endpoints.items()}
     ctx = TrialContext(sweep.name, trials, prepared.data, gateway, endpoint_ids, str(state.root))
-    with _progress(console, len(trials)) as progress:
+    board = RunningTrials(len(trials), done=len(records))
+
+    def on_event(event: TrialEvent) -> None:  # the trial hosts' transport calls this while a trial runs
+        trial = trials[event.trial_id]
+        board.update(trial, event)
+        trackers.trial_event(trial, event)
+
+    with LiveProgress(board, console) as progress, progress_lines(board, progress.console):
         task = progress.add_task("trials", total=len(trials), completed=len(records))
         if records:
             progress.console.print(f"  resuming: {len(records)} finished trials kept, {len(pending)} to run")
@@ -128,6 +136,7 @@ def _run_trials(
             program_path = _save_program(state, sweep.name, trial.id, result)
             record = TrialRecord.of(sweep.name, trial, result, program_path, prepared.data.fingerprint)
             records.append(record)
+            board.finish(trial.id)
             write_records(state.results(sweep.name), records)  # saved before tracking, which may fail
             try:
                 run_id = trackers.log_trial(trial, record, result)
@@ -262,14 +271,3 @@ def write_answer_key(data: Dataset, path: Path) -> Path:
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
-
-
-def _progress(console: Console, total: int) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
