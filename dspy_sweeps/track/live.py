@@ -134,6 +134,7 @@ class LiveProgress(Progress):
     """Rich's progress bar with the running trials drawn above it (nothing while none run)."""
 
     def __init__(self, board: RunningTrials, console: Console) -> None:
+        self.board = board  # before Progress's own __init__, which renders once
         super().__init__(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -142,7 +143,6 @@ class LiveProgress(Progress):
             console=console,
             transient=False,
         )
-        self.board = board
 
     def get_renderables(self) -> Iterable[RenderableType]:
         rows = self.board.rows()
