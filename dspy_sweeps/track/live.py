@@ -105,10 +105,11 @@ class RunningTrials:
         return [_row(trial, now - started, event) for trial, started, event in trials]
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(time.time(), self.done, self.total, self.rows())
+        return Snapshot(round(time.time(), 1), self.done, self.total, self.rows())
 
 
 def _row(trial: Trial, elapsed_s: float, event: TrialEvent | None) -> RunningTrial:
+    elapsed_s = round(elapsed_s, 1)
     if event is None:
         return RunningTrial(trial.id, trial.label, "starting", 0, None, 0.0, elapsed_s)
     return RunningTrial(trial.id, trial.label, event.phase, event.calls, event.best, event.cost_usd, elapsed_s)
