@@ -78,16 +78,19 @@ class RunningTrials:
         self.version = 0  # bumped on every change, so a printer can skip an unchanged board
         self._lock = threading.Lock()
         self._trials: dict[str, tuple[Trial, float, TrialEvent | None]] = {}
+        self._finished: set[str] = set()  # an event that arrives after its trial's end must not revive it
 
     def start(self, trial: Trial) -> None:
         with self._lock:
-            if trial.id not in self._trials:
+            if trial.id not in self._trials and trial.id not in self._finished:
                 self._trials[trial.id] = (trial, self.clock(), None)
                 self.version += 1
 
     def update(self, trial: Trial, event: TrialEvent) -> None:
         """An event for a trial the board has not seen starts it (the transport may skip the start)."""
         with self._lock:
+            if trial.id in self._finished:
+                return
             _, started, _ = self._trials.get(trial.id, (trial, self.clock() - event.elapsed_s, None))
             self._trials[trial.id] = (trial, started, event)
             self.version += 1
@@ -95,6 +98,7 @@ class RunningTrials:
     def finish(self, trial_id: str) -> None:
         with self._lock:
             self._trials.pop(trial_id, None)
+            self._finished.add(trial_id)
             self.done += 1
             self.version += 1
 

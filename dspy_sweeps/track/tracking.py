@@ -395,6 +395,7 @@ class Trackers:
 
     def __init__(self, wandb: TrialLogger, mlflow: TrialLogger, results: Path | None = None) -> None:
         self.wandb, self.mlflow, self.results = wandb, mlflow, results
+        self.ended: set[str] = set()  # a late event for an ended trial must not open a new run
         self.work = TrackingThread(self._started, self._events)
 
     @classmethod
@@ -426,14 +427,19 @@ class Trackers:
             self.work.stop()
 
     def _started(self, trial: Trial) -> None:
+        if trial.id in self.ended:
+            return
         self.mlflow.trial_started(trial)
         self.wandb.trial_started(trial)
 
     def _events(self, trial: Trial, events: list[TrialEvent]) -> None:
+        if trial.id in self.ended:
+            return
         self.mlflow.trial_events(trial, events)
         self.wandb.trial_events(trial, events)
 
     def _ended(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
+        self.ended.add(trial.id)
         run_id = self.mlflow.log_trial(trial, record, result)
         self.wandb.log_trial(trial, record, result)
         # The results file holds every finished trial of this sweep, resumed ones too (written before tracking).

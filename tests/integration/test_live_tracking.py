@@ -178,6 +178,7 @@ def test_mlflow_child_run_is_running_with_history_before_the_trial_ends(tmp_path
     assert trackers.log_trial(a, *end(a, 0.8, 0.05, state.results(sweep.name), done)) == run_id
     # b never sent an event (today's runner): its run opens at its end.
     b_run = trackers.log_trial(b, *end(b, 0.9, 0.02, state.results(sweep.name), done))
+    trackers.trial_event(a, events(a)[-1])  # an event that arrives after a's end opens no new run
     trackers.close("FINISHED")
 
     finished = client.get_run(run_id)
@@ -186,6 +187,10 @@ def test_mlflow_child_run_is_running_with_history_before_the_trial_ends(tmp_path
     calls = client.get_metric_history(run_id, "lm_calls")
     assert max(calls, key=lambda m: m.step).step == 70 and max(calls, key=lambda m: m.step).value == 70
     assert client.get_run(b_run).info.status == "FINISHED"
+    children = client.search_runs(
+        [trackers.mlflow.experiment_id], f"tags.mlflow.parentRunId = '{trackers.mlflow.parent}'"
+    )
+    assert sorted(r.info.run_name for r in children) == ["boot-b", "mipro-a"]
     parent = trackers.mlflow.parent
     assert {f.path for f in client.list_artifacts(parent)} >= {"leaderboard.json", "pareto.png"}
     board = json.loads(Path(client.download_artifacts(parent, "leaderboard.json", str(tmp_path / "dl"))).read_text())

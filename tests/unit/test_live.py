@@ -75,6 +75,7 @@ def test_running_table_shows_phase_calls_best_cost_and_elapsed() -> None:
 
     board.finish("mipro-b")
     board.finish("gepa-a")
+    board.update(trial("mipro-b", "mipro_v2"), event("mipro-b", 50, 0.7))  # late, after its end
     assert board.rows() == [] and board.done == 2
     console = Console(record=True, width=120)
     for renderable in progress.get_renderables():
