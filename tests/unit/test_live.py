@@ -185,3 +185,17 @@ def test_a_tracker_error_reaches_the_next_caller_and_stops_tracking() -> None:
         thread.call(lambda: None)
     thread.stop()
     assert seen == [10]  # nothing after the error was logged
+
+
+def test_off_a_terminal_the_live_display_draws_once_not_per_refresh() -> None:
+    out = io.StringIO()
+    board = RunningTrials(total=2)
+    with LiveProgress(board, Console(file=out, width=120)) as progress:
+        task = progress.add_task("trials", total=2)
+        for step in range(1, 51):
+            board.update(trial("gepa-a"), event("gepa-a", step, 0.5))
+            progress.refresh()  # what a terminal would redraw 50 times
+        board.finish("gepa-a")
+        progress.advance(task)
+    bars = [line for line in out.getvalue().splitlines() if line.startswith("trials")]
+    assert len(bars) == 1 and "1/2" in bars[0]
