@@ -253,11 +253,16 @@ def submit(
 @app.command()
 @exits_on_bad_input
 def status(job_id: JobId, address: JobAddress = None) -> None:
-    """Print a submitted sweep's job status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    """Print a submitted sweep's job status (PENDING, RUNNING, ...) and, while it runs, its running trials."""
     from dspy_sweeps.jobs import client as jobs
 
     report = jobs.status(job_id, address)
     print(f"{report.job_id}: {report.status}" + (f" ({report.message})" if report.message else ""))
+    snapshot = jobs.progress(job_id, address) if report.status != "PENDING" else None
+    if snapshot is not None:
+        from dspy_sweeps.cli.tables import progress_view
+
+        _console().print(progress_view(snapshot, running=report.status == "RUNNING"))
 
 
 @app.command()

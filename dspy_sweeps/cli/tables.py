@@ -1,13 +1,21 @@
-"""Rich tables for the terminal: the plan, the leaderboard, the promotion decision."""
+"""Rich tables for the terminal: the plan, the leaderboard, a job's progress, the promotion decision.
+
+The running-trials table itself lives in `track/live.py`, beside the progress bar it is drawn above.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
+from rich.console import Group, RenderableType
 from rich.table import Table
 
 from dspy_sweeps.spec.preflight import Prepared
 from dspy_sweeps.track.registry import Decision
+
+if TYPE_CHECKING:
+    from dspy_sweeps.track.live import Snapshot
 
 
 def plan_table(prepared: Prepared) -> Table:
@@ -77,6 +85,17 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") ->
             "ok" if ok else f"[red]{r['status']}[/]: {r['error']}",
         )
     return table
+
+
+def progress_view(snapshot: Snapshot, running: bool, now: float | None = None) -> RenderableType:
+    """`sweep status`: trials done, and while the job runs, the running trials as its driver last printed them."""
+    from dspy_sweeps.track.live import running_table
+
+    age = max(0.0, (now or time.time()) - snapshot.at)
+    line = f"trials: {snapshot.done}/{snapshot.total} done (as of {age:.0f}s ago)"
+    if not running or not snapshot.running:
+        return line
+    return Group(line, running_table(snapshot.running))
 
 
 def decision_line(decision: Decision) -> str:

@@ -35,10 +35,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from dspy_sweeps.errors import SweepError
+
+if TYPE_CHECKING:
+    from dspy_sweeps.track.live import Snapshot
 
 DASHBOARD_PORT = 8265  # Ray's default; cluster/ files and the CLI help say the same
 ADDRESS_ENV = "RAY_ADDRESS"
@@ -255,6 +258,14 @@ def status(job_id: str, address: str | None) -> JobReport:
     with _talking_to(address, job_id):
         info = client.get_job_info(job_id)
     return JobReport(job_id, str(info.status.value), info.message or "")
+
+
+def progress(job_id: str, address: str | None) -> Snapshot | None:
+    """The job's running trials, from the last progress line its driver printed to its log
+    (the log is what the dashboard gives any submitter; the job's state dir stays on the cluster)."""
+    from dspy_sweeps.track.live import last_snapshot
+
+    return last_snapshot(logs(job_id, address))
 
 
 def logs(job_id: str, address: str | None) -> str:

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.errors import SweepError, first_line
 from dspy_sweeps.lm.build import endpoint_for, resolve
 from dspy_sweeps.lm.checks import check_endpoints, served_models
 from dspy_sweeps.lm.served import served_students
+from dspy_sweeps.run.events import TrialEvent
 from dspy_sweeps.run.pruning import SweepStudy
 from dspy_sweeps.run.trial import TrialResult
 from dspy_sweeps.spec.imports import restore_program
@@ -31,6 +31,7 @@ from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.spec.preflight import Prepared
 from dspy_sweeps.spec.schema import ModelSpec, Sweep
 from dspy_sweeps.state import State
+from dspy_sweeps.track.live import LiveProgress, RunningTrials, progress_lines
 from dspy_sweeps.track.registry import Decision, best, promote
 from dspy_sweeps.track.results import TrialRecord, read_records, write_records
 from dspy_sweeps.track.tracking import Trackers, check_mlflow_server, check_tracking_for_cluster, tracking_uri
@@ -144,7 +145,6 @@ def _run_trials(
     tracked as it lands."""
     from dspy_sweeps.lm.gateway import Budget
     from dspy_sweeps.run import runner
-    from dspy_sweeps.run.events import TrialEvent
     from dspy_sweeps.run.hosts import Outcome
     from dspy_sweeps.run.worker import TrialContext
 
@@ -165,12 +165,20 @@ def _run_trials(
     endpoint_ids = {key: e.id for key, e in endpoints.items()}
     ctx = TrialContext(sweep.name, prepared.data, gateway, endpoint_ids, str(state.root))
     total = len(done) + (study.remaining() if study else len(prepared.trials) - len(done))
-    with _progress(console, total) as progress:
+    board = RunningTrials(total, done=len(records))
+    with LiveProgress(board, console) as progress, progress_lines(board, progress.console):
         task = progress.add_task("trials", total=total, completed=len(records))
         if records:
             progress.console.print(f"  resuming: {len(records)} finished trials kept, {total - len(done)} to run")
 
+        def on_start(trial_id: str) -> None:
+            board.start(trials[trial_id])
+            trackers.trial_started(trials[trial_id])
+
         def on_event(event: TrialEvent) -> None:
+            trial = trials[event.trial_id]
+            board.update(trial, event)
+            trackers.trial_event(trial, event)
             if study is not None and study.on_event(event):
                 hosts.stop(event.trial_id)
 
@@ -181,6 +189,7 @@ def _run_trials(
             program_path = _save_program(state, sweep.name, trial.id, result)
             record = TrialRecord.of(sweep.name, trial, result, program_path, prepared.data.fingerprint)
             records.append(record)
+            board.finish(trial.id)
             write_records(state.results(sweep.name), records)  # saved before tracking, which may fail
             try:
                 run_id = trackers.log_trial(trial, record, result)
@@ -200,7 +209,13 @@ def _run_trials(
                 )
 
         hosts.run(
-            to_run(), ctx, parallelism=sweep.parallelism, on_outcome=on_outcome, on_event=on_event, id_of=_trial_id
+            to_run(),
+            ctx,
+            parallelism=sweep.parallelism,
+            on_outcome=on_outcome,
+            on_event=on_event,
+            on_start=on_start,
+            id_of=_trial_id,
         )
     return records
 
@@ -316,14 +331,3 @@ def write_answer_key(data: Dataset, path: Path) -> Path:
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
-
-
-def _progress(console: Console, total: int) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )

@@ -164,11 +164,13 @@ class HostPool:
         parallelism: int | None,
         on_outcome: Callable[[Outcome], None],
         on_event: Callable[[TrialEvent], None] | None = None,
+        on_start: Callable[[str], None] | None = None,
         id_of: Callable[[Any], str] = str,
     ) -> list[Outcome]:
         """Run `fn(item, shared, channel)` for every item, at most `parallelism` at once (default:
-        as many as the hosts hold); `on_outcome` sees each outcome as it lands (after that trial's
-        last events). An item is drawn only when a host has room for it."""
+        as many as the hosts hold); `on_start` sees each trial id as it is handed to a host,
+        `on_outcome` each outcome as it lands (after that trial's last events). An item is drawn
+        only when a host has room for it."""
         import ray
 
         shared_ref = [ray.put(shared)]
@@ -177,7 +179,7 @@ class HostPool:
         runs: dict[Any, tuple[_Host, str]] = {}
         outcomes: list[Outcome] = []
         while work.retries or runs or work.more():
-            self._submit(work, runs, shared_ref, limit)
+            self._submit(work, runs, shared_ref, limit, on_start)
             ready, _ = ray.wait(list(runs), num_returns=1, timeout=POLL_S)
             self._forward(on_event, block=False)
             for ref in ready:
@@ -196,7 +198,14 @@ class HostPool:
                 on_outcome(outcome)
         return outcomes
 
-    def _submit(self, work: _Work, runs: dict[Any, tuple[_Host, str]], shared_ref: list, limit: int) -> None:
+    def _submit(
+        self,
+        work: _Work,
+        runs: dict[Any, tuple[_Host, str]],
+        shared_ref: list,
+        limit: int,
+        on_start: Callable[[str], None] | None,
+    ) -> None:
         while len(runs) < limit:
             host = min(self.hosts, key=lambda h: len(h.running))
             if len(host.running) >= self.plan.trials_per_host:
@@ -208,6 +217,8 @@ class HostPool:
             host.running.add(trial_id)
             stopped = trial_id in self._stopped
             runs[host.handle.run.remote(trial_id, item, shared_ref, stopped)] = (host, trial_id)
+            if on_start is not None and trial_id not in work.deaths:  # a retry keeps the runs it opened
+                on_start(trial_id)
 
     def _host_died(self, host: _Host, trial_id: str, exc: Exception, deaths: dict[str, int]) -> Outcome | None:
         """Replace a dead host (once) and say whether its trial runs again (None) or has failed."""

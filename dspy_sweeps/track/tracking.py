@@ -1,25 +1,38 @@
-"""Trial tracking: one W&B run and one MLflow child run per trial, under a parent run per sweep.
+"""Trial tracking: one W&B run and one MLflow child run per trial, under a sweep-level run.
 
-Both are logged from the driver as trials finish, so workers never hold tracking
-credentials. A do-nothing logger stands in when a tracker is off.
+Everything is logged from the driver, so workers never hold tracking credentials. A trial's
+runs open when it starts (`trial_started`), get a history point per progress event
+(`trial_event`, x-axis: LM calls spent) and close with its summary when it ends (`log_trial`);
+the sweep's W&B run (job type `sweep`) and MLflow parent run carry the leaderboard and the
+score-versus-cost plot, updated as trials end. The work runs on one background thread (see
+`track/background.py`), so a slow tracker never holds up the thread that delivers events.
+A do-nothing logger stands in when a tracker is off.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from dspy_sweeps.errors import SweepError
+from dspy_sweeps.run.events import TrialEvent
 from dspy_sweeps.run.trial import TrialResult
 from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.spec.schema import MlflowSpec, Sweep, WandbSpec
 from dspy_sweeps.state import State
-from dspy_sweeps.track.results import TrialRecord
+from dspy_sweeps.track.background import TrackingThread
+from dspy_sweeps.track.pareto import pareto_figure, pareto_front, ranked
+from dspy_sweeps.track.results import TrialRecord, read_records
 
+# A pruned trial did what the sweep asked (its status tag says it was pruned); failed and cut ones did not.
+ENDED_WELL = ("ok", "pruned")
 MLFLOW_PARAM_LIMIT = 6000  # MLflow rejects longer parameter values
+MLFLOW_BATCH_LIMIT = 1000  # metrics per log_batch request
 FIGURES = (
     "val_score",
     "test_score",
@@ -36,32 +49,45 @@ FIGURES = (
     "duration_s",
     "attempts",
 )
+STEP = "calls"  # W&B's x-axis for a trial's history: LM calls spent (MLflow's step is the same number)
 
 
 class TrialLogger(Protocol):
+    def trial_started(self, trial: Trial) -> None: ...
+    def trial_events(self, trial: Trial, events: list[TrialEvent]) -> None: ...
     def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None: ...
+    def log_sweep(self, records: list[TrialRecord]) -> None: ...
     def close(self, status: str) -> None: ...
 
 
 class NullLogger:
+    def trial_started(self, trial: Trial) -> None:
+        pass
+
+    def trial_events(self, trial: Trial, events: list[TrialEvent]) -> None:
+        pass
+
     def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
         return None
+
+    def log_sweep(self, records: list[TrialRecord]) -> None:
+        pass
 
     def close(self, status: str) -> None:
         pass
 
 
-def trial_config(trial: Trial, record: TrialRecord) -> dict[str, Any]:
-    """The settings that define a trial, flat, as W&B config and MLflow params."""
+def trial_config(trial: Trial, fingerprint: str) -> dict[str, Any]:
+    """The settings that define a trial, flat, as W&B config and MLflow params; known at its start."""
     return {
         "trial_id": trial.id,
         "optimizer": trial.kind,
         "seed": trial.seed,
-        "student": record.student,
-        "teacher": record.teacher or "",
+        "student": trial.student.model,
+        "teacher": trial.teacher.model if trial.teacher and trial.kind != "none" else "",
         "program": trial.program,
         "metric": trial.metric,
-        "data_fingerprint": record.data_fingerprint,
+        "data_fingerprint": fingerprint,
         **{f"settings.{k}": v for k, v in trial.settings.items()},
     }
 
@@ -70,32 +96,91 @@ def figures(record: TrialRecord) -> dict[str, float]:
     return {k: float(getattr(record, k)) for k in FIGURES if getattr(record, k) is not None}
 
 
+def event_figures(event: TrialEvent) -> dict[str, float]:
+    """One history point: the score of this evaluation under its phase (`val_score`, ...), and spend so far."""
+    point = {
+        "lm_calls": float(event.calls),
+        "tokens": float(event.tokens),
+        "cost_usd": event.cost_usd,
+        "failed_calls": float(event.failed_calls),
+        "elapsed_s": event.elapsed_s,
+    }
+    if event.score is not None:
+        point[f"{event.phase}_score"] = event.score
+    if event.best is not None:
+        point["best_score"] = event.best
+    return point
+
+
+def final_step(steps: dict[str, int], trial_id: str, record: TrialRecord) -> int:
+    """The end's point goes after the trial's last event, so the final figures are the latest values."""
+    return max(steps.pop(trial_id, 0), record.calls_requested)
+
+
+def leaderboard_rows(records: list[TrialRecord]) -> list[dict[str, Any]]:
+    """The leaderboard as W&B and MLflow store it: ranked, with each trial's place on the Pareto front."""
+    front = pareto_front(records)
+    return [{"rank": i, **asdict(r), "on_front": r.trial_id in front} for i, r in enumerate(ranked(records), 1)]
+
+
+LEADERBOARD_COLUMNS = (
+    "rank",
+    "trial_id",
+    "kind",
+    "student",
+    "teacher",
+    "seed",
+    "status",
+    "val_score",
+    "test_score",
+    "lm_calls",
+    "cost_usd",
+    "duration_s",
+    "on_front",
+)
+
+
 class WandbLogger:
     """Offline runs land under the state dir (`wandb sync` uploads them later). An online W&B that
-    cannot be reached within `ONLINE_TIMEOUT_S` switches the rest of the sweep to offline runs."""
+    cannot be reached within `ONLINE_TIMEOUT_S` switches the rest of the sweep to offline runs.
+
+    Several trials' runs are open at once (`reinit="create_new"` gives each its own Run object).
+    A history row per event; W&B's own `_step` counts rows, and `calls` is the x-axis its charts use.
+    """
 
     ONLINE_TIMEOUT_S = 20
 
-    def __init__(self, spec: WandbSpec, sweep: str, state: State) -> None:
-        self.spec, self.sweep, self.state = spec, sweep, state
+    def __init__(self, spec: WandbSpec, sweep: str, state: State, fingerprint: str = "") -> None:
+        self.spec, self.sweep, self.state, self.fingerprint = spec, sweep, state, fingerprint
         self.mode = spec.mode
+        self.runs: dict[str, Any] = {}  # trial id -> its open run
+        self.steps: dict[str, int] = {}
+        self.sweep_run: Any = None
         os.environ.setdefault("WANDB_SILENT", "true")
         state.wandb.mkdir(parents=True, exist_ok=True)
+
+    def trial_started(self, trial: Trial) -> None:
+        if trial.id in self.runs:
+            return
+        run = self._init(job_type=trial.kind, name=trial.id, config=trial_config(trial, self.fingerprint))
+        run.define_metric(STEP)
+        run.define_metric("*", step_metric=STEP)
+        self.runs[trial.id] = run
+
+    def trial_events(self, trial: Trial, events: list[TrialEvent]) -> None:
+        self.trial_started(trial)
+        run = self.runs[trial.id]
+        for event in events:
+            run.log({STEP: event.step, **event_figures(event)})
+            self.steps[trial.id] = max(self.steps.get(trial.id, 0), event.step)
 
     def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
         import wandb
 
-        run = self._init(
-            project=self.spec.project,
-            entity=self.spec.entity,
-            group=self.sweep,
-            job_type=trial.kind,
-            name=trial.id,
-            config=trial_config(trial, record),
-            dir=str(self.state.wandb),
-            reinit="create_new",
-            tags=[record.status],
-        )
+        self.trial_started(trial)
+        run = self.runs.pop(trial.id)
+        run.tags = (*run.tags, record.status)
+        run.log({STEP: final_step(self.steps, trial.id, record), **figures(record)})
         run.summary.update({**figures(record), "status": record.status, "error": record.error or ""})
         if result.predictions:
             table = wandb.Table(columns=["inputs", "prediction", "gold", "score"])
@@ -104,15 +189,39 @@ class WandbLogger:
                     *(json.dumps(p[k], ensure_ascii=False) for k in ("inputs", "prediction", "gold")), p["score"]
                 )
             run.log({"val_predictions": table})
-        run.finish(exit_code=0 if record.status == "ok" else 1)
+        run.finish(exit_code=0 if record.status in ENDED_WELL else 1)
         return None
+
+    def log_sweep(self, records: list[TrialRecord]) -> None:
+        """The sweep run's leaderboard and Pareto plot, logged again (a new history row) as each trial ends."""
+        import wandb
+
+        if self.sweep_run is None:
+            self.sweep_run = self._init(job_type="sweep", name=f"{self.sweep}-sweep")
+        rows = leaderboard_rows(records)
+        table = wandb.Table(columns=list(LEADERBOARD_COLUMNS), data=[[r[c] for c in LEADERBOARD_COLUMNS] for r in rows])
+        png = self.state.wandb / f"{self.sweep}-pareto.png"  # W&B's Image copies the file into the run
+        pareto_figure(records, f"{self.sweep}: val score vs cost").savefig(png)
+        self.sweep_run.log(
+            {
+                "leaderboard": table,
+                "score_vs_cost": wandb.plot.scatter(table, "cost_usd", "val_score", title="val score vs cost $"),
+                "pareto": wandb.Image(str(png)),
+                "trials_done": len(records),
+            }
+        )
+        self.sweep_run.summary.update({"pareto_front": sorted(r["trial_id"] for r in rows if r["on_front"])})
 
     def _init(self, **kwargs: Any) -> Any:
         import wandb
 
+        kwargs.update(project=self.spec.project, entity=self.spec.entity, group=self.sweep, dir=str(self.state.wandb))
+        # Runs stay open while the sweep runs, several at once: the driver's terminal output is nobody's log.
+        kwargs.update(reinit="create_new", settings=wandb.Settings(console="off"))
         if self.mode == "online":
             try:
-                return wandb.init(mode="online", settings=wandb.Settings(init_timeout=self.ONLINE_TIMEOUT_S), **kwargs)
+                online = wandb.Settings(console="off", init_timeout=self.ONLINE_TIMEOUT_S)
+                return wandb.init(mode="online", **{**kwargs, "settings": online})
             except Exception as exc:
                 print(
                     f"W&B is unreachable ({type(exc).__name__}); logging offline under {self.state.wandb} (`wandb sync` uploads later)"
@@ -121,18 +230,27 @@ class WandbLogger:
         return wandb.init(mode=self.mode, **kwargs)
 
     def close(self, status: str) -> None:
-        pass
+        """Runs of trials that never ended (the sweep stopped first) close as failed."""
+        for run in self.runs.values():
+            run.finish(exit_code=1)
+        self.runs.clear()
+        if self.sweep_run is not None:
+            self.sweep_run.finish(exit_code=0 if status == "FINISHED" else 1)
 
 
 class MlflowLogger:
-    """Child runs carry params, metrics, tags and the program (JSON state + metadata)."""
+    """A child run per trial, RUNNING from its start, with metric history by step (LM calls spent);
+    params, final metrics, tags and the program (JSON state + metadata) at its end. The parent
+    run carries `leaderboard.json` and `pareto.png`, rewritten as trials end."""
 
     def __init__(self, spec: MlflowSpec, sweep: Sweep, state: State, fingerprint: str, resume: bool = False) -> None:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(spec, state)
         self.client = MlflowClient(self.uri)
-        self.sweep = sweep
+        self.sweep, self.fingerprint = sweep, fingerprint
+        self.runs: dict[str, str] = {}  # trial id -> its RUNNING child run
+        self.steps: dict[str, int] = {}
         name = spec.experiment or sweep.name
         experiment = self.client.get_experiment_by_name(name)
         # A local store keeps artifacts in the state dir too (MLflow's default is ./mlruns).
@@ -140,6 +258,8 @@ class MlflowLogger:
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name, location)
         tags = {"dspy_sweeps.sweep": sweep.name, "data_fingerprint": fingerprint}
         previous = self._last_parent(sweep.name) if resume else None
+        if previous:
+            self._close_interrupted(previous)
         self.parent = previous or self.client.create_run(self.experiment_id, run_name=sweep.name, tags=tags).info.run_id
 
     def _last_parent(self, sweep: str) -> str | None:
@@ -152,23 +272,62 @@ class MlflowLogger:
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         return parents[0].info.run_id if parents else None
 
-    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
-        from mlflow.entities import Metric, Param, RunTag
+    def _close_interrupted(self, parent: str) -> None:
+        """Child runs left RUNNING by a driver that died are closed as KILLED, not reused: the trial
+        starts over, and a history that restarts at step 0 inside the old run would mislead."""
+        interrupted = self.client.search_runs(
+            [self.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"
+        )
+        for run in interrupted:
+            self.client.set_tag(run.info.run_id, "status", "interrupted")
+            self.client.set_terminated(run.info.run_id, "KILLED")
 
-        tags = {"mlflow.parentRunId": self.parent, "trial": trial.id, "optimizer": trial.kind, "status": record.status}
-        if record.error:
-            tags["error"] = record.error
+    def trial_started(self, trial: Trial) -> None:
+        from mlflow.entities import Param, RunTag
+
+        if trial.id in self.runs:
+            return
+        tags = {"mlflow.parentRunId": self.parent, "trial": trial.id, "optimizer": trial.kind, "status": "running"}
         run_id = self.client.create_run(self.experiment_id, run_name=trial.id, tags=tags).info.run_id
-        params = [Param(k, str(v)[:MLFLOW_PARAM_LIMIT]) for k, v in trial_config(trial, record).items()]
-        metrics = [Metric(k, v, 0, 0) for k, v in figures(record).items()]
-        self.client.log_batch(run_id, metrics=metrics, params=params, tags=[RunTag("sweep", self.sweep.name)])
+        params = [Param(k, str(v)[:MLFLOW_PARAM_LIMIT]) for k, v in trial_config(trial, self.fingerprint).items()]
+        self.client.log_batch(run_id, params=params, tags=[RunTag("sweep", self.sweep.name)])
+        self.runs[trial.id] = run_id
+
+    def trial_events(self, trial: Trial, events: list[TrialEvent]) -> None:
+        from mlflow.entities import Metric
+
+        self.trial_started(trial)
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, e.step) for e in events for k, v in event_figures(e).items()]
+        for i in range(0, len(metrics), MLFLOW_BATCH_LIMIT):
+            self.client.log_batch(self.runs[trial.id], metrics=metrics[i : i + MLFLOW_BATCH_LIMIT])
+        self.steps[trial.id] = max([self.steps.get(trial.id, 0), *(e.step for e in events)])
+
+    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
+        from mlflow.entities import Metric, RunTag
+
+        self.trial_started(trial)
+        run_id = self.runs.pop(trial.id)
+        tags = [RunTag("status", record.status)] + ([RunTag("error", record.error)] if record.error else [])
+        step, now = final_step(self.steps, trial.id, record), int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in figures(record).items()]
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
         if result.program:
             self.client.log_text(run_id, result.program, "program/program.json")
             self.client.log_dict(run_id, program_metadata(self.sweep, trial, record), "program/metadata.json")
-        self.client.set_terminated(run_id, "FINISHED" if record.status == "ok" else "FAILED")
+        self.client.set_terminated(run_id, "FINISHED" if record.status in ENDED_WELL else "FAILED")
         return run_id
 
+    def log_sweep(self, records: list[TrialRecord]) -> None:
+        self.client.log_dict(self.parent, {"trials": leaderboard_rows(records)}, "leaderboard.json")
+        self.client.log_figure(
+            self.parent, pareto_figure(records, f"{self.sweep.name}: val score vs cost"), "pareto.png"
+        )
+
     def close(self, status: str) -> None:
+        for run_id in self.runs.values():  # trials that never ended: the sweep stopped first
+            self.client.set_terminated(run_id, "KILLED")
+        self.runs.clear()
         self.client.set_terminated(self.parent, status)
 
 
@@ -228,29 +387,68 @@ def program_metadata(sweep: Sweep, trial: Trial, record: TrialRecord) -> dict[st
     }
 
 
-@dataclass
 class Trackers:
-    wandb: TrialLogger
-    mlflow: TrialLogger
+    """W&B and MLflow behind one set of calls, their work done in order on one background thread.
+
+    `trial_started` and `trial_event` only queue (the event transport must never wait on a
+    tracker); `log_trial` and `close` wait for the queue to get to them, and raise the first
+    error any tracker hit, so a broken tracker stops the sweep at the next trial's end.
+    """
+
+    def __init__(self, wandb: TrialLogger, mlflow: TrialLogger, results: Path | None = None) -> None:
+        self.wandb, self.mlflow, self.results = wandb, mlflow, results
+        self.ended: set[str] = set()  # a late event for an ended trial must not open a new run
+        self.work = TrackingThread(self._started, self._events)
 
     @classmethod
     def open(cls, sweep: Sweep, state: State, fingerprint: str, resume: bool = False) -> Trackers:
         spec = sweep.tracking
         wandb = (
-            WandbLogger(spec.wandb, sweep.name, state) if spec.wandb and spec.wandb.mode != "disabled" else NullLogger()
+            WandbLogger(spec.wandb, sweep.name, state, fingerprint)
+            if spec.wandb and spec.wandb.mode != "disabled"
+            else NullLogger()
         )
         mlflow = MlflowLogger(spec.mlflow, sweep, state, fingerprint, resume) if spec.mlflow else NullLogger()
-        return cls(wandb, mlflow)
+        return cls(wandb, mlflow, state.results(sweep.name))
+
+    def trial_started(self, trial: Trial) -> None:
+        self.work.start(trial)
+
+    def trial_event(self, trial: Trial, event: TrialEvent) -> None:
+        self.work.event(trial, event)
 
     def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
-        """Log to both; returns the trial's MLflow run id (promotion registers from it)."""
-        run_id = self.mlflow.log_trial(trial, record, result)
-        self.wandb.log_trial(trial, record, result)
-        return run_id
+        """The trial's end: close its runs with their summary and update the sweep's leaderboard.
+        Returns the trial's MLflow run id (promotion registers from it)."""
+        return self.work.call(lambda: self._ended(trial, record, result))
 
     def close(self, status: str) -> None:
-        self.wandb.close(status)
-        self.mlflow.close(status)
+        try:
+            self.work.call(lambda: [logger.close(status) for logger in (self.wandb, self.mlflow)])
+        finally:
+            self.work.stop()
+
+    def _started(self, trial: Trial) -> None:
+        if trial.id in self.ended:
+            return
+        self.mlflow.trial_started(trial)
+        self.wandb.trial_started(trial)
+
+    def _events(self, trial: Trial, events: list[TrialEvent]) -> None:
+        if trial.id in self.ended:
+            return
+        self.mlflow.trial_events(trial, events)
+        self.wandb.trial_events(trial, events)
+
+    def _ended(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
+        self.ended.add(trial.id)
+        run_id = self.mlflow.log_trial(trial, record, result)
+        self.wandb.log_trial(trial, record, result)
+        # The results file holds every finished trial of this sweep, resumed ones too (written before tracking).
+        records = read_records(self.results) if self.results else [record]
+        for logger in (self.mlflow, self.wandb):
+            logger.log_sweep(records)
+        return run_id
 
 
 def is_local_tracking_uri(uri: str) -> bool:

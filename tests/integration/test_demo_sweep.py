@@ -106,9 +106,34 @@ def test_mlflow_has_a_parent_and_child_runs_and_a_champion(demo: dict) -> None:
     assert len(client.search_model_versions("name = 'demo'")) == 1
 
 
-def test_wandb_offline_runs_one_per_trial(demo: dict) -> None:
-    runs = list((demo["state"] / "wandb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 10
+def test_wandb_offline_runs_one_per_trial_and_one_per_sweep(demo: dict) -> None:
+    from wandb_reader import read_runs
+
+    runs = read_runs(demo["state"] / "wandb" / "wandb")
+    trials = [r for r in runs if r.job_type != "sweep"]
+    sweeps = [r for r in runs if r.job_type == "sweep"]
+    assert len(trials) == 10 and len(sweeps) == 2  # two sweeps of five trials
+    assert all(r.history and r.summary["status"] == "ok" and r.exit_code == 0 for r in trials)
+    # Each sweep run logs its leaderboard again as each trial ends; the last one holds all five.
+    assert all([row["trials_done"] for row in r.history][-1] == 5 for r in sweeps)
+    assert all(r.history[-1]["leaderboard/nrows"] == 5 and r.summary["pareto_front"] for r in sweeps)
+
+
+def test_mlflow_parent_holds_the_leaderboard_and_pareto_plot(demo: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{demo['state']}/mlflow.db")
+    experiment = client.get_experiment_by_name("demo")
+    parents = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    for parent in parents:
+        assert {f.path for f in client.list_artifacts(parent.info.run_id)} >= {"leaderboard.json", "pareto.png"}
+
+
+def test_piped_output_ends_with_a_progress_line(demo: dict) -> None:
+    from dspy_sweeps.track.live import last_snapshot
+
+    snapshot = last_snapshot(demo["first"].stdout)  # what `sweep status` reads from a job's log
+    assert snapshot is not None and (snapshot.done, snapshot.total, snapshot.running) == (5, 5, [])
 
 
 def test_pull_writes_json_state_and_metadata(demo: dict, tmp_path: Path) -> None:

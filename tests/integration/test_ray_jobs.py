@@ -281,6 +281,7 @@ def test_submit_follow_runs_the_sweep_as_a_ray_job(ray_head: RayHead, mlflow_ser
     commands = [["status", job_id], ["logs", job_id], ["stop", job_id]]  # --address from $RAY_ADDRESS
     status, logs, stop = sweep_in_parallel(commands, {**env, "RAY_ADDRESS": ray_head.dashboard})
     assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout, status.stderr
+    assert "trials: 2/2 done" in status.stdout  # read back from the progress line the job's driver printed
     assert logs.returncode == 0 and "promoted v1 as @champion" in logs.stdout and canary not in logs.stdout, logs.stderr
     assert stop.returncode == 0 and f"{job_id}: already finished" in stop.stdout, stop.stderr
 
