@@ -194,8 +194,9 @@ def serve(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Serve a registered program over HTTP (/predict, /health, /ready, /metrics), following its alias."""
-    from dspy_sweeps.cli.serve import Replicas, serve_program
+    from dspy_sweeps.cli.serve import serve_program
     from dspy_sweeps.serve.program import StudentConfig
+    from dspy_sweeps.serve.ray_serve import Replicas
 
     student = StudentConfig(api_base=api_base, api_key_env=api_key_env, lm_retries=lm_retries, timeout_s=lm_timeout)
     serve_program(

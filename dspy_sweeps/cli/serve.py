@@ -14,20 +14,11 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-
-from pydantic import BaseModel
+from typing import Any
 
 from dspy_sweeps.errors import SweepError
 from dspy_sweeps.serve.follow import ServiceConfig
 from dspy_sweeps.serve.program import StudentConfig
-
-
-class Replicas(BaseModel):
-    """Ray Serve replicas: a fixed number, or autoscaling bounds."""
-
-    num: int | None = None
-    min: int | None = None
-    max: int | None = None
 
 
 def serve_program(
@@ -42,8 +33,9 @@ def serve_program(
     tracking_uri: str | None,
     ray: bool = False,
     address: str | None = None,
-    replicas: Replicas | None = None,
+    replicas: Any = None,
 ) -> None:
+    """Serve `ref` until stopped; `replicas` (a `ray_serve.Replicas`) only with `ray`."""
     from dspy_sweeps.cli.ask import student_endpoint
     from dspy_sweeps.state import State
     from dspy_sweeps.track.registry import parse_ref
@@ -70,7 +62,7 @@ def serve_program(
             from dspy_sweeps.serve.ray_serve import run_on_ray
 
             sock.close()  # Ray Serve's proxy binds it; the check above was the point
-            run_on_ray(config, host=host, port=port, address=address, replicas=replicas or Replicas())
+            run_on_ray(config, host=host, port=port, address=address, replicas=replicas)
             return
         _serve_here(config, sock)
 

@@ -26,7 +26,6 @@ from dspy_sweeps.serve.metrics import ServiceMetrics, Usage
 from dspy_sweeps.serve.program import LoadedProgram
 
 log = logging.getLogger("dspy_sweeps.serve")
-ROUTES = ("/predict", "/health", "/ready", "/metrics", "/docs", "/openapi.json")
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, capture)
         finally:
-            route = scope["path"] if scope["path"] in ROUTES else "other"
+            # The matched route's template, not the raw path: unknown paths must not grow the label set.
+            route = getattr(scope.get("route"), "path", "other")
             self.metrics.request(route, status[0], time.perf_counter() - start)
 
 

@@ -98,10 +98,15 @@ def call(url: str, path: str, body: Any = None, timeout: float = 60) -> tuple[in
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one Prometheus sample (0 if absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+    """The sum of the Prometheus samples `name` whose labels include `labels` (0 if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def wait_for(check, what: str, timeout: float = 120) -> Any:
