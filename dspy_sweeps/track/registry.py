@@ -149,18 +149,18 @@ def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: st
     # Its pickle warning is about `mlflow.dspy.load_model`; `sweep pull`/`load` read the JSON state instead.
     logging.getLogger("mlflow.dspy.save").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
-        meta = json.loads((_download(client, run_id, Path(tmp) / "program") / "metadata.json").read_text())
+        try:  # the program's metadata names its student; the artifacts go up before any version exists
+            meta = json.loads((_download(client, run_id, Path(tmp) / "program") / "metadata.json").read_text())
+        except (MlflowException, OSError) as exc:
+            raise _store_refused(exc) from None
         # mlflow.dspy saves dspy.settings with the model, so `mlflow models serve` calls the student the
         # sweep compiled for: its model and endpoint, never a key (see `portable_lm`).
         with dspy.context(lm=portable_lm(ModelSpec(**meta["student"]))):
             mlflow.dspy.save_model(program, f"{tmp}/model", code_paths=project_code(meta["program"]))
-        try:  # the artifacts first: a version is never registered without them
+        try:
             client.log_artifacts(run_id, f"{tmp}/model", "model")
         except (MlflowException, OSError) as exc:
-            raise SweepError(
-                f"promote: the artifact store refused the program ({type(exc).__name__}: {first_line(exc)}); nothing was "
-                "registered: fix the store, then run again with --resume"
-            ) from None
+            raise _store_refused(exc) from None
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -169,6 +169,13 @@ def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: st
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
     tags = _version_tags(winner, sha, gate, promotion_id)
     return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
+
+
+def _store_refused(exc: Exception) -> SweepError:
+    return SweepError(
+        f"promote: the artifact store refused the program ({type(exc).__name__}: {first_line(exc)}); nothing was "
+        "registered: fix the store, then run again with --resume"
+    )
 
 
 def project_code(program_path: str) -> list[str] | None:

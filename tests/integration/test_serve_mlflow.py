@@ -37,6 +37,7 @@ def test_mlflow_models_serve_answers_from_the_registered_model(mlflow_server: st
             "MLFLOW_TRACKING_URI": mlflow_server,
             "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true",  # MLflow's flavor unpickles; `sweep serve` never does
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # MLflow runs `uvicorn` from PATH, as in an activated venv
         }
         cmd = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{model}@champion", "--env-manager", "local"]
         log = (tmp_path / "mlflow-serve.log").open("w")
@@ -55,12 +56,7 @@ def test_mlflow_models_serve_answers_from_the_registered_model(mlflow_server: st
             status, _, body = call(url, "/invocations", {"dataframe_records": [{"question": question}]}, timeout=120)
             asked = sim.stats()["models"]["student"]["requests"] - before
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            _stop(process)
             log.close()
     assert status == 200, (body, (tmp_path / "mlflow-serve.log").read_text()[-3000:])
     prediction = body["predictions"]
@@ -78,3 +74,15 @@ def _wait_for_ping(url: str, process: subprocess.Popen, log: Path, timeout: floa
             assert process.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "mlflow models serve did not start"
             time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop the server's whole process group (MLflow's CLI and the uvicorn it execs)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
