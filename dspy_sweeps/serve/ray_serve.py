@@ -11,6 +11,7 @@ metrics for the whole cluster.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -94,10 +95,12 @@ def app(args: BuilderArgs) -> Any:
 
 def run_on_ray(config: ServiceConfig, *, host: str, port: int, address: str | None, replicas: Replicas) -> None:
     """Deploy on Ray Serve (a local Ray unless `address`), print where, and remove it on SIGINT/SIGTERM."""
+    import ray
     from ray import serve
 
     from dspy_sweeps.run.runner import start_ray
 
+    joined = address is not None or "RAY_ADDRESS" in os.environ
     start_ray(address, Path.cwd())
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(config, replicas), name=APP_NAME, route_prefix="/")
@@ -107,4 +110,7 @@ def run_on_ray(config: ServiceConfig, *, host: str, port: int, address: str | No
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
     stopped.wait()
-    serve.delete(APP_NAME)
+    if joined:  # a cluster outlives this command: take the app off it
+        serve.delete(APP_NAME)
+    else:  # a local Ray started here: the app goes down with it
+        ray.shutdown()

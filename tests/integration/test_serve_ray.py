@@ -48,12 +48,16 @@ def test_ray_serve_replicas_answer_predictions(mlflow_server: str, tmp_path: Pat
             ready = call(url, "/ready")
             asked = sim.stats()["models"]["student"]["requests"]
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
+            process.send_signal(signal.SIGTERM)  # the command first: it takes its app down
             try:
                 code = process.wait(timeout=120)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                code = process.wait()
+                code = None
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # then whatever of its local Ray is left
+            except ProcessLookupError:
+                pass
+            process.wait()
             stderr.close()
     assert [status for status, _, _ in answers] == [200] * 4, answers
     assert all(body["version"] == "1" and body["outputs"]["answer"] and body["lm_calls"] == 1 for _, _, body in answers)
