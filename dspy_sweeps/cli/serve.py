@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import socket
 import sys
 import tempfile
@@ -41,6 +42,7 @@ def serve_program(
     from dspy_sweeps.track.registry import parse_ref
     from dspy_sweeps.track.tracking import tracking_uri as default_uri
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a service's log is lines, not bars
     state = State.at(state_dir)
     uri = tracking_uri or default_uri(None, state)
     _check_registry(ref, uri)
