@@ -28,13 +28,15 @@ def ask_program(
         missing = [name for name in meta["inputs"] if name not in inputs]
         if missing:
             raise SweepError(f"{ref}: missing input {missing[0]}=... (inputs: {', '.join(meta['inputs'])})")
-        with _endpoint(meta, state, api_base) as base:
+        with student_endpoint(meta, state, api_base) as base:
             program = load_pulled(folder, api_base=base)
             return dict(program(**inputs).items())
 
 
 @contextlib.contextmanager
-def _endpoint(meta: dict[str, Any], state: State, api_base: str | None) -> Iterator[str | None]:
+def student_endpoint(meta: dict[str, Any], state: State, api_base: str | None) -> Iterator[str | None]:
+    """The student endpoint to call: `api_base` if given; for a simulated student without one, a fresh
+    simulator over its sweep's answer key, stopped on exit; otherwise None (the sweep's own spec)."""
     if api_base or not meta["student"]["model"].startswith("sim/"):
         yield api_base
         return

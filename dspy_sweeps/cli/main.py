@@ -1,4 +1,4 @@
-"""The `sweep` command line: validate, plan, run, results, pull, ask, sim; submit, status, logs, stop.
+"""The `sweep` command line: validate, plan, run, results, pull, ask, serve, sim; submit, status, logs, stop.
 
 Only the standard library and Typer load at import, so `sweep --help` answers at once;
 each command imports what it needs. Bad input exits 2 with one line on stderr.
@@ -173,6 +173,49 @@ def ask(
     prediction = ask_program(ref, kwargs, api_base=api_base, state_dir=state_dir, tracking_uri=tracking_uri)
     for key, value in prediction.items():
         print(f"{key}: {value}")
+
+
+@app.command()
+@exits_on_bad_input
+def serve(
+    ref: Annotated[str, typer.Argument(help="name@alias (followed as it moves) or name/version, e.g. demo@champion")],
+    host: str = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port (0: any free port, printed at start)")] = 8000,
+    api_base: Annotated[
+        str | None, typer.Option(help="Student endpoint (default: the one it was compiled for)")
+    ] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="Variable holding the student's key")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Predictions running at once; more wait")] = 32,
+    poll_seconds: Annotated[float, typer.Option(min=0.05, help="How often the alias is checked")] = 10.0,
+    lm_retries: Annotated[int, typer.Option(min=0, help="DSPy's retries of a failed LM call")] = 3,
+    lm_timeout: Annotated[float | None, typer.Option(help="Seconds per LM call (default: the student's)")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run as a Ray Serve deployment")] = False,
+    address: Annotated[str | None, typer.Option(help="With --ray: the cluster to join (default: local)")] = None,
+    replicas: Annotated[int | None, typer.Option(min=1, help="With --ray: fixed replicas")] = None,
+    min_replicas: Annotated[int | None, typer.Option(min=0, help="With --ray: autoscaling lower bound")] = None,
+    max_replicas: Annotated[int | None, typer.Option(min=1, help="With --ray: autoscaling upper bound")] = None,
+    state_dir: StateDir = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Serve a registered program over HTTP (/predict, /health, /ready, /metrics), following its alias."""
+    from dspy_sweeps.cli.serve import serve_program
+    from dspy_sweeps.serve.program import StudentConfig
+    from dspy_sweeps.serve.ray_serve import Replicas
+
+    student = StudentConfig(api_base=api_base, api_key_env=api_key_env, lm_retries=lm_retries, timeout_s=lm_timeout)
+    serve_program(
+        ref,
+        host=host,
+        port=port,
+        student=student,
+        concurrency=concurrency,
+        poll_s=poll_seconds,
+        state_dir=state_dir,
+        tracking_uri=tracking_uri,
+        ray=ray,
+        address=address,
+        replicas=Replicas(num=replicas, min=min_replicas, max=max_replicas),
+    )
 
 
 def _key_value(item: str) -> tuple[str, str]:

@@ -78,3 +78,18 @@ def endpoint_for(original: ModelSpec, resolved: ModelSpec) -> Any:
 def served_name(spec: ModelSpec) -> str:
     """The model name an OpenAI-compatible server knows (`openai/llama-8b` → `llama-8b`)."""
     return spec.model.split("/", 1)[1] if spec.api_bases and "/" in spec.model else spec.model
+
+
+def portable_lm(spec: ModelSpec) -> Any:
+    """The student as a registered model carries it for MLflow's own serving path: the model and its
+    self-hosted endpoint, never a key (a cloud model takes its provider's standard variable where it is
+    served). None for a simulated or sweep-hosted student, whose endpoint ends with its sweep."""
+    if spec.simulated or spec.serve is not None:
+        return None
+    import dspy
+
+    endpoint = {"api_base": spec.api_bases[0], "api_key": NO_KEY} if spec.api_bases else {}
+    options = {
+        k: v for k, v in {"temperature": spec.temperature, "max_tokens": spec.max_tokens}.items() if v is not None
+    }
+    return dspy.LM(spec.model, **endpoint, **options)

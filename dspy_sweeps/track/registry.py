@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.errors import SweepError, first_line
+from dspy_sweeps.lm.build import portable_lm
 from dspy_sweeps.spec.schema import ModelSpec, Promote
 from dspy_sweeps.track.results import TrialRecord
 
@@ -149,16 +150,19 @@ def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: st
             return str(existing.version)
     # Its pickle warning is about `mlflow.dspy.load_model`; `sweep pull`/`load` read the JSON state instead.
     logging.getLogger("mlflow.dspy.save").setLevel(logging.ERROR)
-    # mlflow.dspy saves dspy.settings with the model: clear the LM so no endpoint or key goes with it.
-    with tempfile.TemporaryDirectory() as tmp, dspy.context(lm=None):
-        mlflow.dspy.save_model(program, f"{tmp}/model")
-        try:  # the artifacts first: a version is never registered without them
+    with tempfile.TemporaryDirectory() as tmp:
+        try:  # the program's metadata names its student; the artifacts go up before any version exists
+            meta = json.loads((_download(client, run_id, Path(tmp) / "program") / "metadata.json").read_text())
+        except (MlflowException, OSError) as exc:
+            raise _store_refused(exc) from None
+        # mlflow.dspy saves dspy.settings with the model, so `mlflow models serve` calls the student the
+        # sweep compiled for: its model and endpoint, never a key (see `portable_lm`).
+        with dspy.context(lm=portable_lm(ModelSpec(**meta["student"]))):
+            mlflow.dspy.save_model(program, f"{tmp}/model", code_paths=project_code(meta["program"]))
+        try:
             client.log_artifacts(run_id, f"{tmp}/model", "model")
         except (MlflowException, OSError) as exc:
-            raise SweepError(
-                f"promote: the artifact store refused the program ({type(exc).__name__}: {first_line(exc)}); nothing was "
-                "registered: fix the store, then run again with --resume"
-            ) from None
+            raise _store_refused(exc) from None
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -167,6 +171,24 @@ def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: st
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
     tags = _version_tags(winner, sha, gate, promotion_id)
     return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
+
+
+def _store_refused(exc: Exception) -> SweepError:
+    return SweepError(
+        f"promote: the artifact store refused the program ({type(exc).__name__}: {first_line(exc)}); nothing was "
+        "registered: fix the store, then run again with --resume"
+    )
+
+
+def project_code(program_path: str) -> list[str] | None:
+    """The program's top-level package when it lives in the project (`pipelines/`), not in site-packages:
+    MLflow copies it beside the model, so the pickled program imports wherever the model is served."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec(program_path.split(":")[0].split(".")[0])
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    return [folders[0]] if folders and Path(folders[0]).resolve().is_relative_to(Path(os.getcwd()).resolve()) else None
 
 
 def _version_tags(winner: TrialRecord, sha: str, gate: str, promotion_id: str) -> dict[str, str]:
@@ -235,7 +257,18 @@ def load_pulled(
 ) -> Any:
     """A ready module from a pulled folder. The student is the one it was compiled for unless
     overridden; a simulated student needs the `api_base` of a running `sweep sim`."""
-    from dspy_sweeps.lm.build import build_lm, resolve
+    from dspy_sweeps.lm.build import build_lm
+
+    program, student = restore_pulled(folder, model=model, api_base=api_base, api_key_env=api_key_env)
+    program.set_lm(build_lm(student))
+    return program
+
+
+def restore_pulled(
+    folder: Path, *, model: str | None = None, api_base: str | None = None, api_key_env: str | None = None
+) -> tuple[Any, ModelSpec]:
+    """The program of a pulled folder with no LM of its own, and the resolved student spec to build one from."""
+    from dspy_sweeps.lm.build import resolve
     from dspy_sweeps.spec.imports import restore_program
 
     meta = json.loads((folder / "metadata.json").read_text())
@@ -245,9 +278,7 @@ def load_pulled(
     if api_base and not student.simulated:
         student = student.model_copy(update={"api_base": api_base})
     state = without_lms(json.loads((folder / "program.json").read_text()))
-    program = restore_program(meta["program"], json.dumps(state))
-    program.set_lm(build_lm(student))
-    return program
+    return restore_program(meta["program"], json.dumps(state)), student
 
 
 def without_lms(state: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ OPENING_COMMANDS = {
     "kuberay/raycluster.yaml": "kubectl apply -f cluster/kuberay/raycluster.yaml",
     "kuberay/rayjob.yaml": "kubectl apply -f cluster/kuberay/rayjob.yaml",
     "mlflow/docker-compose.yaml": "docker compose -f cluster/mlflow/docker-compose.yaml up",
+    "serve/config.yaml": "serve deploy cluster/serve/config.yaml",
     "serve_llm.py": "ray job submit --address http://localhost:8265 --working-dir cluster -- python serve_llm.py",
 }
 DOCKERFILE_INSTRUCTIONS = {
@@ -227,3 +228,16 @@ def test_the_cli_help_and_docs_give_the_dashboard_port_jobs_py_uses() -> None:
     assert f"http://HEAD:{jobs.DASHBOARD_PORT}" in out
     assert f"**{jobs.DASHBOARD_PORT}** dashboard" in (CLUSTER / "README.md").read_text()
     assert f"--address http://localhost:{jobs.DASHBOARD_PORT}" in (REPO / "README.md").read_text()
+
+
+def test_the_serve_config_is_valid_for_ray_serve_and_builds_the_programs_app() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from dspy_sweeps.serve.ray_serve import DEPLOYMENT, BuilderArgs
+
+    config = ServeDeploySchema(**yaml.safe_load((CLUSTER / "serve" / "config.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "dspy_sweeps.serve.ray_serve:app"
+    BuilderArgs(**application.args)  # the builder takes exactly these
+    assert [d.name for d in application.deployments] == [DEPLOYMENT]
+    assert config.http_options.port == STUDENT_PORT and application.route_prefix != "/"  # beside serve_llm.py

@@ -1,0 +1,66 @@
+"""`sweep serve --ray`: the same app as a Ray Serve deployment with two replicas on a local Ray,
+answering predictions over HTTP, and removed again when the command is stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from serving_helpers import REPO, SWEEP, call, new_model, register
+from sweep_helpers import demo_answer_key
+
+from dspy_sweeps.sim.launch import SimServer
+
+pytestmark = pytest.mark.slow
+
+
+def test_ray_serve_replicas_answer_predictions(mlflow_server: str, tmp_path: Path) -> None:
+    model, port = new_model(), free_port()
+    register(tmp_path, mlflow_server, model, 0.5)
+    key = demo_answer_key(tmp_path / "key.jsonl")
+    question = json.loads(key.read_text().splitlines()[0])["inputs"]["question"]
+    cmd = [str(SWEEP), "serve", f"{model}@champion", "--ray", "--replicas", "2", "--port", str(port)]
+    cmd += ["--tracking-uri", mlflow_server, "--state-dir", str(tmp_path / "state"), "--lm-retries", "0"]
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    with SimServer(key, tmp_path / "sim", models=("student",), time_scale=0.01) as sim:
+        stderr = (tmp_path / "serve.stderr").open("w")
+        process = subprocess.Popen(
+            [*cmd, "--api-base", sim.base_url],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            line = process.stdout.readline()
+            assert "on Ray Serve (replicas: 2)" in line, (
+                f"exit {process.poll()}: {line}\n{(tmp_path / 'serve.stderr').read_text()[-3000:]}"
+            )
+            url = f"http://127.0.0.1:{port}"
+            answers = [call(url, "/predict", {"question": question}) for _ in range(4)]
+            ready = call(url, "/ready")
+            asked = sim.stats()["models"]["student"]["requests"]
+        finally:
+            process.send_signal(signal.SIGTERM)  # the command first: it takes its app down
+            try:
+                code = process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                code = None
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # then whatever of its local Ray is left
+            except ProcessLookupError:
+                pass
+            process.wait()
+            stderr.close()
+    assert [status for status, _, _ in answers] == [200] * 4, answers
+    assert all(body["version"] == "1" and body["outputs"]["answer"] and body["lm_calls"] == 1 for _, _, body in answers)
+    assert asked >= 4  # the replicas called the student, not a cache
+    assert ready[0] == 200 and ready[2]["ready"] is True
+    assert code == 0, (tmp_path / "serve.stderr").read_text()[-3000:]
