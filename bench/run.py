@@ -3,6 +3,10 @@
 - CLI start-up: `sweep --help` against a bare `python -c pass` (median of 15 runs each).
 - The demo sweep cold (empty state dir) against warm (the same sweep again: LM cache hits).
 - The test suite as CI runs it (`make test`'s pytest command), on the same machine.
+- Pruning and search (issue 9, `bench/pruning.py`): calls spent with and without successive
+  halving, calls to the best validation score for grid, random and TPE, events on against off.
+- Serving (issue 11, `bench/serving.py`): `sweep serve` against the loaded program in-process at
+  1, 16 and 64 clients, and the alias moving twice under load.
 - Throughput (issue 4, `bench/throughput.py`): the platform's sweep against the same trials as
   a sequential loop of plain DSPy and the physical limit; per-call overhead of the gateway;
   1, 2 and 4 endpoints with more and more trials; the issue's goals beside the numbers.
@@ -75,14 +79,25 @@ def startup_table() -> str:
 
 
 def main() -> None:
+    from pruning import pruning_markdown
     from report import throughput_markdown
+    from serving import ServingSizes, run_serving, serving_markdown
     from throughput import Sizes, run_throughput
 
     started, load_before = time.monotonic(), os.getloadavg()[0]
     startup = startup_table()
     print(startup, flush=True)
-    throughput = throughput_markdown(run_throughput(Sizes.pick(), progress=lambda m: print(f"-- {m}", flush=True)))
+
+    def progress(message: str) -> None:
+        print(f"-- {message}", flush=True)
+
+    throughput = throughput_markdown(run_throughput(Sizes.pick(), progress=progress))
     print(throughput)
+    progress("pruning and search")
+    pruning = pruning_markdown()
+    print(pruning)
+    serving = serving_markdown(run_serving(ServingSizes.pick(), progress=progress))
+    print(serving)
     minutes = (time.monotonic() - started) / 60
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()} "
@@ -100,6 +115,10 @@ def main() -> None:
         "## Throughput (issues 4 and 8)\n\n"
         f"{HOSTS}\n\n"
         f"{throughput}\n\n"
+        "## Pruning and search (issue 9)\n\n"
+        f"{pruning}\n\n"
+        "## Serving (issue 11)\n\n"
+        f"{serving}\n\n"
         f"{NOTES}"
     )
 
