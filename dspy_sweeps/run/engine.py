@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -36,6 +36,9 @@ from dspy_sweeps.track.registry import Decision, best, promote
 from dspy_sweeps.track.results import TrialRecord, read_records, write_records
 from dspy_sweeps.track.tracking import Trackers, check_mlflow_server, check_tracking_for_cluster, tracking_uri
 
+if TYPE_CHECKING:
+    from dspy_sweeps.run.hosts import HostPool
+
 
 @dataclass(frozen=True)
 class SweepOutcome:
@@ -49,8 +52,9 @@ def run_sweep(
     """Start what the sweep needs, run its trials, promote the winner, and stop everything again.
 
     Order: simulator, Ray, served students (their replicas are Ray actors), trial hosts (warming
-    up while endpoints are checked and trackers open), trials, promotion (which re-scores on the student, so the replicas are still up); then, each
-    in a `finally`, the replicas stop, Ray stops, the simulator stops.
+    up while endpoints are checked and trackers open), trials, promotion (which re-scores on the
+    student, so the replicas are still up); then, each in a `finally`, the hosts stop, the
+    replicas stop, Ray stops, the simulator stops.
     """
     sweep = prepared.sweep
     if sweep.tracking.mlflow is not None:
@@ -90,7 +94,7 @@ def _ray(sweep: Sweep, state: State, address: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _hosts(prepared: Prepared) -> Iterator[Any]:
+def _hosts(prepared: Prepared) -> Iterator[HostPool]:
     """The sweep's trial hosts, sized from the sweep file and the CPUs Ray has free."""
     import functools
 
@@ -139,7 +143,7 @@ def _run_trials(
     trackers: Trackers,
     console: Console,
     resume: bool,
-    hosts: Any,
+    hosts: HostPool,
 ) -> list[TrialRecord]:
     """Every trial on the trial hosts, all LM calls through one gateway; each record is saved and
     tracked as it lands."""
