@@ -155,7 +155,8 @@ def _run_trials(
     sweep = prepared.sweep
     records = _finished(state, prepared) if resume else []
     done = {r.trial_id for r in records}
-    study = SweepStudy.open(prepared, state, resume, done) if sweep.search or sweep.prune else None
+    kept = {r.trial_id: (r.status, r.val_score) for r in records}
+    study = SweepStudy.open(prepared, state, resume, kept) if sweep.search or sweep.prune else None
     trials: dict[str, Trial] = {}  # every trial started, by id: a search samples them as it goes
 
     def to_run() -> Iterator[Trial]:

@@ -1,6 +1,6 @@
 """The driver's Optuna side of a sweep: which trial runs next, whether a running trial stops, outcomes.
 
-    study = SweepStudy.open(prepared, state, resume=..., finished={ids of kept records})
+    study = SweepStudy.open(prepared, state, resume=..., finished={id: (status, val) of kept records})
     while (trial := study.next_trial()) is not None: start it        # baselines, then grid or samples
     host's on_event(event) -> study.on_event(event)                  # True: stop this trial
     when it ends: study.trial_finished(trial.id, result)            # COMPLETE, PRUNED or FAIL
@@ -26,7 +26,10 @@ from dspy_sweeps.spec.preflight import Prepared
 from dspy_sweeps.state import State
 
 TRIAL_ID = "trial_id"  # user attribute naming the sweep trial an Optuna trial ran
-SUPERSEDED = "superseded"  # study attribute: numbers of trials a killed driver left running, asked again
+SUPERSEDED = "superseded"
+Ended = tuple[
+    str, float | None
+]  # a finished trial's status and validation score  # study attribute: numbers of trials a killed driver left running, asked again
 
 
 @dataclass
@@ -43,11 +46,14 @@ class SweepStudy:
     queue: list[Trial]  # trials to start before sampling: baselines, a plain grid, re-asked points
     total: int  # Optuna trials the sweep runs in all (a plain grid: its trials; a search: search.trials)
     prunes: bool
+    ended: dict[str, Ended]  # how each finished trial ended, by id: a point sampled again is not re-run
     running: dict[str, _Running] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def open(cls, prepared: Prepared, state: State, resume: bool, finished: set[str] = frozenset()) -> SweepStudy:
+    def open(
+        cls, prepared: Prepared, state: State, resume: bool, finished: dict[str, Ended] | None = None
+    ) -> SweepStudy:
         import optuna
 
         from dspy_sweeps.spec import search
@@ -63,14 +69,16 @@ class SweepStudy:
             storage=storage,
             study_name=sweep.name,
             direction="maximize",
-            sampler=search.sampler(sweep) if sweep.search else None,
             pruner=search.build_pruner(sweep.prune),
             load_if_exists=True,
         )
+        if sweep.search:  # seeded past the trials a resumed study has, or it would draw the same points again
+            study.sampler = search.sampler(sweep, started=len(study.trials))
         planned = baselines(sweep) if sweep.search else prepared.trials
         total = search.trial_count(sweep) if sweep.search else sum(t.kind != "none" for t in planned)
-        queue = [t for t in planned if t.id not in finished]
-        self = cls(prepared, study, queue, total, prunes=sweep.prune is not None)
+        ended = dict(finished or {})
+        queue = [t for t in planned if t.id not in ended]
+        self = cls(prepared, study, queue, total, prunes=sweep.prune is not None, ended=ended)
         self._supersede_stale()
         return self
 
@@ -95,13 +103,25 @@ class SweepStudy:
                 trial = self.queue.pop(0)
                 self._start(trial, None if trial.kind == "none" else self.study.ask())
                 return trial
-            if self.prepared.sweep.search is None or self._asked() >= self.total:
-                return None
-            asked = self.study.ask()
-            trial = search.suggest(self.prepared.sweep, asked)
-            trial = _estimated(trial, self.prepared)
-            self._start(trial, asked)
-            return trial
+            while self.prepared.sweep.search is not None and self._asked() < self.total:
+                asked = self.study.ask()
+                trial = search.suggest(self.prepared.sweep, asked)
+                if trial.id in self.ended or trial.id in self.running:  # a point sampled again: its outcome stands
+                    self._tell_known(asked, self.ended.get(trial.id))
+                    continue
+                self._start(trial, asked)
+                return _estimated(trial, self.prepared)
+            return None
+
+    def _tell_known(self, asked: Any, ended: Ended | None) -> None:
+        """A trial whose point already ran (or is running: None) gets that outcome, not a second run."""
+        from optuna.trial import TrialState
+
+        status, val = ended or ("running", None)
+        if status == "ok" and val is not None:
+            _tell(self.study, asked, val)
+        else:
+            _tell(self.study, asked, state=TrialState.PRUNED if status == "pruned" else TrialState.FAIL)
 
     def remaining(self) -> int:
         """Trials still to start: the queued ones, then a search's points not asked yet."""
@@ -143,6 +163,7 @@ class SweepStudy:
 
         with self._lock:
             run = self.running.pop(trial_id, None)
+            self.ended[trial_id] = (result.status, result.val_score)
             if run is None:
                 return
             if result.status == "ok" and result.val_score is not None:

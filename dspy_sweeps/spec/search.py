@@ -222,16 +222,19 @@ def trial_count(sweep: Sweep) -> int:
     return sweep.search.trials or 0
 
 
-def sampler(sweep: Sweep) -> Any:
+def sampler(sweep: Sweep, started: int = 0) -> Any:
+    """The search's Optuna sampler, seeded with the sweep's seed plus the trials its study has
+    `started`: a fresh search is reproducible, and a resumed one draws new points."""
     import optuna
 
     search = sweep.search
     assert search is not None
+    seed = search.seed + started
     if search.kind == "grid":
-        return optuna.samplers.GridSampler({"point": list(range(len(grid_points(sweep))))}, seed=search.seed)
+        return optuna.samplers.GridSampler({"point": list(range(len(grid_points(sweep))))}, seed=seed)
     if search.kind == "random":
-        return optuna.samplers.RandomSampler(seed=search.seed)
-    return optuna.samplers.TPESampler(seed=search.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def suggest(sweep: Sweep, trial: Any) -> Trial:

@@ -127,7 +127,8 @@ def test_resumed_search_continues_its_study_without_repeating_finished_trials(
     finish(first, started[1], status="pruned")
     # the driver is killed here: started[2] is left running in the study
 
-    second = SweepStudy.open(prepared, state, resume=True, finished={baseline.id, started[0].id, started[1].id})
+    kept = {baseline.id: ("ok", 0.2), started[0].id: ("ok", 0.4), started[1].id: ("pruned", None)}
+    second = SweepStudy.open(prepared, state, resume=True, finished=kept)
     again = second.next_trial()
     assert again is not None and again.id == started[2].id  # the interrupted point first, same trial
     assert second.next_trial() is None  # nothing finished is asked again
