@@ -441,12 +441,17 @@ async def _litellm_call(endpoint: Endpoint, body: Body, timeout_s: float) -> tup
     except litellm.AuthenticationError:
         variable = endpoint.api_key_env or "the provider's key variable"
         raise GatewayError("auth", f"{endpoint.model} refused the key from {variable} (HTTP 401)", 401) from None
-    except (litellm.APIConnectionError, litellm.Timeout) as exc:
+    except litellm.Timeout:
+        raise GatewayError("timeout", f"{endpoint.model}: no answer within {timeout_s:.0f} s") from None
+    except litellm.APIConnectionError as exc:
         raise GatewayError("transport", f"{endpoint.model}: {type(exc).__name__}") from None
-    except litellm.APIError as exc:
-        raise GatewayError(
-            "server", f"{endpoint.model}: {type(exc).__name__}", getattr(exc, "status_code", None)
-        ) from None
+    except Exception as exc:
+        # LiteLLM's HTTP errors (ServiceUnavailableError, InternalServerError, BadRequestError...) share
+        # no base class of its own; their status code says which kind of failure they are.
+        status = getattr(exc, "status_code", None)
+        if not isinstance(status, int):
+            raise
+        raise GatewayError(_kind(status), f"{endpoint.model}: HTTP {status} ({type(exc).__name__})", status) from None
     try:
         cost = float(litellm.completion_cost(completion_response=response) or 0.0)
     except Exception:

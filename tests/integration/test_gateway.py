@@ -24,7 +24,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimServer]:
         "".join(json.dumps({"inputs": {"question": f"q{i}"}, "labels": {"answer": str(i)}}) + "\n" for i in range(50))
     )
     # time_scale 0.2: a call takes ~10-100 ms, long enough for requests to overlap
-    with SimServer(key, root, models=("student", "teacher"), max_num_seqs=4, time_scale=0.2) as server:
+    with SimServer(key, root, models=("student", "teacher", "gpt-4o-mini"), max_num_seqs=4, time_scale=0.2) as server:
         yield server
 
 
@@ -293,3 +293,61 @@ def test_a_refused_key_is_never_passed_to_a_fallback(sim: SimServer, tmp_path: P
         sim.set_faults("ok")
     assert faults(sim, "teacher", "unauthorized") - before[0] == 1
     assert answered(sim, "student") == before[1]
+
+
+# -- the LiteLLM route of cloud models (no api_base), with LiteLLM's OpenAI provider pointed at the simulator
+
+
+@pytest.fixture
+def cloud(sim: SimServer, monkeypatch: pytest.MonkeyPatch) -> Endpoint:
+    """`openai/gpt-4o-mini` as a cloud teacher: LiteLLM speaks to it over HTTP at $OPENAI_API_BASE."""
+    monkeypatch.setenv("OPENAI_API_BASE", sim.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    return Endpoint(id="openai/gpt-4o-mini|", model="openai/gpt-4o-mini", label="openai/gpt-4o-mini", retries=1)
+
+
+def test_a_cloud_model_goes_through_litellm_and_is_priced_by_its_cost_map(sim: SimServer, cloud: Endpoint) -> None:
+    import litellm
+
+    async def scenario() -> GatewayCore:
+        gateway = GatewayCore([cloud], None)
+        response = await gateway.complete("t", cloud.id, body("cloud1"))
+        assert response["choices"][0]["message"]["content"]
+        await gateway.close()
+        return gateway
+
+    before = answered(sim, "gpt-4o-mini")
+    stats = run(scenario()).trial_stats("t")
+    assert answered(sim, "gpt-4o-mini") - before == 1, "the call reached the endpoint over HTTP"
+    prompt, completion = litellm.cost_per_token(
+        model="gpt-4o-mini", prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens
+    )
+    assert stats.prompt_tokens > 0 and prompt + completion > 0
+    assert stats.cost_usd == pytest.approx(prompt + completion)
+    assert stats.by_model == {"openai/gpt-4o-mini": 1}
+
+
+def test_litellm_errors_are_retried_once_each_and_fall_back(sim: SimServer, cloud: Endpoint) -> None:
+    """503 and 429 through LiteLLM: no retry hidden inside LiteLLM or the OpenAI client (two sends for
+    retries=1), then the call goes to the fallback; LiteLLM's 429 still pauses the endpoint."""
+    sim.set_faults("error503", count=2, model="gpt-4o-mini")
+    sim.set_faults("rate_limit", count=2, model="gpt-4o-mini", retry_after=0.2, append=True)
+    backup = Endpoint(id="sim/student|", model="student", api_bases=(sim.base_url,), label="sim/student")
+
+    async def scenario() -> GatewayCore:
+        gateway = GatewayCore([cloud, backup], None)
+        for question in ("cloud2", "cloud3"):
+            await gateway.complete("t", cloud.id, body(question), fallbacks=(backup.id,))
+        await gateway.close()
+        return gateway
+
+    before = (faults(sim, "gpt-4o-mini", "error503"), faults(sim, "gpt-4o-mini", "rate_limit"))
+    try:
+        stats = run(scenario()).trial_stats("t")
+    finally:
+        sim.set_faults("ok")
+    assert faults(sim, "gpt-4o-mini", "error503") - before[0] == 2
+    assert faults(sim, "gpt-4o-mini", "rate_limit") - before[1] == 2
+    assert (stats.retries, stats.gave_up, stats.fell_back, stats.failed) == (2, 2, 2, 0)
+    assert stats.by_model == {"sim/student": 2}
