@@ -26,6 +26,7 @@ def test_a_killed_trial_worker_is_retried_and_gepa_resumes(sim: SimServer, tmp_p
     """GEPA's worker is killed once GEPA has saved its state in the trial's folder; Tune retries the
     trial, whose GEPA finds its log_dir and resumes; the baseline trial beside it is untouched."""
     killed: list[int] = []
+    killed_at: list[float] = []
     gepa_states: list[Path] = []
 
     def kill_the_gepa_worker(cli: subprocess.Popen) -> None:
@@ -39,11 +40,13 @@ def test_a_killed_trial_worker_is_retried_and_gepa_resumes(sim: SimServer, tmp_p
             if gepa_states and finished == 1 and len(workers) == 1:  # the baseline is done: GEPA's is the one left
                 workers[0].kill()
                 killed.append(workers[0].pid)
+                killed_at.append(time.monotonic())
             time.sleep(0.1)
 
     grid = "optimizers=[{kind: gepa, max_metric_calls: 150}]"
     args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, *UNTRACKED]
     result = run_with(kill_the_gepa_worker, args, state=tmp_path)
+    finished_at = time.monotonic()  # the retried trial finished (and the sweep with it)
     records = {r["kind"]: r for r in rows(tmp_path)}
     survived = result.returncode == 0 and all(r["status"] == "ok" for r in records.values())
     reliability(
@@ -52,6 +55,9 @@ def test_a_killed_trial_worker_is_retried_and_gepa_resumes(sim: SimServer, tmp_p
         faults_injected=len(killed),
         faults_survived=int(survived and records["gepa"]["attempts"] == 2) * len(killed),
         trials_lost=len([r for r in records.values() if r["status"] != "ok"]),
+        records_lost=2 - len(records),
+        trials_retried=sum(r["attempts"] - 1 for r in records.values()),
+        **({"recovery_s": finished_at - killed_at[0]} if killed_at else {}),
     )
     assert killed, "GEPA's worker was not found running after it saved its state"
     assert result.returncode == 0, result.stderr[-3000:]
@@ -90,7 +96,9 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
     assert killed.returncode == -signal.SIGKILL, "the driver should have been killed mid-sweep"
     before = {r["trial_id"]: r for r in rows(state)}
     left = _alive_after(children, seconds=20)
+    resuming = time.monotonic()
     resumed = sweep_cli(*args, "--resume", state=state)
+    recovery_s = time.monotonic() - resuming
     after = {r["trial_id"]: r for r in rows(state)}
     from mlflow.tracking import MlflowClient
 
@@ -106,7 +114,9 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
         faults_injected=1,
         faults_survived=int(resumed.returncode == 0 and not left and not rerun),
         trials_lost=len([r for r in after.values() if r["status"] != "ok"]),
+        records_lost=3 - len(after),
         duplicate_versions=len(children_runs) - len(after),
+        recovery_s=recovery_s,
     )
     assert left == [], f"processes outlived the killed driver: {left}"
     assert resumed.returncode == 0, resumed.stderr[-3000:]

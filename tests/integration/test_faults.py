@@ -43,7 +43,10 @@ def test_endpoint_faults_are_retried_or_fail_only_their_trials(sim: SimServer, t
         faults_survived=int(all(r["status"] == "ok" for r in healthy)) * 4
         + int(all(r["reason"] == "endpoint" for r in broken)),
         trials_lost=len([r for r in healthy if r["status"] != "ok"]),
+        records_lost=4 - len(records),
         failed_calls_scored=scored_failures,
+        calls_retried=sum(r["retries"] for r in records),
+        calls_fell_back=sum(r["fell_back"] for r in records),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(healthy) == 2 and all(r["status"] == "ok" for r in healthy)
@@ -81,6 +84,7 @@ def test_a_teacher_down_for_good_falls_back_and_its_trials_finish(sim: SimServer
         faults_injected=1,
         faults_survived=int(result.returncode == 0 and all(r["status"] == "ok" for r in compiled)),
         trials_lost=len([r for r in records if r["status"] != "ok"]),
+        records_lost=2 - len(records),
         failed_calls_scored=sum(r["failed_examples"] for r in records if r["status"] == "ok"),
         calls_retried=sum(r["retries"] for r in records),
         calls_fell_back=sum(r["fell_back"] for r in records),
