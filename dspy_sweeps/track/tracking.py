@@ -35,6 +35,9 @@ FIGURES = (
     "cost_usd",
     "duration_s",
     "attempts",
+    "retries",
+    "gave_up",
+    "fell_back",
 )
 
 
