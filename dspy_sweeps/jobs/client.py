@@ -75,10 +75,12 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # `.venv/bin/ray start` has no venv on it). So the job runs `python -m` with the Python Ray starts its
 # workers with: the shell's parent is the job supervisor, a worker, whose parent is the raylet, and the
 # raylet's `--python_worker_command` names that Python. `python3` if it cannot be read (not Linux).
+# `-P` keeps the job's cwd (the project, which may hold its own copy of the package) off sys.path, so
+# the package shipped as py_modules, with the secrets file in it, is the one imported.
 WORKER_PYTHON = (
     "py=$(tr '\\0' '\\n' </proc/$(awk '/^PPid:/{print $2}' /proc/$PPID/status)/cmdline "
     "| sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p'); "
-    'exec "${py:-python3}" -m dspy_sweeps.cli.main'
+    'exec "${py:-python3}" -P -m dspy_sweeps.cli.main'
 )
 AUTH_HINT = (
     "the Ray cluster refused this client: it uses token authentication, so set RAY_AUTH_MODE=token and "

@@ -245,7 +245,7 @@ def test_submit_follow_runs_the_sweep_as_a_ray_job(ray_head: RayHead, mlflow_ser
     assert info.status.value == "SUCCEEDED"
     assert info.driver_info is not None  # `sweep run` joined this cluster (it did not start a Ray of its own)
     run_args = shlex.join(["run", "sweeps/demo.yaml", *(a for o in OVERRIDES for a in ("--set", o))])
-    assert info.entrypoint.endswith(f"-m dspy_sweeps.cli.main {run_args}")  # not `sweep`: not on the head's PATH
+    assert info.entrypoint.endswith(f"-P -m dspy_sweeps.cli.main {run_args}")  # not `sweep`: not on the head's PATH
     assert info.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == mlflow_server
     assert info.runtime_env["working_dir"].startswith("gcs://") and len(info.runtime_env["py_modules"]) == 1
     assert info.metadata["dspy_sweeps.secrets"] == "SWEEP_CANARY"  # the name, for the record; never the value
