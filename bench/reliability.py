@@ -17,24 +17,44 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Counts each case records per run (summed over runs), then what was measured in the faults.
 FIGURES = (
     "runs",
     "faults_injected",
     "faults_survived",
     "trials_lost",
+    "records_lost",
     "failed_calls_scored",
     "duplicate_versions",
     "secrets_found",
     "payloads_executed",
     "sandbox_escapes",
+    "calls_retried",
+    "calls_fell_back",
+    "trials_retried",
+    "promotions",
+    "versions_created",
 )
+MEASURED = ("records_lost", "calls_retried", "calls_fell_back", "trials_retried", "promotions", "versions_created")
+SLOWEST = ("recovery_s",)  # seconds from a fault to recovery: the slowest run is reported
 GOALS = {
     "trials_lost": 0,
+    "records_lost": 0,
     "failed_calls_scored": 0,
     "duplicate_versions": 0,
     "secrets_found": 0,
     "payloads_executed": 0,
     "sandbox_escapes": 0,
+}
+# The table's columns: a figure, or a measure worked out from them; a measure a case did not take is "-".
+COLUMNS = (
+    *(f for f in FIGURES if f not in ("promotions", "versions_created")),
+    "recovery_s",
+    "versions_per_promotion",
+)
+HEADINGS = {
+    "recovery_s": "seconds from fault to recovery (slowest)",
+    "versions_per_promotion": "versions per promotion",
 }
 
 
@@ -48,23 +68,30 @@ def run_tests(repeat: int, log: Path) -> list[int]:
     return codes
 
 
-def aggregate(log: Path) -> tuple[dict[str, dict[str, int]], dict[str, set[str]]]:
-    """Figures summed per case, and the tests (without parameters) that recorded each case."""
-    cases: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIGURES, 0))
+def aggregate(log: Path) -> tuple[dict[str, dict[str, float]], dict[str, set[str]]]:
+    """Figures per case (counts summed, the slowest recovery kept), and the tests (without
+    parameters) that recorded each case."""
+    always = [f for f in FIGURES if f not in MEASURED]
+    cases: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(always, 0))
     tests: dict[str, set[str]] = defaultdict(set)
     for line in log.read_text().splitlines():
         record = json.loads(line)
+        figures = cases[record["case"]]
         for figure in FIGURES:
-            cases[record["case"]][figure] += int(record.get(figure, 0))
+            if figure in record or figure in always:
+                figures[figure] = figures.get(figure, 0) + int(record.get(figure, 0))
+        for measure in SLOWEST:
+            if measure in record:
+                figures[measure] = max(figures.get(measure, 0.0), float(record[measure]))
         tests[record["case"]].add(record["test"].split("[")[0])
     return dict(sorted(cases.items())), tests
 
 
-def render(cases: dict[str, dict[str, int]], tests: dict[str, set[str]], repeat: int, codes: list[int]) -> str:
-    header = "| case | " + " | ".join(f.replace("_", " ") for f in FIGURES) + " | reproduce |"
-    rows = [header, "|" + " --- |" * (len(FIGURES) + 2)]
+def render(cases: dict[str, dict[str, float]], tests: dict[str, set[str]], repeat: int, codes: list[int]) -> str:
+    header = "| case | " + " | ".join(HEADINGS.get(c, c.replace("_", " ")) for c in COLUMNS) + " | reproduce |"
+    rows = [header, "|" + " --- |" * (len(COLUMNS) + 2)]
     for case, figures in cases.items():
-        cells = [_cell(f, figures[f]) for f in FIGURES]
+        cells = [_cell(column, figures) for column in COLUMNS]
         command = "<br>".join(f"`.venv/bin/python -m pytest {t}`" for t in sorted(tests[case]))
         rows.append(f"| {case} | " + " | ".join(cells) + f" | {command} |")
     passed = sum(code == 0 for code in codes)
@@ -72,14 +99,29 @@ def render(cases: dict[str, dict[str, int]], tests: dict[str, set[str]], repeat:
         "# Reliability\n\n"
         f"Produced by `make reliability` ({repeat} runs of `pytest -m reliability`, {time.strftime('%Y-%m-%d')}); "
         f"{passed} of {len(codes)} runs passed every test.\n"
-        "Goals: every figure from 'trials lost' on is 0. A figure that misses its goal is marked **bold**.\n\n"
+        "Goals: trials lost, records lost, failed calls scored, duplicate versions, secrets found, payloads "
+        "executed and sandbox escapes are 0, and a promotion creates at most one version. A figure that misses "
+        "its goal is marked **bold**.\n"
+        "Measured in the faults: calls retried (resends by the LM gateway), calls that fell back to another "
+        "model, trials retried (a trial run again after its worker died), the seconds from a fault to recovery "
+        "(the slowest run), and versions created per promotion; '-' where a case does not measure it.\n\n"
         + "\n".join(rows)
         + "\n"
     )
 
 
-def _cell(figure: str, value: int) -> str:
-    return f"**{value}**" if figure in GOALS and value != GOALS[figure] else str(value)
+def _cell(column: str, figures: dict[str, float]) -> str:
+    if column == "versions_per_promotion":
+        if not figures.get("promotions"):
+            return "-"
+        ratio = figures["versions_created"] / figures["promotions"]
+        return f"**{ratio:.2f}**" if ratio > 1 else f"{ratio:.2f}"
+    if column not in figures:
+        return "-"
+    if column in SLOWEST:
+        return f"{figures[column]:.1f}"
+    value = int(figures[column])
+    return f"**{value}**" if column in GOALS and value != GOALS[column] else str(value)
 
 
 def main() -> None:

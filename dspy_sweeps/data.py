@@ -3,17 +3,21 @@
 The user's query runs in a DuckDB connection that holds only the sweep's own data: the
 sources are copied into an in-memory table `corpus` first, then external access is turned
 off and the configuration locked, so the query cannot read other files, write, attach
-databases, load extensions or read the environment.
+databases, load extensions or read the environment. An `s3://` source is read with the standard
+AWS variables (keys, region, and `AWS_ENDPOINT_URL` for an S3-compatible store such as MinIO),
+through a DuckDB secret that is dropped before the query runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from dspy_sweeps.errors import SweepError, first_line
 from dspy_sweeps.spec.schema import DataSpec, Split
@@ -103,10 +107,37 @@ def _load_sources(con: Any, sources: list[str]) -> None:
     for source in sources:
         if not source.startswith(_REMOTE) and not any(ch in source for ch in "*?[") and not Path(source).is_file():
             raise SweepError(f"data.source: no such file '{source}'")
+    s3 = any(s.startswith("s3://") for s in sources) and _s3_secret(con)
     try:
         con.execute("CREATE TABLE corpus AS SELECT * FROM read_parquet(?)", [sources])
     except duckdb.Error as exc:
         raise SweepError(f"data.source: cannot read {', '.join(sources)} as Parquet: {first_line(exc)}") from None
+    finally:
+        if s3:
+            con.execute("DROP SECRET corpus_s3")
+
+
+def _s3_secret(con: Any) -> bool:
+    """DuckDB reads AWS_ENDPOINT_URL nowhere, so a secret made from the standard AWS variables tells it
+    where and as whom to read; an endpoint of your own (MinIO, moto) is addressed path-style."""
+    env = os.environ
+    options = {
+        "KEY_ID": env.get("AWS_ACCESS_KEY_ID"),
+        "SECRET": env.get("AWS_SECRET_ACCESS_KEY"),
+        "SESSION_TOKEN": env.get("AWS_SESSION_TOKEN"),
+        "REGION": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+    }
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        url = urlparse(endpoint)
+        options.update(ENDPOINT=url.netloc or url.path, URL_STYLE="path")
+    values = [f"{name} '{value.replace(chr(39), chr(39) * 2)}'" for name, value in options.items() if value]
+    if not values:
+        return False  # DuckDB's defaults: public buckets on AWS
+    if endpoint and urlparse(endpoint).scheme == "http":
+        values.append("USE_SSL false")
+    con.execute(f"CREATE TEMPORARY SECRET corpus_s3 (TYPE s3, {', '.join(values)})")
+    return True
 
 
 def _load_httpfs(con: Any) -> None:

@@ -74,6 +74,21 @@ EXCLUDES = [
     "dist",
 ]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# The entrypoint runs in a shell with the head's PATH, which need not hold `sweep` (a head started as
+# `.venv/bin/ray start` has no venv on it). So the job runs `python -m` with the Python Ray starts its
+# workers with: the shell's parent is the job supervisor, a worker, whose parent is the raylet, and the
+# raylet's `--python_worker_command` names that Python. `python3` if it cannot be read (not Linux).
+# `-P` keeps the job's cwd (the project, which may hold its own copy of the package) off sys.path, so
+# the package shipped as py_modules, with the secrets file in it, is the one imported.
+WORKER_PYTHON = (
+    "py=$(tr '\\0' '\\n' </proc/$(awk '/^PPid:/{print $2}' /proc/$PPID/status)/cmdline "
+    "| sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p'); "
+    'exec "${py:-python3}" -P -m dspy_sweeps.cli.main'
+)
+AUTH_HINT = (
+    "the Ray cluster refused this client: it uses token authentication, so set RAY_AUTH_MODE=token and "
+    "its token in RAY_AUTH_TOKEN (or a file named by RAY_AUTH_TOKEN_PATH; `ray get-auth-token` on the head prints it)"
+)
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRETS_FILE = re.compile(r"^job-secrets-[0-9a-f]{16}\.json$")
 
@@ -115,7 +130,7 @@ def job_request(
     env = _environment(project) if environ is None else dict(environ)
     sweep = load_sweep(sweep_file, list(overrides))  # bad input stops here, before anything is uploaded
     relative = _inside(Path(sweep_file), project)
-    entrypoint = shlex.join(["sweep", "run", relative, *(arg for o in overrides for arg in ("--set", o))])
+    entrypoint = f"{WORKER_PYTHON} {shlex.join(['run', relative, *(arg for o in overrides for arg in ('--set', o))])}"
 
     for name in secret_vars:
         if not _VAR_NAME.match(name):
@@ -301,20 +316,24 @@ def _client(address: str | None) -> Any:
 @contextlib.contextmanager
 def _talking_to(address: str | None, job_id: str | None = None) -> Iterator[None]:
     """Ray's connection and HTTP errors become one-line SweepErrors naming the flag or the job."""
+    where = f"job {job_id}" if job_id else f"--address {address}"
     try:
         yield
     except SweepError:
         raise
-    except (OSError, RuntimeError, ValueError) as exc:
+    except Exception as exc:
+        from ray.exceptions import AuthenticationError  # imported by the client already
+
+        if isinstance(exc, AuthenticationError):
+            raise SweepError(f"{where}: {AUTH_HINT}") from None
+        if not isinstance(exc, (OSError, RuntimeError, ValueError)):
+            raise
         text = " ".join(str(exc).split())[:300]
         if job_id and ("does not exist" in text or "404" in text):
             raise SweepError(f"job {job_id}: no such job on the cluster at {address}") from None
         if "401" in text or "403" in text or "uthentication" in text:
-            hint = " (a cluster with token authentication needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN set here)"
-        else:
-            hint = ""
-        where = f"job {job_id}" if job_id else f"--address {address}"
-        raise SweepError(f"{where}: the Ray dashboard did not answer as expected: {text}{hint}") from None
+            raise SweepError(f"{where}: {AUTH_HINT}") from None
+        raise SweepError(f"{where}: the Ray dashboard did not answer as expected: {text}") from None
 
 
 # --- multi-node guard ------------------------------------------------------------------

@@ -72,6 +72,9 @@ def endpoint_for(original: ModelSpec, resolved: ModelSpec) -> Any:
         tpm=resolved.tpm,
         cost_per_hour=resolved.cost_per_hour,
         timeout_s=resolved.timeout_s,
+        retries=resolved.retries,
+        max_retry_s=resolved.max_retry_s,
+        label=original.model,
     )
 
 

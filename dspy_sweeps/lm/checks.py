@@ -14,15 +14,14 @@ from dspy_sweeps.spec.schema import ModelSpec, Sweep
 
 def check_keys(sweep: Sweep) -> None:
     """Every cloud model has its key variable set; the error names the variable, never a value."""
-    for role, specs in (("students", sweep.students), ("teachers", sweep.teachers)):
-        for i, spec in enumerate(specs):
-            if spec.simulated:
-                continue
-            if spec.api_key_env:
-                if not os.environ.get(spec.api_key_env):
-                    raise SweepError(f"{role}.{i} ({spec.model}): API key variable {spec.api_key_env} is not set")
-            elif not spec.api_base and spec.serve is None:  # self-hosted endpoints take no cloud key
-                _check_litellm_env(f"{role}.{i}", spec.model)
+    for where, spec in sweep.roles():
+        if spec.simulated:
+            continue
+        if spec.api_key_env:
+            if not os.environ.get(spec.api_key_env):
+                raise SweepError(f"{where} ({spec.model}): API key variable {spec.api_key_env} is not set")
+        elif not spec.api_base and spec.serve is None:  # self-hosted endpoints take no cloud key
+            _check_litellm_env(where, spec.model)
 
 
 def _check_litellm_env(where: str, model: str) -> None:

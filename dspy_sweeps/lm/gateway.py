@@ -9,8 +9,12 @@ gateway owns the connection. The gateway, shared by all trials of the sweep:
   the endpoint's identity (model and served checkpoint), so two models never share entries;
 - keeps at most `max_concurrency` requests in flight per endpoint, spread over its replicas;
 - honours `rpm`/`tpm` limits and a 429's `Retry-After` for the whole endpoint at once;
-- counts per trial: calls requested, sent, served from cache, merged, failed, tokens,
-  latency and cost (LiteLLM's price map for cloud models, `cost_per_hour` × busy time for
+- is the one retry layer (DSPy's own is off): a logical call is sent at most `retries + 1`
+  times, retries end within `max_retry_s` of its first failure, and a call that fails past
+  them with a rate limit, 5xx, timeout or dropped connection goes to the next model of its
+  fallback chain; a refused key (401/403) is never retried nor passed on;
+- counts per trial: calls requested, sent, served from cache, merged, failed, retried,
+  given up, passed to a fallback, answered per model, tokens, latency and cost (LiteLLM's price map for cloud models, `cost_per_hour` × busy time for
   self-hosted ones); and enforces the sweep's budget.
 
 Why one async actor rather than a LiteLLM proxy in front of the endpoints: a proxy would
@@ -34,6 +38,10 @@ from typing import Any
 
 Body = dict[str, Any]
 REPLICA_COOLDOWN_S = 5.0  # a replica that refused or dropped a connection gets no requests for this long
+BACKOFF_S = 0.5  # the first retry's wait when the endpoint names none (Retry-After); it doubles per retry
+# Failures worth another send, and worth the next model of the chain once the retries are spent;
+# a refused key, a bad request or the spent budget would fail the same way anywhere.
+PASSING = frozenset({"rate_limit", "server", "timeout", "transport"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,9 @@ class Endpoint:
     tpm: int | None = None
     cost_per_hour: float | None = None
     timeout_s: float = 600.0
+    retries: int = 4  # resends of a failed call
+    max_retry_s: float = 60.0  # retries end within this long after a call's first failure
+    label: str = ""  # the sweep's model string, as records name it (default: `model`)
 
 
 @dataclass
@@ -63,10 +74,18 @@ class CallStats:
     latency_s: float = 0.0  # summed over calls sent
     slot_s: float = 0.0  # endpoint slot-seconds the trial's calls occupied
     cost_usd: float = 0.0
+    retries: int = 0  # sends beyond a call's first, on the same model
+    gave_up: int = 0  # calls whose retries on one model were spent (or ran out of time)
+    fell_back: int = 0  # calls passed to the next model of their chain
+    by_model: dict[str, int] = field(default_factory=dict)  # answers (sent, cached or merged) per model
 
     def add(self, other: CallStats) -> None:
         for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
+            if name == "by_model":
+                for model, count in value.items():
+                    self.by_model[model] = self.by_model.get(model, 0) + count
+            else:
+                setattr(self, name, getattr(self, name) + value)
 
 
 @dataclass
@@ -122,14 +141,30 @@ class GatewayCore:
 
     # -- the call path -------------------------------------------------------------------
 
-    async def complete(self, trial_id: str, endpoint_id: str, body: Body) -> Body:
-        """An OpenAI chat-completions response for `body`, from cache, a merged call or the endpoint."""
+    async def complete(self, trial_id: str, endpoint_id: str, body: Body, fallbacks: tuple[str, ...] = ()) -> Body:
+        """An OpenAI chat-completions response for `body`, from cache, a merged call or the endpoint;
+        when `endpoint_id` fails past its retries, from the first of `fallbacks` that answers."""
         stats = self.stats.setdefault(trial_id, CallStats())
         stats.requested += 1
-        state = self.endpoints[endpoint_id]
+        chain = (endpoint_id, *fallbacks)
+        for position, current in enumerate(chain):
+            try:
+                response = await self._complete_on(trial_id, self.endpoints[current], body, stats)
+            except GatewayError as exc:
+                if exc.kind not in PASSING or position == len(chain) - 1:
+                    stats.failed += exc.kind != "budget"  # a call the budget refused was never made
+                    raise
+                stats.fell_back += 1
+                continue
+            label = self.endpoints[current].endpoint.label or self.endpoints[current].endpoint.model
+            stats.by_model[label] = stats.by_model.get(label, 0) + 1
+            return response
+        raise AssertionError("unreachable: the chain has at least one endpoint")
+
+    async def _complete_on(self, trial_id: str, state: _EndpointState, body: Body, stats: CallStats) -> Body:
         if state.refused is not None:
             raise state.refused
-        key = self._request_key(trial_id, endpoint_id, body)
+        key = self._request_key(trial_id, state.endpoint.id, body)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             stats.cache_hits += 1
             return hit
@@ -147,7 +182,6 @@ class GatewayCore:
             future.set_result(response)
             return response
         except Exception as exc:
-            stats.failed += 1
             future.set_exception(exc)
             future.exception()  # retrieved: merged callers re-raise it, nobody else must
             raise
@@ -168,33 +202,53 @@ class GatewayCore:
         return _key(endpoint_id, {"body": body, "trial": trial_id, "draw": draw})
 
     async def _send(self, state: _EndpointState, body: Body, stats: CallStats) -> Body:
+        """At most `retries + 1` sends; after the first failure, each retry must start and end
+        within `max_retry_s`, so a logical call never outlives its first send by more."""
         endpoint = state.endpoint
-        for attempt in range(8):
-            await self._admit(state, body)
-            async with state.slots:
-                start = self._occupy(state)
-                try:
-                    response, cost = await self._post(state, body)
-                except GatewayError as exc:
-                    if exc.kind == "auth":
-                        state.refused = exc
-                    if exc.kind != "rate_limit" or attempt == 7:
-                        raise
-                    # A 429 pauses the whole endpoint, so concurrent trials do not storm it too.
-                    state.paused_until = max(state.paused_until, time.monotonic() + (exc.retry_after or 2.0**attempt))
-                    continue
-                finally:
-                    elapsed = self._release(state, start)
-            usage = response.get("usage") or {}
-            stats.sent += 1
-            stats.prompt_tokens += usage.get("prompt_tokens") or 0
-            stats.completion_tokens += usage.get("completion_tokens") or 0
-            stats.latency_s += elapsed
-            stats.slot_s += elapsed
-            stats.cost_usd += cost
-            state.tokens.append((time.monotonic(), usage.get("total_tokens") or 0))
-            return response
-        raise GatewayError("rate_limit", f"{endpoint.model}: still rate limited after 8 attempts")
+        deadline = None
+        for attempt in range(endpoint.retries + 1):
+            if attempt:
+                stats.retries += 1
+            left = endpoint.timeout_s if deadline is None else max(deadline - time.monotonic(), 0.1)
+            try:
+                return await self._send_once(state, body, stats, min(endpoint.timeout_s, left))
+            except GatewayError as exc:
+                if exc.kind == "auth":
+                    state.refused = exc
+                if exc.kind not in PASSING:
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + endpoint.max_retry_s
+                wait = exc.retry_after if exc.retry_after is not None else BACKOFF_S * 2.0**attempt
+                if exc.kind == "rate_limit":  # the whole endpoint pauses, so concurrent trials do not storm it
+                    state.paused_until = max(state.paused_until, now + wait)
+                if attempt == endpoint.retries or max(now + wait, state.paused_until) >= deadline:
+                    stats.gave_up += 1
+                    sends = f"{attempt + 1} send{'s' if attempt else ''}"
+                    raise GatewayError(
+                        exc.kind, f"{exc} (gave up after {sends})", exc.status, exc.retry_after
+                    ) from None
+                if exc.kind != "rate_limit":
+                    await asyncio.sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _send_once(self, state: _EndpointState, body: Body, stats: CallStats, timeout_s: float) -> Body:
+        await self._admit(state, body)
+        async with state.slots:
+            start = self._occupy(state)
+            try:
+                response, cost = await self._post(state, body, timeout_s)
+            finally:
+                elapsed = self._release(state, start)
+        usage = response.get("usage") or {}
+        stats.sent += 1
+        stats.prompt_tokens += usage.get("prompt_tokens") or 0
+        stats.completion_tokens += usage.get("completion_tokens") or 0
+        stats.latency_s += elapsed
+        stats.slot_s += elapsed
+        stats.cost_usd += cost
+        state.tokens.append((time.monotonic(), usage.get("total_tokens") or 0))
+        return response
 
     async def _admit(self, state: _EndpointState, body: Body) -> None:
         """Wait out a Retry-After pause and the endpoint's requests/tokens-per-minute limits."""
@@ -232,30 +286,30 @@ class GatewayCore:
             state.busy_s += now - (state.busy_since or now)
         return now - start
 
-    async def _post(self, state: _EndpointState, body: Body) -> tuple[Body, float]:
+    async def _post(self, state: _EndpointState, body: Body, timeout_s: float) -> tuple[Body, float]:
         if not state.endpoint.api_bases:
-            return await _litellm_call(state.endpoint, body)
+            return await _litellm_call(state.endpoint, body, timeout_s)
         base = _pick_replica(state)
         state.in_flight[base] += 1
         try:
-            return await self._http_call(state.endpoint, base, body), 0.0
+            return await self._http_call(state.endpoint, base, body, timeout_s), 0.0
         except GatewayError as exc:
             if exc.kind == "transport":
                 # A dead replica fails fast, so least-loaded would pick it again and again; skip it
-                # for a while so DSPy's retry reaches a live one (a restarted one is back after this).
+                # for a while so the retry reaches a live one (a restarted one is back after this).
                 state.down_until[base] = time.monotonic() + REPLICA_COOLDOWN_S
             raise
         finally:
             state.in_flight[base] -= 1
 
-    async def _http_call(self, endpoint: Endpoint, base: str, body: Body) -> Body:
+    async def _http_call(self, endpoint: Endpoint, base: str, body: Body, timeout_s: float) -> Body:
         import aiohttp
 
         if self.session is None:
             self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         key = os.environ.get(endpoint.api_key_env or "") or "EMPTY"
         headers = {"Authorization": f"Bearer {key}"}
-        timeout = aiohttp.ClientTimeout(total=endpoint.timeout_s)
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with self.session.post(
                 f"{base.rstrip('/')}/chat/completions",
@@ -281,7 +335,7 @@ class GatewayCore:
                     retry_after,
                 )
         except TimeoutError:
-            raise GatewayError("timeout", f"{endpoint.model}: no answer within {endpoint.timeout_s:.0f} s") from None
+            raise GatewayError("timeout", f"{endpoint.model}: no answer within {timeout_s:.0f} s") from None
         except aiohttp.ClientError as exc:
             raise GatewayError("transport", f"{endpoint.model}: {type(exc).__name__}: {exc}") from None
 
@@ -374,27 +428,30 @@ def _parse_completion(text: str, endpoint: Endpoint) -> Body:
     return body
 
 
-async def _litellm_call(endpoint: Endpoint, body: Body) -> tuple[Body, float]:
+async def _litellm_call(endpoint: Endpoint, body: Body, timeout_s: float) -> tuple[Body, float]:
     """A cloud model: LiteLLM speaks the provider's protocol and prices the call from its cost map."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
 
     kwargs = {"api_key": os.environ[endpoint.api_key_env]} if endpoint.api_key_env else {}
     try:
-        response = await litellm.acompletion(
-            model=endpoint.model, num_retries=0, timeout=endpoint.timeout_s, **kwargs, **body
-        )
+        response = await litellm.acompletion(model=endpoint.model, num_retries=0, timeout=timeout_s, **kwargs, **body)
     except litellm.RateLimitError as exc:
         raise GatewayError("rate_limit", f"{endpoint.model}: rate limited", 429, _retry_after(exc)) from None
     except litellm.AuthenticationError:
         variable = endpoint.api_key_env or "the provider's key variable"
         raise GatewayError("auth", f"{endpoint.model} refused the key from {variable} (HTTP 401)", 401) from None
-    except (litellm.APIConnectionError, litellm.Timeout) as exc:
+    except litellm.Timeout:
+        raise GatewayError("timeout", f"{endpoint.model}: no answer within {timeout_s:.0f} s") from None
+    except litellm.APIConnectionError as exc:
         raise GatewayError("transport", f"{endpoint.model}: {type(exc).__name__}") from None
-    except litellm.APIError as exc:
-        raise GatewayError(
-            "server", f"{endpoint.model}: {type(exc).__name__}", getattr(exc, "status_code", None)
-        ) from None
+    except Exception as exc:
+        # LiteLLM's HTTP errors (ServiceUnavailableError, InternalServerError, BadRequestError...) share
+        # no base class of its own; their status code says which kind of failure they are.
+        status = getattr(exc, "status_code", None)
+        if not isinstance(status, int):
+            raise
+        raise GatewayError(_kind(status), f"{endpoint.model}: HTTP {status} ({type(exc).__name__})", status) from None
     try:
         cost = float(litellm.completion_cost(completion_response=response) or 0.0)
     except Exception:

@@ -62,7 +62,7 @@ def run_sweep(
     key = _answer_key(prepared, state)
     with simulator(sweep, key, state, console) as sim_url, ThreadPoolExecutor(1) as background:
         # Outside endpoints first: a typo in an api_base costs seconds, not a Ray start-up.
-        check_endpoints([(role, resolve(s, sim_url)) for role, s in _roles(sweep) if s.serve is None])
+        check_endpoints([(role, resolve(s, sim_url)) for role, s in sweep.roles() if s.serve is None])
         # Importing MLflow and creating its store takes seconds: done while Ray starts.
         opening = background.submit(Trackers.open, sweep, state, prepared.data.fingerprint, resume)
         with (
@@ -70,7 +70,7 @@ def run_sweep(
             served_students(sweep, state, key, console) as served,
             _hosts(prepared) as hosts,
         ):
-            specs = {s.model_dump_json(): s for _, s in _roles(sweep)}  # the key trials know their LMs by
+            specs = {s.model_dump_json(): s for _, s in sweep.roles()}  # the key trials know their LMs by
             resolved = {k: _resolve(s, sim_url, served) for k, s in specs.items()}
             _check_served(sweep, resolved)
             endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
@@ -241,11 +241,6 @@ def _finished(state: State, prepared: Prepared) -> list[TrialRecord]:
         and (r.trial_id in planned or prepared.sweep.search is not None)
         and r.data_fingerprint == prepared.data.fingerprint
     ]
-
-
-def _roles(sweep: Sweep) -> Iterator[tuple[str, ModelSpec]]:
-    yield from ((f"students.{i}", s) for i, s in enumerate(sweep.students))
-    yield from ((f"teachers.{i}", s) for i, s in enumerate(sweep.teachers))
 
 
 def _result(outcome) -> TrialResult:

@@ -55,6 +55,10 @@ class TrialResult:
     cost_usd: float = 0.0
     duration_s: float = 0.0
     attempts: int = 1  # more than 1: the trial was retried after its host died, or resumed
+    retries: int = 0  # LM calls resent after a 429, 5xx, timeout or lost connection
+    gave_up: int = 0  # LM calls whose retries on one model ran out
+    fell_back: int = 0  # LM calls passed on to a fallback model
+    calls_by_model: dict[str, int] = field(default_factory=dict)  # answered LM calls per model
     program: str | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list)
 

@@ -80,6 +80,10 @@ def execute_trial(trial: Trial, ctx: TrialContext, channel: Any) -> TrialResult:
         completion_tokens=stats.completion_tokens,
         latency_s=round(stats.latency_s, 3),
         cost_usd=round(stats.cost_usd, 6),
+        retries=stats.retries,
+        gave_up=stats.gave_up,
+        fell_back=stats.fell_back,
+        calls_by_model=stats.by_model,
     )
 
 
@@ -115,4 +119,5 @@ def failed(trial_id: str, exc: BaseException, budget_spent: bool) -> TrialResult
 
 
 def _lm(ctx: TrialContext, spec: Any, trial_id: str) -> Any:
-    return build_gateway_lm(spec, ctx.gateway, ctx.endpoint_ids[spec.model_dump_json()], trial_id)
+    chain = tuple(ctx.endpoint_ids[s.model_dump_json()] for s in (spec, *spec.fallbacks))
+    return build_gateway_lm(spec, ctx.gateway, chain, trial_id)

@@ -1,7 +1,7 @@
 """Fault injection for the SIMULATED LM endpoint: a TEST FACILITY, never a production feature.
 
 The platform's reliability tests make the simulator misbehave on purpose, deterministically:
-answer 500, 429 with `Retry-After`, 401, garbage text, or hang. A fault schedule is an ordered
+answer 500, 503 (down or overloaded), 429 with `Retry-After`, 401, garbage text, or hang. A fault schedule is an ordered
 list of `Fault` rules; each completion request takes the first rule whose `model` matches (or
 that targets every model), and a rule with a `count` is used up after that many requests. A
 rule of mode `ok` answers normally, so `[ok x2, error500 x1]` fails exactly the third request.
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-MODES: tuple[str, ...] = ("ok", "error500", "rate_limit", "garbage", "hang", "unauthorized")
+MODES: tuple[str, ...] = ("ok", "error500", "error503", "rate_limit", "garbage", "hang", "unauthorized")
 FAULT_MODES: tuple[str, ...] = MODES[1:]  # the modes counted as faults in /sim/stats and /metrics
 DEFAULT_RETRY_AFTER = 1.0  # seconds, for rate_limit
 DEFAULT_HANG_SECONDS = 3600.0  # real seconds (not time-scaled), for hang

@@ -169,7 +169,7 @@ class SimServer:
     ) -> list[dict[str, Any]]:
         """Replace the fault schedule with one rule (or queue it behind the others with append=True).
 
-        `mode` is ok, error500, rate_limit, garbage, hang or unauthorized; `count` completion
+        `mode` is ok, error500, error503, rate_limit, garbage, hang or unauthorized; `count` completion
         requests get it (None: until changed); `model` targets one served model (None: all).
         Returns the schedule now in force. `set_faults("ok")` clears every fault.
         """

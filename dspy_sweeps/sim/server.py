@@ -266,6 +266,13 @@ def _fault_response(fault: Fault, engine: ModelEngine) -> web.HTTPException:
             "server_error",
             None,
         )
+    if fault.mode == "error503":
+        return _openai_error(
+            web.HTTPServiceUnavailable,
+            f"The engine is currently overloaded or down, please try again later {note}.",
+            "server_error",
+            None,
+        )
     if fault.mode == "rate_limit":
         assert fault.retry_after is not None
         headers = {

@@ -117,6 +117,11 @@ class ModelSpec(_Strict):
     tpm: int | None = Field(default=None, gt=0, description="tokens per minute, shared by all trials")
     cost_per_hour: float | None = Field(default=None, ge=0, description="self-hosted: dollars per busy hour")
     timeout_s: float = Field(default=600.0, gt=0)
+    retries: int = Field(default=4, ge=0, description="resends of a call failed by a 429, 5xx, timeout or lost link")
+    max_retry_s: float = Field(default=60.0, gt=0, description="retries end this long after a call's first failure")
+    fallbacks: list[ModelSpec] = Field(
+        default=[], description="models asked in order when a call still fails after its retries (not for a 401)"
+    )
     serve: ServeSpec | None = Field(default=None, description="host this student on the sweep's Ray cluster")
 
     @model_validator(mode="before")
@@ -148,6 +153,15 @@ class ModelSpec(_Strict):
                 f"model: a served student's requests go to the served name, so model must be "
                 f"'{SERVED_PREFIX}{self.serve.model}' (or left out), not {self.model!r}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _flat_fallbacks(self) -> ModelSpec:
+        for i, fallback in enumerate(self.fallbacks):
+            if fallback.fallbacks:
+                raise ValueError(f"fallbacks.{i}.fallbacks: a fallback has none of its own; list them all in order")
+            if fallback.serve is not None:
+                raise ValueError(f"fallbacks.{i}.serve: a fallback is not served by the sweep; give it an api_base")
         return self
 
     @property
@@ -278,7 +292,18 @@ class Sweep(_Strict):
 
     @property
     def models(self) -> list[ModelSpec]:
-        return [*self.students, *self.teachers]
+        """Every model the sweep may call: students, teachers and their fallbacks."""
+        roles = [*self.students, *self.teachers]
+        return [*roles, *(f for m in roles for f in m.fallbacks)]
+
+    def roles(self) -> list[tuple[str, ModelSpec]]:
+        """Every model with the field path that names it (`teachers.0.fallbacks.1`), for messages."""
+        found = []
+        for role, models in (("students", self.students), ("teachers", self.teachers)):
+            for i, model in enumerate(models):
+                found.append((f"{role}.{i}", model))
+                found.extend((f"{role}.{i}.fallbacks.{j}", f) for j, f in enumerate(model.fallbacks))
+        return found
 
     @property
     def served(self) -> list[ModelSpec]:

@@ -46,6 +46,10 @@ class TrialRecord:
     mlflow_run_id: str | None = None
     tracked: bool = False  # logged to W&B and MLflow; --resume re-runs a trial that was not
     attempts: int = 1  # runs of the trial it took: a retry after a worker died, or a resume
+    retries: int = 0  # LM calls resent by the gateway
+    gave_up: int = 0  # LM calls whose retries on one model ran out
+    fell_back: int = 0  # LM calls passed on to a fallback model
+    calls_by_model: str = "{}"  # JSON: answered LM calls per model (the sweep's model strings)
 
     @classmethod
     def of(
@@ -79,6 +83,10 @@ class TrialRecord:
             program_path=str(program_path) if program_path else None,
             data_fingerprint=fingerprint,
             attempts=result.attempts,
+            retries=result.retries,
+            gave_up=result.gave_up,
+            fell_back=result.fell_back,
+            calls_by_model=json.dumps(result.calls_by_model, sort_keys=True),
         )
 
 

@@ -48,6 +48,9 @@ FIGURES = (
     "cost_usd",
     "duration_s",
     "attempts",
+    "retries",
+    "gave_up",
+    "fell_back",
 )
 STEP = "calls"  # W&B's x-axis for a trial's history: LM calls spent (MLflow's step is the same number)
 

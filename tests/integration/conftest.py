@@ -30,10 +30,14 @@ def free_port() -> int:
 class MlflowServer:
     """`mlflow server` on loopback in its own process group, restartable on the same port and store."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(
+        self, root: Path, port: int | None = None, artifacts: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.root, self.port = root, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
+        self.artifacts = artifacts or str(root / "artifacts")  # e.g. s3://bucket/mlartifacts
+        self.env = env or {}
 
     def start(self) -> MlflowServer:
         cmd = [
@@ -48,13 +52,14 @@ class MlflowServer:
             "--backend-store-uri",
             f"sqlite:///{self.root}/server.db",
             "--artifacts-destination",
-            str(self.root / "artifacts"),
+            self.artifacts,
         ]
         env = {
             **os.environ,
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # or it hangs offline fetching a price map
             # MLflow's GenAI job runner: eight busy processes of ~270 MB each that sweeps never use.
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            **self.env,
         }
         with (self.root / "server.log").open("a") as log:
             self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -30,6 +30,7 @@ def test_a_killed_trial_host_has_its_trial_retried_and_gepa_resumes(
     folder; a fresh host re-runs the trial, whose GEPA finds its log_dir and resumes; the baseline
     trial on the other host is untouched, and every trial finishes once."""
     killed: list[int] = []
+    killed_at: list[float] = []
     gepa_states: list[Path] = []
 
     def kill_the_gepa_host(cli: subprocess.Popen) -> None:
@@ -42,12 +43,14 @@ def test_a_killed_trial_host_has_its_trial_retried_and_gepa_resumes(
             if gepa_states and pid in hosts and len(hosts) == 2:  # both hosts up, GEPA's has saved its state
                 hosts[pid].kill()
                 killed.append(pid)
+                killed_at.append(time.monotonic())
             time.sleep(0.1)
 
     grid = "optimizers=[{kind: gepa, max_metric_calls: 150}]"
     hosts = "hosts={trials_per_host: 1}"
     args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, "--set", hosts, *UNTRACKED]
     result = run_with(kill_the_gepa_host, args, state=tmp_path)
+    finished_at = time.monotonic()  # the retried trial finished (and the sweep with it)
     assert result.returncode == 0, result.stderr[-3000:]
     all_rows = rows(tmp_path)
     records = {r["kind"]: r for r in all_rows}
@@ -58,6 +61,9 @@ def test_a_killed_trial_host_has_its_trial_retried_and_gepa_resumes(
         faults_injected=len(killed),
         faults_survived=int(survived and records["gepa"]["attempts"] == 2) * len(killed),
         trials_lost=len([r for r in records.values() if r["status"] != "ok"]),
+        records_lost=2 - len(records),
+        trials_retried=sum(r["attempts"] - 1 for r in records.values()),
+        **({"recovery_s": finished_at - killed_at[0]} if killed_at else {}),
     )
     assert killed, "GEPA's host was not found running after it saved its state"
     assert len(all_rows) == 2, "every trial is recorded exactly once"
@@ -100,7 +106,9 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
     )
     before = {r["trial_id"]: r for r in rows(state)}
     left = _alive_after(children, seconds=20)
+    resuming = time.monotonic()
     resumed = sweep_cli(*args, "--resume", state=state)
+    recovery_s = time.monotonic() - resuming
     after = {r["trial_id"]: r for r in rows(state)}
     from mlflow.tracking import MlflowClient
 
@@ -116,7 +124,9 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
         faults_injected=1,
         faults_survived=int(resumed.returncode == 0 and not left and not rerun),
         trials_lost=len([r for r in after.values() if r["status"] != "ok"]),
+        records_lost=3 - len(after),
         duplicate_versions=len(children_runs) - len(after),
+        recovery_s=recovery_s,
     )
     assert left == [], f"processes outlived the killed driver: {left}"
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -1,9 +1,10 @@
 """Endpoint faults injected into a running sweep (issue: reliability): short outages are retried,
-a long one fails only its trials, a refused key stops the sweep. Each case records its figures for
+a long one fails only its trials (or goes to a fallback model), a refused key stops the sweep. Each case records its figures for
 `make reliability`; the faults come from the simulator's fault injection (a test facility)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,10 @@ def test_endpoint_faults_are_retried_or_fail_only_their_trials(sim: SimServer, t
         faults_survived=int(all(r["status"] == "ok" for r in healthy)) * 4
         + int(all(r["reason"] == "endpoint" for r in broken)),
         trials_lost=len([r for r in healthy if r["status"] != "ok"]),
+        records_lost=4 - len(records),
         failed_calls_scored=scored_failures,
+        calls_retried=sum(r["retries"] for r in records),
+        calls_fell_back=sum(r["fell_back"] for r in records),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(healthy) == 2 and all(r["status"] == "ok" for r in healthy)
@@ -51,6 +55,50 @@ def test_endpoint_faults_are_retried_or_fail_only_their_trials(sim: SimServer, t
     faults = sim.stats()["models"]
     assert faults["student"]["faults"]["error500"] == 4 and faults["teacher"]["faults"]["rate_limit"] == 2
     assert faults["student"]["faults"]["hang"] == 2 and faults["student"]["faults"]["garbage"] == 3
+
+
+def test_a_teacher_down_for_good_falls_back_and_its_trials_finish(sim: SimServer, tmp_path: Path, reliability) -> None:
+    """The teacher answers 503 to everything; its fallback (another model on the endpoint) answers."""
+    sim.set_faults("error503", model="teacher")
+    backup = f"{{name: backup, model: openai/student2, api_base: '{sim.base_url}'}}"
+    result = sweep_cli(
+        "run",
+        "sweeps/demo.yaml",
+        *pointed_at(sim),
+        "--set",
+        "teachers.0.retries=2",
+        "--set",
+        f"teachers.0.fallbacks=[{backup}]",
+        "--set",
+        BOOTSTRAP_ONLY,
+        *UNTRACKED,
+        state=tmp_path / "state",
+    )
+    records = rows(tmp_path / "state")
+    compiled = [r for r in records if r["kind"] == "bootstrap_fewshot"]
+    served = [json.loads(r["calls_by_model"]) for r in compiled]
+    refused = sim.stats()["models"]["teacher"]["faults"].get("error503", 0)
+    reliability(
+        "teacher: 503 for good, with a fallback model",
+        runs=1,
+        faults_injected=1,
+        faults_survived=int(result.returncode == 0 and all(r["status"] == "ok" for r in compiled)),
+        trials_lost=len([r for r in records if r["status"] != "ok"]),
+        records_lost=2 - len(records),
+        failed_calls_scored=sum(r["failed_examples"] for r in records if r["status"] == "ok"),
+        calls_retried=sum(r["retries"] for r in records),
+        calls_fell_back=sum(r["fell_back"] for r in records),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert refused > 0, "the teacher's 503s were hit"
+    assert compiled and all(r["status"] == "ok" for r in compiled)
+    for record, calls in zip(compiled, served, strict=True):
+        assert calls.get("openai/student2", 0) > 0 and "openai/teacher" not in calls, calls
+        assert calls["openai/student"] > 0, "the student's own calls are counted under its model"
+        assert record["fell_back"] == calls["openai/student2"] and record["gave_up"] == record["fell_back"]
+        assert record["retries"] == 2 * record["gave_up"], "each teacher call: one send and two retries"
+    assert refused == 3 * sum(r["gave_up"] for r in records)
+    assert sim.stats()["models"]["student2"]["ok"] == sum(s["openai/student2"] for s in served)
 
 
 def test_a_refused_key_stops_the_sweep_at_once(sim: SimServer, tmp_path: Path, reliability) -> None:

@@ -1,5 +1,6 @@
 """The LM gateway against the simulated endpoint on loopback (plain asyncio, no Ray):
-merging, the persistent cache, the in-flight cap, per-trial accounting."""
+merging, the persistent cache, the in-flight cap, per-trial accounting, the one retry layer
+and fallback chains."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimServer]:
         "".join(json.dumps({"inputs": {"question": f"q{i}"}, "labels": {"answer": str(i)}}) + "\n" for i in range(50))
     )
     # time_scale 0.2: a call takes ~10-100 ms, long enough for requests to overlap
-    with SimServer(key, root, models=("student",), max_num_seqs=4, time_scale=0.2) as server:
+    with SimServer(key, root, models=("student", "teacher", "gpt-4o-mini"), max_num_seqs=4, time_scale=0.2) as server:
         yield server
 
 
@@ -38,6 +39,18 @@ def body(question: str) -> dict:
 
 def endpoint(sim: SimServer, **kwargs) -> Endpoint:
     return Endpoint(id="sim/student|", model="student", api_bases=(sim.base_url,), **kwargs)
+
+
+def teacher(sim: SimServer, **kwargs) -> Endpoint:
+    return Endpoint(id="sim/teacher|", model="teacher", api_bases=(sim.base_url,), label="sim/teacher", **kwargs)
+
+
+def faults(sim: SimServer, model: str, mode: str) -> int:
+    return sim.stats()["models"][model]["faults"].get(mode, 0)
+
+
+def answered(sim: SimServer, model: str) -> int:
+    return sim.stats()["models"][model]["ok"]
 
 
 def run(coro):
@@ -177,3 +190,164 @@ def test_a_refused_key_is_an_auth_error_without_retries(sim: SimServer, tmp_path
         run(scenario())
     finally:
         sim.set_faults("ok")
+
+
+def test_a_failing_call_is_sent_at_most_retries_plus_one_times(sim: SimServer, tmp_path: Path) -> None:
+    sim.set_faults("error503", model="teacher")  # down for good
+
+    async def scenario() -> GatewayCore:
+        gateway = GatewayCore([teacher(sim, retries=2)], None)
+        with pytest.raises(GatewayError) as caught:
+            await gateway.complete("t", "sim/teacher|", body("retry1"))
+        assert caught.value.kind == "server" and caught.value.status == 503
+        assert "gave up after 3 sends" in str(caught.value)
+        await gateway.close()
+        return gateway
+
+    before = faults(sim, "teacher", "error503")
+    try:
+        stats = run(scenario()).trial_stats("t")
+    finally:
+        sim.set_faults("ok")
+    assert faults(sim, "teacher", "error503") - before == 3, "one send and two retries, no hidden layer"
+    assert (stats.requested, stats.sent, stats.retries, stats.gave_up, stats.failed) == (1, 0, 2, 1, 1)
+
+
+def test_retries_end_within_max_retry_s_of_the_first_failure(sim: SimServer, tmp_path: Path) -> None:
+    """Back-off waits 0.5 s then 1 s: with 1 s to retry in, the second wait would end past it."""
+    sim.set_faults("error500", model="teacher")
+
+    async def scenario() -> GatewayCore:
+        gateway = GatewayCore([teacher(sim, retries=10, max_retry_s=1.0)], None)
+        with pytest.raises(GatewayError, match="gave up after 2 sends"):
+            await gateway.complete("t", "sim/teacher|", body("retry2"))
+        await gateway.close()
+        return gateway
+
+    before = faults(sim, "teacher", "error500")
+    try:
+        stats = run(scenario()).trial_stats("t")
+    finally:
+        sim.set_faults("ok")
+    assert faults(sim, "teacher", "error500") - before == 2
+    assert (stats.retries, stats.gave_up) == (1, 1)
+
+
+def test_a_short_outage_is_retried_and_counted(sim: SimServer, tmp_path: Path) -> None:
+    sim.set_faults("error503", count=2, model="teacher")
+
+    async def scenario() -> GatewayCore:
+        gateway = GatewayCore([teacher(sim)], None)
+        assert (await gateway.complete("t", "sim/teacher|", body("retry3")))["choices"]
+        await gateway.close()
+        return gateway
+
+    before = faults(sim, "teacher", "error503")
+    stats = run(scenario()).trial_stats("t")
+    assert faults(sim, "teacher", "error503") - before == 2 and sim.get_faults() == []
+    assert (stats.sent, stats.retries, stats.gave_up, stats.failed) == (1, 2, 0, 0)
+    assert stats.by_model == {"sim/teacher": 1}
+
+
+def test_a_call_past_its_retries_goes_to_the_next_model_of_the_chain(sim: SimServer, tmp_path: Path) -> None:
+    sim.set_faults("error503", model="teacher")
+    backup = Endpoint(id="sim/student|", model="student", api_bases=(sim.base_url,), label="sim/student")
+
+    async def scenario() -> GatewayCore:
+        gateway = GatewayCore([teacher(sim, retries=1), backup], str(tmp_path / "cache"))
+        for question in ("fb1", "fb2"):
+            response = await gateway.complete("t", "sim/teacher|", body(question), fallbacks=("sim/student|",))
+            assert response["choices"][0]["message"]["content"]
+        await gateway.close()
+        return gateway
+
+    before = (faults(sim, "teacher", "error503"), answered(sim, "student"), answered(sim, "teacher"))
+    try:
+        stats = run(scenario()).trial_stats("t")
+    finally:
+        sim.set_faults("ok")
+    assert faults(sim, "teacher", "error503") - before[0] == 4, "the teacher was tried (and retried) first"
+    assert answered(sim, "student") - before[1] == 2 and answered(sim, "teacher") == before[2]
+    assert (stats.requested, stats.sent, stats.fell_back, stats.gave_up, stats.failed) == (2, 2, 2, 2, 0)
+    assert stats.by_model == {"sim/student": 2}
+
+
+def test_a_refused_key_is_never_passed_to_a_fallback(sim: SimServer, tmp_path: Path) -> None:
+    sim.set_faults("unauthorized", model="teacher")
+    backup = Endpoint(id="sim/student|", model="student", api_bases=(sim.base_url,))
+
+    async def scenario() -> None:
+        gateway = GatewayCore([teacher(sim), backup], None)
+        for _ in range(2):  # the second call is refused without a send
+            with pytest.raises(GatewayError) as caught:
+                await gateway.complete("t", "sim/teacher|", body("auth2"), fallbacks=("sim/student|",))
+            assert caught.value.kind == "auth"
+        stats = gateway.trial_stats("t")
+        assert (stats.retries, stats.fell_back, stats.failed) == (0, 0, 2)
+        await gateway.close()
+
+    before = (faults(sim, "teacher", "unauthorized"), answered(sim, "student"))
+    try:
+        run(scenario())
+    finally:
+        sim.set_faults("ok")
+    assert faults(sim, "teacher", "unauthorized") - before[0] == 1
+    assert answered(sim, "student") == before[1]
+
+
+# -- the LiteLLM route of cloud models (no api_base), with LiteLLM's OpenAI provider pointed at the simulator
+
+
+@pytest.fixture
+def cloud(sim: SimServer, monkeypatch: pytest.MonkeyPatch) -> Endpoint:
+    """`openai/gpt-4o-mini` as a cloud teacher: LiteLLM speaks to it over HTTP at $OPENAI_API_BASE."""
+    monkeypatch.setenv("OPENAI_API_BASE", sim.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    return Endpoint(id="openai/gpt-4o-mini|", model="openai/gpt-4o-mini", label="openai/gpt-4o-mini", retries=1)
+
+
+def test_a_cloud_model_goes_through_litellm_and_is_priced_by_its_cost_map(sim: SimServer, cloud: Endpoint) -> None:
+    import litellm
+
+    async def scenario() -> GatewayCore:
+        gateway = GatewayCore([cloud], None)
+        response = await gateway.complete("t", cloud.id, body("cloud1"))
+        assert response["choices"][0]["message"]["content"]
+        await gateway.close()
+        return gateway
+
+    before = answered(sim, "gpt-4o-mini")
+    stats = run(scenario()).trial_stats("t")
+    assert answered(sim, "gpt-4o-mini") - before == 1, "the call reached the endpoint over HTTP"
+    prompt, completion = litellm.cost_per_token(
+        model="gpt-4o-mini", prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens
+    )
+    assert stats.prompt_tokens > 0 and prompt + completion > 0
+    assert stats.cost_usd == pytest.approx(prompt + completion)
+    assert stats.by_model == {"openai/gpt-4o-mini": 1}
+
+
+def test_litellm_errors_are_retried_once_each_and_fall_back(sim: SimServer, cloud: Endpoint) -> None:
+    """503 and 429 through LiteLLM: no retry hidden inside LiteLLM or the OpenAI client (two sends for
+    retries=1), then the call goes to the fallback; LiteLLM's 429 still pauses the endpoint."""
+    sim.set_faults("error503", count=2, model="gpt-4o-mini")
+    sim.set_faults("rate_limit", count=2, model="gpt-4o-mini", retry_after=0.2, append=True)
+    backup = Endpoint(id="sim/student|", model="student", api_bases=(sim.base_url,), label="sim/student")
+
+    async def scenario() -> GatewayCore:
+        gateway = GatewayCore([cloud, backup], None)
+        for question in ("cloud2", "cloud3"):
+            await gateway.complete("t", cloud.id, body(question), fallbacks=(backup.id,))
+        await gateway.close()
+        return gateway
+
+    before = (faults(sim, "gpt-4o-mini", "error503"), faults(sim, "gpt-4o-mini", "rate_limit"))
+    try:
+        stats = run(scenario()).trial_stats("t")
+    finally:
+        sim.set_faults("ok")
+    assert faults(sim, "gpt-4o-mini", "error503") - before[0] == 2
+    assert faults(sim, "gpt-4o-mini", "rate_limit") - before[1] == 2
+    assert (stats.retries, stats.gave_up, stats.fell_back, stats.failed) == (2, 2, 2, 0)
+    assert stats.by_model == {"sim/student": 2}

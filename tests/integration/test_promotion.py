@@ -115,6 +115,8 @@ def test_concurrent_promotions_end_with_the_better_program(
         faults_injected=1,
         faults_survived=int(not errors and champion.tags["trial"] == "better"),
         duplicate_versions=versions - 3,
+        promotions=3,
+        versions_created=versions,
     )
     assert errors == []
     assert champion.tags["trial"] == "better"
@@ -215,7 +217,9 @@ def test_promotion_survives_a_tracking_server_restart(
         server.stop(signal.SIGKILL)  # the server dies mid-promotion ...
         time.sleep(3.0)
         server.start()  # ... and comes back on the same port and store
+        back = time.monotonic()
         thread.join(timeout=300)
+        recovery_s = time.monotonic() - back  # from the server's return to the promotion's end
         versions = MlflowClient(server.url).search_model_versions(f"name = '{model}'")
         survived = bool(outcome) and not isinstance(outcome[0], Exception) and len(versions) == 1
         if survived:
@@ -226,6 +230,9 @@ def test_promotion_survives_a_tracking_server_restart(
             faults_injected=1,
             faults_survived=int(survived),
             duplicate_versions=max(len(versions) - 1, 0),
+            promotions=1,
+            versions_created=len(versions),
+            recovery_s=recovery_s,
         )
         assert outcome and not isinstance(outcome[0], Exception), outcome
         assert len(versions) == 1, "never two versions for one promotion"
@@ -256,6 +263,8 @@ def test_an_unwritable_artifact_store_fails_cleanly_and_registers_nothing(tmp_pa
         faults_injected=1,
         faults_survived=int(clean and not versions),
         duplicate_versions=len(versions),
+        promotions=1,
+        versions_created=len(versions),
     )
     assert clean, str(error.value)
     assert versions == [], "never a registered version without its artifacts"

@@ -113,8 +113,10 @@ def ray_head() -> Iterator[RayHead]:
         **OFFLINE,
         **auth,
         "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's entrypoint is this venv's `sweep`
+        # As a user meets it: `.venv/bin/ray start` with no activated venv, so `sweep` is not on the head's PATH.
+        "PATH": os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != BIN),
     }
+    env.pop("VIRTUAL_ENV", None)
     env.pop("RAY_ADDRESS", None)
     cmd = [
         str(BIN / "ray"),
@@ -194,6 +196,18 @@ def test_bad_address_and_unknown_job_are_one_line_errors(ray_head: RayHead) -> N
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (args, run.stderr)
 
 
+def test_a_client_without_the_token_gets_one_line_naming_it(ray_head: RayHead, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    commands = [["status", "sweep-demo-00000000", "--address", ray_head.dashboard]]
+    commands.append(["submit", "sweeps/demo.yaml", "--address", ray_head.dashboard])
+    for args, run in zip(commands, sweep_in_parallel(commands, env)):
+        assert run.returncode == 2, (args, run.stdout, run.stderr)
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and "RAY_AUTH_MODE=token" in lines[0] and "RAY_AUTH_TOKEN" in lines[0], run.stderr
+        assert "Traceback" not in run.stderr and ray_head.env["RAY_AUTH_TOKEN"] not in run.stderr
+
+
 @pytest.mark.reliability
 def test_submit_follow_runs_the_sweep_as_a_ray_job(ray_head: RayHead, mlflow_server: str, reliability) -> None:
     canary = "sk-canary-" + os.urandom(8).hex()
@@ -230,9 +244,8 @@ def test_submit_follow_runs_the_sweep_as_a_ray_job(ray_head: RayHead, mlflow_ser
     info = client.get_job_info(job_id)
     assert info.status.value == "SUCCEEDED"
     assert info.driver_info is not None  # `sweep run` joined this cluster (it did not start a Ray of its own)
-    assert info.entrypoint == shlex.join(
-        ["sweep", "run", "sweeps/demo.yaml", *(a for o in OVERRIDES for a in ("--set", o))]
-    )
+    run_args = shlex.join(["run", "sweeps/demo.yaml", *(a for o in OVERRIDES for a in ("--set", o))])
+    assert info.entrypoint.endswith(f"-P -m dspy_sweeps.cli.main {run_args}")  # not `sweep`: not on the head's PATH
     assert info.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == mlflow_server
     assert info.runtime_env["working_dir"].startswith("gcs://") and len(info.runtime_env["py_modules"]) == 1
     assert info.metadata["dspy_sweeps.secrets"] == "SWEEP_CANARY"  # the name, for the record; never the value

@@ -136,6 +136,15 @@ def test_error500_counts_down_then_answers_normally(sim: SimServer) -> None:
     assert metric(sim, 'sim_faults_total{model_name="student",mode="error500"}') == after["faults"]["error500"]
 
 
+def test_error503_answers_service_unavailable_and_is_counted(sim: SimServer) -> None:
+    before = counters(sim)["faults"]["error503"]
+    sim.set_faults("error503", count=1)
+    status, _, body = chat(sim)
+    assert status == 503 and "overloaded or down" in body["error"]["message"]
+    assert counters(sim)["faults"]["error503"] - before == 1
+    assert chat(sim)[0] == 200
+
+
 def test_rate_limit_sends_retry_after_and_an_openai_error(sim: SimServer) -> None:
     status, _, state = http(f"{sim.root_url}/sim/faults", {"mode": "rate_limit", "count": 1, "retry_after": 2})
     assert status == 200 and json.loads(state)["faults"][0]["retry_after"] == 2.0

@@ -275,3 +275,42 @@ def test_invalid_values_name_their_field(sweep_file: SweepFile, changes: dict, e
 def test_missing_required_field_is_named(sweep_file: SweepFile) -> None:
     path = sweep_file(remove=["metric"])
     assert error_of(path) == f"{path}: metric: required field is missing"
+
+
+# --- retries and fallbacks ------------------------------------------------------------------
+
+
+def test_retries_default_to_four_within_a_minute_and_fallbacks_load_in_order(sweep_file: SweepFile) -> None:
+    backups = [{"name": "b1", "model": "openai/gpt-4o-mini", "retries": 1}, {"name": "b2", "model": "sim/student"}]
+    sweep = load_sweep(sweep_file({"teachers": [{"name": "t", "model": "sim/teacher", "fallbacks": backups}]}))
+    teacher = sweep.teachers[0]
+    assert (teacher.retries, teacher.max_retry_s) == (4, 60.0)
+    assert [(f.model, f.retries) for f in teacher.fallbacks] == [("openai/gpt-4o-mini", 1), ("sim/student", 4)]
+    assert [where for where, _ in sweep.roles()] == [
+        "students.0",
+        "teachers.0",
+        "teachers.0.fallbacks.0",
+        "teachers.0.fallbacks.1",
+    ]
+    assert [m.model for m in sweep.models][-2:] == ["openai/gpt-4o-mini", "sim/student"]
+
+
+@pytest.mark.parametrize(
+    ("teacher", "expected"),
+    [
+        ({"retries": -1}, "teachers.0.retries: Input should be greater than or equal to 0"),
+        ({"max_retry_s": 0}, "teachers.0.max_retry_s: Input should be greater than 0"),
+        ({"fallbacks": [{"model": "sim/student"}]}, "teachers.0.fallbacks.0.name: required field is missing"),
+        ({"fallbacks": [{"name": "b", "model": "sim/student", "retry": 2}]}, "did you mean 'retries'?"),
+        (
+            {"fallbacks": [{"name": "b", "model": "sim/a", "fallbacks": [{"name": "c", "model": "sim/b"}]}]},
+            "teachers.0.fallbacks.0.fallbacks: a fallback has none of its own; list them all in order",
+        ),
+        (
+            {"fallbacks": [{"name": "b", "model": "openai/x", "serve": {"engine": "sim", "model": "x"}}]},
+            "teachers.0.fallbacks.0.serve: a fallback is not served by the sweep",
+        ),
+    ],
+)
+def test_bad_retry_and_fallback_settings_name_their_field(sweep_file: SweepFile, teacher: dict, expected: str) -> None:
+    assert expected in error_of(sweep_file({"teachers": [{"name": "t", "model": "sim/teacher", **teacher}]}))

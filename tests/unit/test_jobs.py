@@ -27,10 +27,44 @@ def request(*overrides: str, secrets: tuple[str, ...] = (), env: dict[str, str] 
 def test_entrypoint_is_a_shell_quoted_sweep_run_relative_to_the_project() -> None:
     req = request("optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]", "seeds=[0, 1]")
     assert req.entrypoint == (
-        "sweep run sweeps/demo.yaml --set 'optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]' "
-        "--set 'seeds=[0, 1]'"
+        f"{jobs.WORKER_PYTHON} run sweeps/demo.yaml "
+        "--set 'optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]' --set 'seeds=[0, 1]'"
     )
     assert req.sweep == "demo" and req.project_dir == REPO
+
+
+def test_entrypoint_runs_with_the_python_of_rays_workers_without_sweep_on_path(tmp_path: Path) -> None:
+    """Ray's process tree in small: a "raylet" whose command line names the workers' Python (this
+    venv's), a "job supervisor" child that runs the entrypoint in a shell, with a PATH lacking the venv."""
+    import subprocess
+
+    entrypoint = request("data.source=datasets/none.parquet").entrypoint  # `sweep run` refuses it before any LM call
+    supervisor = f"import subprocess, sys; sys.exit(subprocess.run({entrypoint!r}, shell=True).returncode)"
+    raylet = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)"
+    worker_command = f"--python_worker_command={sys.executable} setup_worker.py default_worker.py"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DSPY_SWEEPS_STATE": str(tmp_path / "state")}
+    run = subprocess.run(
+        [sys.executable, "-c", raylet, supervisor, worker_command],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == "error: data.source: no such file 'datasets/none.parquet'", run.stderr
+
+
+def test_a_token_authenticated_head_refusing_the_client_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.exceptions import AuthenticationError
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-secret-123")
+    with pytest.raises(SweepError) as caught, jobs._talking_to("http://head:8265"):
+        raise AuthenticationError("Authentication required: Unauthorized: Missing authentication token")
+    message = str(caught.value)
+    assert message.startswith("--address http://head:8265: the Ray cluster refused this client")
+    assert "RAY_AUTH_MODE=token" in message and "RAY_AUTH_TOKEN" in message and "\n" not in message
+    assert "tok-secret-123" not in message
 
 
 def test_named_secrets_and_the_sweeps_key_variables_go_as_secrets_never_as_env_vars() -> None:
@@ -176,7 +210,9 @@ def test_keys_in_the_projects_dotenv_travel_as_secrets(tmp_path: Path, monkeypat
     req = jobs.job_request(
         tmp_path / "sweeps" / "x.yaml", [CLOUD_TEACHER, "teachers.0.api_key_env=TEACHER_KEY"], project_dir=tmp_path
     )
-    assert req.secrets["TEACHER_KEY"] == "sk-from-dotenv" and req.entrypoint.startswith("sweep run sweeps/x.yaml ")
+    assert req.secrets["TEACHER_KEY"] == "sk-from-dotenv" and req.entrypoint.startswith(
+        f"{jobs.WORKER_PYTHON} run sweeps/x.yaml "
+    )
 
 
 def test_an_actor_holding_secrets_exports_them_before_its_own_constructor(monkeypatch: pytest.MonkeyPatch) -> None:
