@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.data import Dataset
-from dspy_sweeps.lm.engine import build_gateway_lm
+from dspy_sweeps.lm.engine import build_gateway_embedder, build_gateway_lm
 from dspy_sweeps.run.trial import TrialLMs, TrialResult, run_trial
 from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.state import State
@@ -38,7 +38,7 @@ def execute_trial(trial_id: str, ctx: TrialContext) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     attempt = _next_attempt(workdir)
     try:
-        result = run_trial(trial, ctx.data, TrialLMs(student, teacher), workdir)
+        result = run_trial(trial, ctx.data, TrialLMs(student, teacher, _embedder(ctx, trial)), workdir)
     except Exception as exc:
         result = failed(trial_id, exc, budget_spent=ray.get(ctx.gateway.exhausted.remote()))
     stats = ray.get(ctx.gateway.trial_stats.remote(trial_id))
@@ -85,6 +85,14 @@ def failed(trial_id: str, exc: BaseException, budget_spent: bool) -> TrialResult
     if isinstance(exc, (EndpointFailure, *lm_call_errors())):
         return TrialResult(trial_id, "failed", error=message, reason="endpoint")
     return TrialResult(trial_id, "failed", error=message, reason="error")
+
+
+def _embedder(ctx: TrialContext, trial: Trial) -> Any:
+    if trial.embedder is None:
+        return None
+    return build_gateway_embedder(
+        trial.embedder, ctx.gateway, ctx.endpoint_ids[trial.embedder.model_dump_json()], trial.id
+    )
 
 
 def _lm(ctx: TrialContext, spec: Any, trial_id: str) -> Any:
