@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.spec.kinds import Kind, kind_of
-from dspy_sweeps.spec.optimizers import BoundSettings, Signatures, bind_settings, optimizer_class
-
-TEACHER_LMS = ("teacher_settings", "prompt_model", "reflection_lm")
+from dspy_sweeps.spec.optimizers import BoundSettings, Signatures, bind_settings, optimizer_class, role_params
 
 
 @dataclass(frozen=True)
@@ -61,15 +59,9 @@ def compile_with(name: str, settings: dict[str, Any], program: Any, supplies: Su
 def _arguments(kind: Kind, signatures: Signatures, supplies: Supplies, program: Any) -> tuple[dict, dict]:
     """Every role parameter the optimizer's signatures name, split between constructor and compile."""
     values = _role_values(kind, supplies, program)
-    lm_teacher = any(signatures.has(p) for p in TEACHER_LMS)
     init, compile_args = {}, {}
-    for param, value in values.items():
-        if param in kind.skip or (param == "teacher" and lm_teacher):
-            continue
-        if param in signatures.init:
-            init[param] = value()
-        if param in signatures.compile:
-            compile_args[param] = value()
+    for param, where in role_params(kind, signatures):
+        (init if where == "init" else compile_args)[param] = values[param]()
     return init, compile_args
 
 

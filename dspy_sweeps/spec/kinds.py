@@ -85,7 +85,9 @@ KINDS: dict[str, Kind] = {
             note="needs `k` and `embedder:`; bootstraps on the k nearest train examples at every call, with the "
             "student (as the deployed program will)",
         ),
-        Kind("mipro_v2", "dspy:MIPROv2"),
+        Kind(
+            "mipro_v2", "dspy:MIPROv2", skip=("log_dir",), note="`log_dir` is left unset: it would save every candidate"
+        ),
         Kind("copro", "dspy:COPRO", note="`breadth` > 1"),
         Kind("simba", "dspy:SIMBA", note="`bsize` at most the train split"),
         Kind("gepa", "dspy:GEPA", feedback_metric=True, note="the metric is wrapped into a feedback metric"),

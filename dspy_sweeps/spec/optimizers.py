@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dspy_sweeps.errors import SweepError
-from dspy_sweeps.spec.kinds import BASELINE, PLATFORM_PARAMS, Kind, kind_of, weight_training_refusal
+from dspy_sweeps.spec.kinds import BASELINE, KINDS, PLATFORM_PARAMS, ROLES, Kind, kind_of, weight_training_refusal
 
 DEFAULT_STRATEGY = "p -> w -> p"  # BetterTogether's own default
+TEACHER_LMS = ("teacher_settings", "prompt_model", "reflection_lm")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,38 @@ class Signatures:
 
     def has(self, param: str) -> bool:
         return param in self.init or param in self.compile
+
+
+def role_params(kind: Kind, signatures: Signatures) -> list[tuple[str, str]]:
+    """(parameter, "init" | "compile") for every role parameter the optimizer takes and the platform fills.
+
+    The teacher program goes only to an optimizer with no parameter for the teacher LM; a kind's
+    `skip` leaves parameters alone (see spec/kinds.py)."""
+    lm_teacher = any(signatures.has(p) for p in TEACHER_LMS)
+    found = []
+    for param in (p for role in ROLES for p in role.params):
+        if param in kind.skip or (param == "teacher" and lm_teacher):
+            continue
+        found += [
+            (param, where)
+            for where, params in (("init", signatures.init), ("compile", signatures.compile))
+            if param in params
+        ]
+    return found
+
+
+def roles_table() -> str:
+    """The README's table: each kind and the parameters its roles reach (read from DSPy's signatures)."""
+    lines = ["| kind | DSPy class | the platform supplies | notes |", "| --- | --- | --- | --- |"]
+    for kind in KINDS.values():
+        if kind.trains_weights:
+            supplied = "-"
+        else:
+            params = role_params(kind, Signatures.of(kind))
+            supplied = ", ".join(f"`{p}`" if w == "init" else f"`compile({p})`" for p, w in params)
+        metric = " (as a feedback metric)" if kind.feedback_metric else ""
+        lines.append(f"| `{kind.name}` | {kind.class_name} | {supplied}{metric} | {kind.note} |")
+    return "\n".join(lines) + "\n"
 
 
 def bind_settings(kind: str, settings: dict[str, Any], where: str = "optimizers") -> BoundSettings:
