@@ -177,3 +177,31 @@ def test_a_refused_key_is_an_auth_error_without_retries(sim: SimServer, tmp_path
         run(scenario())
     finally:
         sim.set_faults("ok")
+
+
+def test_embeddings_go_through_the_gateway_cached_and_counted(sim: SimServer, tmp_path: Path) -> None:
+    from dspy_sweeps.lm.gateway import EMBEDDINGS
+
+    texts = {"input": ["What is 2 plus 2?", "What is 2 plus 3?", "Name a colour."]}
+
+    async def scenario(cache: str) -> tuple[dict, GatewayCore]:
+        gateway = GatewayCore([endpoint(sim)], cache)
+        response = await gateway.complete("knn", "sim/student|", texts, EMBEDDINGS)
+        again = await gateway.complete("knn", "sim/student|", texts, EMBEDDINGS)
+        assert again == response
+        await gateway.close()
+        return response, gateway
+
+    before = metric(sim, "vllm:request_success_total")
+    response, gateway = run(scenario(str(tmp_path / "cache")))
+    assert metric(sim, "vllm:request_success_total") - before == 1, "the repeat came from the cache"
+    stats = gateway.trial_stats("knn")
+    assert (stats.requested, stats.sent, stats.cache_hits) == (2, 1, 1)
+    assert stats.prompt_tokens > 0
+    vectors = [item["embedding"] for item in sorted(response["data"], key=lambda item: item["index"])]
+    assert len(vectors) == 3 and len(vectors[0]) == 64
+
+    def dot(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2]), "texts sharing words lie closer"
