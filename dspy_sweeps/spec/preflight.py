@@ -21,10 +21,11 @@ class Prepared:
     sweep: Sweep
     data: Dataset
     trials: list[Trial]
+    ensemble_calls: int = 0  # the Ensemble trial after the others: its members scored on val and test
 
     @property
     def estimated_calls(self) -> int:
-        return sum(t.estimated_calls for t in self.trials)
+        return sum(t.estimated_calls for t in self.trials) + self.ensemble_calls
 
 
 def prepare(sweep: Sweep) -> Prepared:
@@ -40,7 +41,8 @@ def prepare(sweep: Sweep) -> Prepared:
         dataclasses.replace(t, estimated_calls=estimate_calls(t.kind, t.settings, sizes, predictors))
         for t in plan_trials(sweep)
     ]
-    prepared = Prepared(sweep, data, trials)
+    top = sweep.ensemble.top if sweep.ensemble else 0
+    prepared = Prepared(sweep, data, trials, top * (len(data.val) + len(data.test)) * predictors)
     _check_ensemble(prepared)
     _check_budget(prepared)
     _check_tracking(sweep)
