@@ -45,6 +45,6 @@ def student_endpoint(meta: dict[str, Any], state: State, api_base: str | None) -
     key = state.sim / meta["sweep"] / "answer_key.jsonl"
     if not key.is_file():
         raise SweepError(f"the student is simulated and {key} is missing: pass --api-base of a running `sweep sim`")
-    model = meta["student"]["model"].removeprefix("sim/")
-    with SimServer(key, key.parent / "ask", models=(model,), time_scale=0.01) as sim:
+    models = [m["model"].removeprefix("sim/") for m in (meta["student"], meta.get("embedder")) if m]
+    with SimServer(key, key.parent / "ask", models=tuple(models), time_scale=0.01) as sim:
         yield sim.base_url

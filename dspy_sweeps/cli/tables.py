@@ -35,6 +35,17 @@ def plan_table(prepared: Prepared) -> Table:
         usd = None if None in price else t.estimated_calls * max(price)
         total = None if usd is None or total is None else total + usd
         table.add_row(t.id, t.label, t.student.name, teacher, str(t.seed), f"{t.estimated_calls:,}", _usd(usd))
+    if prepared.sweep.ensemble is not None:  # its calls are mostly served from the cache: an upper estimate
+        spec = prepared.sweep.ensemble
+        table.add_row(
+            "ensemble",
+            f"ensemble(top={spec.top}, reduce={spec.reduce})",
+            "best",
+            "-",
+            "-",
+            f"{prepared.ensemble_calls:,}",
+            "?",
+        )
     budget = prepared.sweep.budget
     table.caption = (
         f"about {prepared.estimated_calls:,} LM calls and {_usd(total)} in all "

@@ -45,6 +45,19 @@ def build_lm(spec: ModelSpec, cache: bool = True) -> Any:
     return dspy.LM(spec.model, cache=cache, **kwargs)
 
 
+def build_embedder(spec: ModelSpec) -> Any:
+    """A dspy.Embedder for a resolved embedder spec (LiteLLM's embedding call); the key is read at the last moment."""
+    import dspy
+
+    kwargs: dict[str, Any] = {}
+    if spec.api_key_env:
+        kwargs["api_key"] = _key(spec)
+    if spec.api_bases:
+        kwargs["api_base"] = spec.api_bases[0]
+        kwargs.setdefault("api_key", NO_KEY)
+    return dspy.Embedder(spec.model, **kwargs)
+
+
 def _key(spec: ModelSpec) -> str:
     key = os.environ.get(spec.api_key_env or "")
     if not key:

@@ -24,6 +24,33 @@ def build_gateway_lm(spec: ModelSpec, gateway: Any, chain: tuple[str, ...], tria
     return dspy.LM(spec.model, engine=engine, cache=False, num_retries=0, **kwargs)
 
 
+def build_gateway_embedder(spec: ModelSpec, gateway: Any, endpoint_id: str, trial_id: str) -> Any:
+    """A dspy.Embedder whose requests go to the model's /embeddings through the gateway (cached, counted)."""
+    import dspy
+
+    return dspy.Embedder(GatewayEmbeddings(gateway, endpoint_id, trial_id), caching=False)
+
+
+class GatewayEmbeddings:
+    """The callable behind a dspy.Embedder: a batch of texts in, one vector per text out."""
+
+    def __init__(self, gateway: Any, endpoint_id: str, trial_id: str) -> None:
+        self.gateway, self.endpoint_id, self.trial_id = gateway, endpoint_id, trial_id
+
+    def __call__(self, texts: list[str]) -> list[list[float]]:
+        import ray
+
+        from dspy_sweeps.lm.gateway import EMBEDDINGS
+
+        try:
+            body = ray.get(
+                self.gateway.complete.remote(self.trial_id, self.endpoint_id, {"input": texts}, route=EMBEDDINGS)
+            )
+        except ray.exceptions.RayTaskError as exc:
+            raise lm_error(exc.cause) from None
+        return [item["embedding"] for item in sorted(body["data"], key=lambda item: item["index"])]
+
+
 class GatewayEngine:
     """DSPy 3.4 engine (`complete(Request) -> Response`) that hands each request to the gateway actor."""
 

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 Body = dict[str, Any]
+CHAT, EMBEDDINGS = "chat/completions", "embeddings"  # the OpenAI routes the gateway speaks
 REPLICA_COOLDOWN_S = 5.0  # a replica that refused or dropped a connection gets no requests for this long
 BACKOFF_S = 0.5  # the first retry's wait when the endpoint names none (Retry-After); it doubles per retry
 # Failures worth another send, and worth the next model of the chain once the retries are spent;
@@ -141,15 +142,18 @@ class GatewayCore:
 
     # -- the call path -------------------------------------------------------------------
 
-    async def complete(self, trial_id: str, endpoint_id: str, body: Body, fallbacks: tuple[str, ...] = ()) -> Body:
-        """An OpenAI chat-completions response for `body`, from cache, a merged call or the endpoint;
-        when `endpoint_id` fails past its retries, from the first of `fallbacks` that answers."""
+    async def complete(
+        self, trial_id: str, endpoint_id: str, body: Body, fallbacks: tuple[str, ...] = (), route: str = CHAT
+    ) -> Body:
+        """An OpenAI chat-completions (or, with `route=EMBEDDINGS`, embeddings) response for `body`,
+        from cache, a merged call or the endpoint; when `endpoint_id` fails past its retries, from
+        the first of `fallbacks` that answers."""
         stats = self.stats.setdefault(trial_id, CallStats())
         stats.requested += 1
         chain = (endpoint_id, *fallbacks)
         for position, current in enumerate(chain):
             try:
-                response = await self._complete_on(trial_id, self.endpoints[current], body, stats)
+                response = await self._complete_on(trial_id, self.endpoints[current], body, stats, route)
             except GatewayError as exc:
                 if exc.kind not in PASSING or position == len(chain) - 1:
                     stats.failed += exc.kind != "budget"  # a call the budget refused was never made
@@ -161,10 +165,12 @@ class GatewayCore:
             return response
         raise AssertionError("unreachable: the chain has at least one endpoint")
 
-    async def _complete_on(self, trial_id: str, state: _EndpointState, body: Body, stats: CallStats) -> Body:
+    async def _complete_on(
+        self, trial_id: str, state: _EndpointState, body: Body, stats: CallStats, route: str = CHAT
+    ) -> Body:
         if state.refused is not None:
             raise state.refused
-        key = self._request_key(trial_id, state.endpoint.id, body)
+        key = self._request_key(trial_id, state.endpoint.id, body if route == CHAT else {"route": route, "body": body})
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             stats.cache_hits += 1
             return hit
@@ -176,7 +182,7 @@ class GatewayCore:
         self.pending[key] = future
         self.sending += 1
         try:
-            response = await self._send(state, body, stats)
+            response = await self._send(state, body, stats, route)
             if self.cache is not None:
                 self.cache.set(key, response)
             future.set_result(response)
@@ -201,7 +207,7 @@ class GatewayCore:
         self.draws[(trial_id, key)] = draw + 1
         return _key(endpoint_id, {"body": body, "trial": trial_id, "draw": draw})
 
-    async def _send(self, state: _EndpointState, body: Body, stats: CallStats) -> Body:
+    async def _send(self, state: _EndpointState, body: Body, stats: CallStats, route: str = CHAT) -> Body:
         """At most `retries + 1` sends; after the first failure, each retry must start and end
         within `max_retry_s`, so a logical call never outlives its first send by more."""
         endpoint = state.endpoint
@@ -211,7 +217,7 @@ class GatewayCore:
                 stats.retries += 1
             left = endpoint.timeout_s if deadline is None else max(deadline - time.monotonic(), 0.1)
             try:
-                return await self._send_once(state, body, stats, min(endpoint.timeout_s, left))
+                return await self._send_once(state, body, stats, min(endpoint.timeout_s, left), route)
             except GatewayError as exc:
                 if exc.kind == "auth":
                     state.refused = exc
@@ -232,12 +238,14 @@ class GatewayCore:
                     await asyncio.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _send_once(self, state: _EndpointState, body: Body, stats: CallStats, timeout_s: float) -> Body:
+    async def _send_once(
+        self, state: _EndpointState, body: Body, stats: CallStats, timeout_s: float, route: str = CHAT
+    ) -> Body:
         await self._admit(state, body)
         async with state.slots:
             start = self._occupy(state)
             try:
-                response, cost = await self._post(state, body, timeout_s)
+                response, cost = await self._post(state, body, timeout_s, route)
             finally:
                 elapsed = self._release(state, start)
         usage = response.get("usage") or {}
@@ -286,13 +294,13 @@ class GatewayCore:
             state.busy_s += now - (state.busy_since or now)
         return now - start
 
-    async def _post(self, state: _EndpointState, body: Body, timeout_s: float) -> tuple[Body, float]:
+    async def _post(self, state: _EndpointState, body: Body, timeout_s: float, route: str = CHAT) -> tuple[Body, float]:
         if not state.endpoint.api_bases:
-            return await _litellm_call(state.endpoint, body, timeout_s)
+            return await _litellm_call(state.endpoint, body, timeout_s, route)
         base = _pick_replica(state)
         state.in_flight[base] += 1
         try:
-            return await self._http_call(state.endpoint, base, body, timeout_s), 0.0
+            return await self._http_call(state.endpoint, base, body, timeout_s, route), 0.0
         except GatewayError as exc:
             if exc.kind == "transport":
                 # A dead replica fails fast, so least-loaded would pick it again and again; skip it
@@ -302,7 +310,7 @@ class GatewayCore:
         finally:
             state.in_flight[base] -= 1
 
-    async def _http_call(self, endpoint: Endpoint, base: str, body: Body, timeout_s: float) -> Body:
+    async def _http_call(self, endpoint: Endpoint, base: str, body: Body, timeout_s: float, route: str = CHAT) -> Body:
         import aiohttp
 
         if self.session is None:
@@ -312,14 +320,14 @@ class GatewayCore:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with self.session.post(
-                f"{base.rstrip('/')}/chat/completions",
+                f"{base.rstrip('/')}/{route}",
                 json={**body, "model": endpoint.model},
                 headers=headers,
                 timeout=timeout,
             ) as response:
                 text = await response.text()
                 if response.status == 200:
-                    return _parse_completion(text, endpoint)
+                    return _parse_completion(text, endpoint, route)
                 if _kind(response.status) == "auth":
                     variable = endpoint.api_key_env or "no key variable (api_key_env is not set)"
                     raise GatewayError(
@@ -419,23 +427,27 @@ def _seconds(value: str | None) -> float | None:
         return None
 
 
-def _parse_completion(text: str, endpoint: Endpoint) -> Body:
+def _parse_completion(text: str, endpoint: Endpoint, route: str = CHAT) -> Body:
     try:
         body = json.loads(text)
-        body["choices"][0]["message"]
+        if route == CHAT:
+            body["choices"][0]["message"]
+        else:
+            [float(x) for item in body["data"] for x in item["embedding"]]
     except (ValueError, KeyError, IndexError, TypeError):
         raise GatewayError("server", f"{endpoint.model}: the endpoint answered with a malformed completion") from None
     return body
 
 
-async def _litellm_call(endpoint: Endpoint, body: Body, timeout_s: float) -> tuple[Body, float]:
+async def _litellm_call(endpoint: Endpoint, body: Body, timeout_s: float, route: str = CHAT) -> tuple[Body, float]:
     """A cloud model: LiteLLM speaks the provider's protocol and prices the call from its cost map."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
 
     kwargs = {"api_key": os.environ[endpoint.api_key_env]} if endpoint.api_key_env else {}
     try:
-        response = await litellm.acompletion(model=endpoint.model, num_retries=0, timeout=timeout_s, **kwargs, **body)
+        call = litellm.acompletion if route == CHAT else litellm.aembedding
+        response = await call(model=endpoint.model, num_retries=0, timeout=timeout_s, **kwargs, **body)
     except litellm.RateLimitError as exc:
         raise GatewayError("rate_limit", f"{endpoint.model}: rate limited", 429, _retry_after(exc)) from None
     except litellm.AuthenticationError:

@@ -76,6 +76,7 @@ def run_sweep(
             endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
             trackers = opening.result()
             records = _run_trials(prepared, state, endpoints, trackers, console, resume, hosts)
+            records += _ensemble(prepared, state, endpoints, trackers, records, console)
             decision = _promote(prepared, records, trackers, state, resolved) if sweep.promote else None
             trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")
     return SweepOutcome(records, decision)
@@ -229,6 +230,27 @@ def _trial_id(trial: Trial) -> str:
     return trial.id
 
 
+def _ensemble(
+    prepared: Prepared, state: State, endpoints: dict[str, Any], trackers: Trackers, records: list, console: Console
+) -> list[TrialRecord]:
+    """The Ensemble trial (run/ensemble.py), saved and tracked like the others; none without `ensemble:`."""
+    from dspy_sweeps.run.ensemble import ensemble_trial, run_ensemble
+
+    planned = ensemble_trial(prepared, records)
+    if planned is None:
+        return []
+    trial, members = planned
+    result = run_ensemble(prepared, trial, members, sum(r.lm_calls for r in records), endpoints, state)
+    path = _save_program(state, prepared.sweep.name, trial.id, result)
+    record = TrialRecord.of(prepared.sweep.name, trial, result, path, prepared.data.fingerprint)
+    write_records(state.results(prepared.sweep.name), [*records, record])
+    record = dataclasses.replace(record, mlflow_run_id=trackers.log_trial(trial, record, result), tracked=True)
+    write_records(state.results(prepared.sweep.name), [*records, record])
+    status = f"{record.val_score:.3f}" if record.status == "ok" else f"[red]{record.status}[/]: {record.error}"
+    console.print(f"  {trial.id}  val {status}")
+    return [record]
+
+
 def _finished(state: State, prepared: Prepared) -> list[TrialRecord]:
     """For --resume: the trials of this plan that already finished (or were pruned) on the same data;
     for a search, every such trial of the sweep (its study knows which points they were)."""
@@ -271,11 +293,12 @@ def _promote(
     student = resolved[next(s for s in sweep.students if s.model == winner.student).model_dump_json()]
 
     def rescore(program_json: str) -> float:
-        from dspy_sweeps.lm.build import build_lm
+        from dspy_sweeps.lm.build import build_embedder, build_lm
         from dspy_sweeps.run.trial import evaluate, to_examples
         from dspy_sweeps.spec.imports import load_object
 
-        champion = restore_program(sweep.program, program_json)
+        embedder = build_embedder(resolved[sweep.embedder.model_dump_json()]) if sweep.embedder else None
+        champion = restore_program(sweep.program, program_json, embedder)
         champion.set_lm(build_lm(student))
         metric = load_object(sweep.metric, "metric")
         return evaluate(

@@ -13,7 +13,6 @@ loser on test would spend what pruning saved).
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ from typing import Any
 
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.run.events import NoEvents, TrialEvents
+from dspy_sweeps.run.optimize import Supplies, compile_with
 from dspy_sweeps.spec.imports import build_program, load_object
-from dspy_sweeps.spec.optimizers import bind_settings, optimizer_class
+from dspy_sweeps.spec.kinds import BASELINE
 from dspy_sweeps.spec.plan import Trial
 
 
@@ -31,6 +31,7 @@ from dspy_sweeps.spec.plan import Trial
 class TrialLMs:
     student: Any
     teacher: Any
+    embedder: Any = None  # a dspy.Embedder on the sweep's embedder model, for kinds that take one
 
 
 @dataclass
@@ -134,51 +135,22 @@ def compile_program(
     workdir: Path,
     guard: Callable[[Callable], Callable] = lambda metric: metric,
 ) -> Any:
-    """Compile with the trial's optimizer; the teacher bootstraps, proposes and reflects.
-    `guard` wraps the metric the optimizer gets (it stops a pruned trial at its next evaluation)."""
-    if trial.kind == "none":
+    """Compile with the trial's optimizer; the table of roles (spec/kinds.py) says who gets what."""
+    if trial.kind == BASELINE:
         return program
-    bound = bind_settings(trial.kind, trial.settings)
-    cls = optimizer_class(trial.kind)
-    teacher_settings = {"lm": lms.teacher}
-    if trial.kind == "bootstrap_fewshot":
-        trainset = random.Random(trial.seed).sample(trainset, len(trainset))
-        optimizer = cls(metric=guard(metric), teacher_settings=teacher_settings, **bound.init)
-        return optimizer.compile(program, trainset=trainset, **bound.compile)
-    if trial.kind == "mipro_v2":
-        optimizer = cls(
-            metric=guard(metric),
-            prompt_model=lms.teacher,
-            task_model=lms.student,
-            teacher_settings=teacher_settings,
-            seed=trial.seed,
-            num_threads=trial.num_threads,
-            **bound.init,
-        )
-        return optimizer.compile(program, trainset=trainset, valset=valset, **bound.compile)
-    optimizer = cls(
-        metric=guard(feedback_metric(metric)),
-        reflection_lm=lms.teacher,
+    supplies = Supplies(
+        metric=guard(metric),
+        metric_path=trial.metric,
+        student=lms.student,
+        teacher=lms.teacher,
+        trainset=trainset,
+        valset=valset,
         seed=trial.seed,
-        num_threads=trial.num_threads,
-        log_dir=str(workdir / "gepa"),
-        **bound.init,
+        threads=trial.num_threads,
+        log_dir=workdir,
+        embedder=lms.embedder,
     )
-    return optimizer.compile(program, trainset=trainset, valset=valset, **bound.compile)
-
-
-def feedback_metric(metric: Callable) -> Callable:
-    """Wrap a plain metric into GEPA's (gold, pred, trace, pred_name, pred_trace) -> score+feedback."""
-    import dspy
-
-    def gepa_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
-        score = float(metric(gold, pred, trace))
-        expected = {k: v for k, v in gold.items() if k not in gold.inputs().keys()}
-        got = {k: pred.get(k) for k in expected}
-        feedback = "Correct." if score >= 1.0 else f"Incorrect: expected {expected}, got {got}."
-        return dspy.Prediction(score=score, feedback=feedback)
-
-    return gepa_metric
+    return compile_with(trial.kind, trial.settings, program, supplies)
 
 
 class EndpointFailure(Exception):

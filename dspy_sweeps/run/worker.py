@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.data import Dataset
-from dspy_sweeps.lm.engine import build_gateway_lm
+from dspy_sweeps.lm.engine import build_gateway_embedder, build_gateway_lm
 from dspy_sweeps.run.events import Pruned
 from dspy_sweeps.run.progress import TrialStream
 from dspy_sweeps.run.trial import TrialLMs, TrialResult, run_trial
@@ -64,7 +64,7 @@ def execute_trial(trial: Trial, ctx: TrialContext, channel: Any) -> TrialResult:
     # once the driver has stopped the trial; see run/progress.py for how that stops the optimizer).
     events = TrialStream(trial_id, send=channel.emit)
     try:
-        result = run_trial(trial, ctx.data, TrialLMs(student, teacher), workdir, events)
+        result = run_trial(trial, ctx.data, TrialLMs(student, teacher, _embedder(ctx, trial)), workdir, events)
     except Exception as exc:
         result = failed(trial_id, exc, budget_spent=ray.get(ctx.gateway.exhausted.remote()))
     stats = ray.get(ctx.gateway.trial_stats.remote(trial_id))
@@ -116,6 +116,14 @@ def failed(trial_id: str, exc: BaseException, budget_spent: bool) -> TrialResult
     if isinstance(exc, (EndpointFailure, *lm_call_errors())):
         return TrialResult(trial_id, "failed", error=message, reason="endpoint")
     return TrialResult(trial_id, "failed", error=message, reason="error")
+
+
+def _embedder(ctx: TrialContext, trial: Trial) -> Any:
+    if trial.embedder is None:
+        return None
+    return build_gateway_embedder(
+        trial.embedder, ctx.gateway, ctx.endpoint_ids[trial.embedder.model_dump_json()], trial.id
+    )
 
 
 def _lm(ctx: TrialContext, spec: Any, trial_id: str) -> Any:

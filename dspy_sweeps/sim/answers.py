@@ -379,6 +379,19 @@ def reply(
     return _generic_sentence("text", _digest("reply", request))
 
 
+EMBEDDING_DIMENSIONS = 64
+
+
+def embed_text(text: str) -> list[float]:
+    """A unit vector hashing the text's words (a bag of words): texts that share words lie close."""
+    vector = [0.0] * EMBEDDING_DIMENSIONS
+    for word in normalise(text).lower().split():
+        digest = _digest("embed", word)
+        vector[digest % EMBEDDING_DIMENSIONS] += 1.0 if (digest >> 8) % 2 else -1.0
+    norm = sum(x * x for x in vector) ** 0.5 or 1.0
+    return [round(x / norm, 6) for x in vector]
+
+
 # Fault injection (test facility): prose that no adapter can parse — no field markers, no JSON,
 # no code fences, no field names followed by a colon.
 _GARBAGE_SENTENCES: tuple[str, ...] = (

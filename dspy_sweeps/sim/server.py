@@ -1,7 +1,7 @@
 """aiohttp server of the SIMULATED OpenAI-compatible LM endpoint (a test/demo double, not a real model).
 
 Speaks the part of vLLM's OpenAI API that DSPy and the platform use (/v1/chat/completions,
-/v1/completions, /v1/models, /health, /metrics) and models a batching GPU: at most
+/v1/completions, /v1/embeddings, /v1/models, /health, /metrics) and models a batching GPU: at most
 `max_num_seqs` requests run at once per model, the rest queue, and decoding slows as the
 batch grows. Replies come from `dspy_sweeps.sim.answers`. Every response carries the header
 `x-simulated: true`. Run with `python -m dspy_sweeps.sim --answer-key key.jsonl` or through
@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from dspy_sweeps.sim.answers import AnswerKey, garbage_reply, message_text, reply
+from dspy_sweeps.sim.answers import AnswerKey, embed_text, garbage_reply, message_text, reply
 from dspy_sweeps.sim.faults import FAULT_MODES, Fault, FaultError, FaultSchedule
 
 
@@ -363,6 +363,27 @@ async def completions(request: web.Request) -> web.Response:
     )
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    """OpenAI's /v1/embeddings: one deterministic vector per input (texts sharing words lie close)."""
+    state = request.app[STATE]
+    body = await _json_body(request)
+    engine = _engine(state, body)
+    engine.requests += 1
+    texts = body.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        engine.invalid += 1
+        raise _error(web.HTTPBadRequest, "input must be a string or a non-empty list of strings.")
+    tokens = sum(estimate_tokens(t) for t in texts)
+    start, end = await engine.generate(state.latency, 1)
+    engine.answered(body, 1, start, end)
+    engine.prompt_tokens += tokens
+    engine.successes += 1
+    data = [{"object": "embedding", "index": i, "embedding": embed_text(t)} for i, t in enumerate(texts)]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return web.json_response({"object": "list", "data": data, "model": engine.name, "usage": usage})
+
+
 async def list_models(request: web.Request) -> web.Response:
     data = [
         {"id": name, "object": "model", "created": 0, "owned_by": "dspy-sweeps-simulator"}
@@ -515,6 +536,7 @@ def create_app(
     app.on_response_prepare.append(_mark_simulated)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

@@ -48,10 +48,11 @@ def build_program(path: str) -> Any:
     return program
 
 
-def restore_program(path: str, program_json: str) -> Any:
-    """The program at `path` with a saved JSON state loaded into it (DSPy's load_state: no pickle)."""
+def restore_program(path: str, program_json: str, embedder: Any = None) -> Any:
+    """The program at `path` with a saved JSON state loaded into it (DSPy's load_state: no pickle);
+    an Ensemble or KNNFewShot program is rebuilt from its members' states (spec/composite.py)."""
     import json
 
-    program = build_program(path)
-    program.load_state(json.loads(program_json))
-    return program
+    from dspy_sweeps.spec.composite import restore
+
+    return restore(lambda: build_program(path), json.loads(program_json), embedder)

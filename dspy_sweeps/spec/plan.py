@@ -25,6 +25,7 @@ class Trial:
     settings: dict[str, Any] = field(default_factory=dict)
     num_threads: int = 8
     estimated_calls: int = 0
+    embedder: ModelSpec | None = None  # the sweep's embedder, for optimizers that take one
 
     @property
     def label(self) -> str:
@@ -67,7 +68,13 @@ def make_trial(
         "student": student.model_dump(exclude_none=True),
         "teacher": teacher.model_dump(exclude_none=True) if teacher else None,
     }
+    embedder = sweep.embedder if kind != "none" else None
+    if embedder is not None:
+        identity["embedder"] = embedder.model_dump(exclude_none=True)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     teacher_name = f"-{teacher.name}" if teacher and kind != "none" else ""
-    trial_id = f"{kind}-{student.name}{teacher_name}-s{seed}-{digest}"
-    return Trial(trial_id, sweep.program, sweep.metric, kind, student, teacher, seed, settings, sweep.num_threads)
+    name = kind.rpartition(":")[2]  # a teleprompter by import path is named by its class: ids are file names
+    trial_id = f"{name}-{student.name}{teacher_name}-s{seed}-{digest}"
+    return Trial(
+        trial_id, sweep.program, sweep.metric, kind, student, teacher, seed, settings, sweep.num_threads, 0, embedder
+    )

@@ -11,7 +11,7 @@ from dspy_sweeps.data import Dataset, load_dataset
 from dspy_sweeps.errors import SweepError
 from dspy_sweeps.lm.checks import check_keys
 from dspy_sweeps.spec.imports import build_program, load_object
-from dspy_sweeps.spec.optimizers import bind_settings, estimate_calls
+from dspy_sweeps.spec.optimizers import Signatures, bind_settings, check_program, check_sizes, estimate_calls
 from dspy_sweeps.spec.plan import Trial, baselines, expand_grid, plan_trials
 from dspy_sweeps.spec.schema import Sweep
 
@@ -21,30 +21,34 @@ class Prepared:
     sweep: Sweep
     data: Dataset
     trials: list[Trial]
+    ensemble_calls: int = 0  # the Ensemble trial after the others: its members scored on val and test
 
     @property
     def estimated_calls(self) -> int:
-        return sum(t.estimated_calls for t in self.trials)
+        return sum(t.estimated_calls for t in self.trials) + self.ensemble_calls
 
 
 def prepare(sweep: Sweep) -> Prepared:
     """Validate the sweep against its data and code; SweepError on the first problem found."""
     data = load_dataset(sweep.data)
-    predictors = len(build_program(sweep.program).predictors())
+    program = build_program(sweep.program)
+    predictors = len(program.predictors())
     _check_metric(sweep.metric)
-    trials = _check_space(sweep)
+    trials = _check_space(sweep, program, len(data.train))
     sizes = (len(data.train), len(data.val), len(data.test))
     trials = [
         dataclasses.replace(t, estimated_calls=estimate_calls(t.kind, t.settings, sizes, predictors)) for t in trials
     ]
-    prepared = Prepared(sweep, data, trials)
+    top = sweep.ensemble.top if sweep.ensemble else 0
+    prepared = Prepared(sweep, data, trials, top * (len(data.val) + len(data.test)) * predictors)
+    _check_ensemble(prepared)
     _check_budget(prepared)
     _check_tracking(sweep)
     check_keys(sweep)
     return prepared
 
 
-def _check_space(sweep: Sweep) -> list[Trial]:
+def _check_space(sweep: Sweep, program: object, train: int) -> list[Trial]:
     """The plan's trials: the grid, or for a search the baselines and a preview of its trials
     (sampled values bound to the real signatures as grid points are); the pruner is built once."""
     from dspy_sweeps.spec import search
@@ -52,16 +56,39 @@ def _check_space(sweep: Sweep) -> list[Trial]:
     search.check_space(sweep)
     if sweep.prune is not None:
         search.build_pruner(sweep.prune)
-    if sweep.search is not None:
-        trials = [*baselines(sweep), *search.preview(sweep)]
-    else:
-        for i, spec in enumerate(sweep.optimizers):
-            for settings in expand_grid(spec.settings):
-                bind_settings(spec.kind, settings, where=f"optimizers.{i}")
-        trials = plan_trials(sweep)
+    for i, spec in enumerate(sweep.optimizers):  # a search's distributions are checked by check_space
+        grid = {} if sweep.search is not None else spec.settings
+        _check_optimizer(sweep, spec.kind, grid, program, train, f"optimizers.{i}")
+    trials = [*baselines(sweep), *search.preview(sweep)] if sweep.search is not None else plan_trials(sweep)
     for t in trials:
         bind_settings(t.kind, t.settings, where=f"optimizers ({t.label})")
     return trials
+
+
+def _check_optimizer(sweep: Sweep, kind: str, grid: dict, program: object, train: int, where: str) -> None:
+    """Every cell of the optimizer's grid binds to its signatures and fits this program, data and sweep."""
+    from dspy_sweeps.spec.kinds import BASELINE, kind_of
+
+    for settings in expand_grid(grid):
+        bind_settings(kind, settings, where=where)
+        check_sizes(kind, settings, train, where)
+    if kind == BASELINE:
+        return
+    check_program(kind, program, sweep.program, where)
+    if sweep.embedder is None and Signatures.of(kind_of(kind), where).has("vectorizer"):
+        raise SweepError(
+            f"{where}.kind: {kind} finds neighbours with an embedding model: add `embedder: {{name: ..., model: ...}}` "
+            "(an OpenAI-compatible /v1/embeddings model)"
+        )
+
+
+def _check_ensemble(prepared: Prepared) -> None:
+    ensemble = prepared.sweep.ensemble
+    compiled = [t for t in prepared.trials if t.kind != "none"]
+    if ensemble is not None and len(compiled) < ensemble.top:
+        raise SweepError(
+            f"ensemble.top: {ensemble.top} programs to combine, but the sweep compiles only {len(compiled)}"
+        )
 
 
 def _check_metric(path: str) -> None:

@@ -19,8 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dspy_sweeps.errors import SweepError
+from dspy_sweeps.spec.kinds import kind_error
 
-OPTIMIZER_KINDS = ("none", "bootstrap_fewshot", "mipro_v2", "gepa")
 SIM_PREFIX = "sim/"
 SERVED_PREFIX = "openai/"  # LiteLLM's route to an OpenAI-compatible server such as vLLM
 
@@ -177,7 +177,14 @@ class OptimizerSpec(BaseModel):
     """An optimizer kind and its settings; a list-valued setting is a grid axis."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    kind: Literal["none", "bootstrap_fewshot", "mipro_v2", "gepa"]
+    kind: str = Field(description="a short name (spec/kinds.py) or a teleprompter class by import path")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if (error := kind_error(kind)) is not None:
+            raise ValueError(error)
+        return kind
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -207,6 +214,13 @@ class Prune(BaseModel):
     @property
     def settings(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class EnsembleSpec(_Strict):
+    """One more trial after the others: the `top` best compiled programs combined by DSPy's Ensemble."""
+
+    top: int = Field(ge=2, description="how many of the best compiled programs to combine")
+    reduce: Literal["majority"] = "majority"
 
 
 class Budget(_Strict):
@@ -264,10 +278,12 @@ class Sweep(_Strict):
     data: DataSpec
     students: list[ModelSpec] = Field(min_length=1)
     teachers: list[ModelSpec] = []
+    embedder: ModelSpec | None = Field(default=None, description="an OpenAI-compatible /v1/embeddings model")
     optimizers: list[OptimizerSpec] = Field(min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
     search: Search | None = None
     prune: Prune | None = None
+    ensemble: EnsembleSpec | None = None
     budget: Budget = Budget()
     promote: Promote | None = None
     tracking: Tracking = Tracking()
@@ -292,9 +308,9 @@ class Sweep(_Strict):
 
     @property
     def models(self) -> list[ModelSpec]:
-        """Every model the sweep may call: students, teachers and their fallbacks."""
+        """Every model the sweep may call: students, teachers and their fallbacks, the embedder."""
         roles = [*self.students, *self.teachers]
-        return [*roles, *(f for m in roles for f in m.fallbacks)]
+        return [*roles, *(f for m in roles for f in m.fallbacks), *([self.embedder] if self.embedder else [])]
 
     def roles(self) -> list[tuple[str, ModelSpec]]:
         """Every model with the field path that names it (`teachers.0.fallbacks.1`), for messages."""
@@ -303,6 +319,8 @@ class Sweep(_Strict):
             for i, model in enumerate(models):
                 found.append((f"{role}.{i}", model))
                 found.extend((f"{role}.{i}.fallbacks.{j}", f) for j, f in enumerate(model.fallbacks))
+        if self.embedder is not None:
+            found.append(("embedder", self.embedder))
         return found
 
     @property
@@ -409,8 +427,6 @@ def _describe(exc: ValidationError) -> str:
     field = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         return _unknown_key(error["loc"])
-    if error["type"] == "literal_error" and loc[:1] == ["optimizers"] and loc[-1:] == ["kind"]:
-        return f"{field}: unknown optimizer kind {error['input']!r} (valid: {', '.join(OPTIMIZER_KINDS)})"
     if error["type"] == "missing":
         return f"{field}: required field is missing"
     if error["type"] == "value_error":  # our own validators: the input is a whole mapping, not worth echoing

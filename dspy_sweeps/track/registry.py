@@ -253,32 +253,61 @@ def _download(client: Any, run_id: str, out: Path) -> Path:
 
 
 def load_pulled(
-    folder: Path, *, model: str | None = None, api_base: str | None = None, api_key_env: str | None = None
+    folder: Path,
+    *,
+    model: str | None = None,
+    api_base: str | None = None,
+    api_key_env: str | None = None,
+    embedder: ModelSpec | None = None,
 ) -> Any:
     """A ready module from a pulled folder. The student is the one it was compiled for unless
     overridden; a simulated student needs the `api_base` of a running `sweep sim`."""
     from dspy_sweeps.lm.build import build_lm
 
-    program, student = restore_pulled(folder, model=model, api_base=api_base, api_key_env=api_key_env)
+    program, student = restore_pulled(
+        folder, model=model, api_base=api_base, api_key_env=api_key_env, embedder=embedder
+    )
     program.set_lm(build_lm(student))
     return program
 
 
 def restore_pulled(
-    folder: Path, *, model: str | None = None, api_base: str | None = None, api_key_env: str | None = None
+    folder: Path,
+    *,
+    model: str | None = None,
+    api_base: str | None = None,
+    api_key_env: str | None = None,
+    embedder: ModelSpec | None = None,
 ) -> tuple[Any, ModelSpec]:
-    """The program of a pulled folder with no LM of its own, and the resolved student spec to build one from."""
-    from dspy_sweeps.lm.build import resolve
+    """The program of a pulled folder with no LM of its own, and the resolved student spec to build
+    one from. A program that finds neighbours (KNNFewShot) gets its embedder from `embedder`, else
+    from the sweep's configuration in metadata.json (model and key variable, resolved here like the
+    student's): never from the saved program."""
+    from dspy_sweeps.lm.build import build_embedder
+    from dspy_sweeps.spec.composite import map_states, needs_embedder
     from dspy_sweeps.spec.imports import restore_program
 
     meta = json.loads((folder / "metadata.json").read_text())
     student = ModelSpec(**meta["student"])
     student = student.model_copy(update={k: v for k, v in {"model": model, "api_key_env": api_key_env}.items() if v})
-    student = resolve(student, api_base) if student.simulated else student
-    if api_base and not student.simulated:
-        student = student.model_copy(update={"api_base": api_base})
-    state = without_lms(json.loads((folder / "program.json").read_text()))
-    return restore_program(meta["program"], json.dumps(state)), student
+    student = _at(student, api_base)
+    state = map_states(json.loads((folder / "program.json").read_text()), without_lms)
+    vectors = None
+    if needs_embedder(state):
+        spec = embedder or (ModelSpec(**meta["embedder"]) if meta.get("embedder") else None)
+        if spec is None:
+            raise SweepError(f"{folder}: the program finds neighbours with an embedder; give one (embedder=...)")
+        vectors = build_embedder(_at(spec, api_base if spec.simulated else None))
+    return restore_program(meta["program"], json.dumps(state), vectors), student
+
+
+def _at(spec: ModelSpec, api_base: str | None) -> ModelSpec:
+    """A simulated model at the simulator `api_base`; any other model moved to `api_base` if given."""
+    from dspy_sweeps.lm.build import resolve
+
+    if spec.simulated:
+        return resolve(spec, api_base)
+    return spec.model_copy(update={"api_base": api_base}) if api_base else spec
 
 
 def without_lms(state: dict[str, Any]) -> dict[str, Any]:
@@ -296,6 +325,7 @@ def load(
     api_base: str | None = None,
     api_key_env: str | None = None,
     tracking_uri: str | None = None,
+    embedder: ModelSpec | None = None,
 ) -> Any:
     """`dspy_sweeps.load("demo@champion")`: the registered program, ready to call."""
     from dspy_sweeps.state import State
@@ -304,4 +334,4 @@ def load(
     uri = tracking_uri or default_uri(None, State.at())
     with tempfile.TemporaryDirectory() as tmp:
         folder = pull(ref, Path(tmp), uri)
-        return load_pulled(folder, model=model, api_base=api_base, api_key_env=api_key_env)
+        return load_pulled(folder, model=model, api_base=api_base, api_key_env=api_key_env, embedder=embedder)

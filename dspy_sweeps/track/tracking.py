@@ -382,6 +382,7 @@ def program_metadata(sweep: Sweep, trial: Trial, record: TrialRecord) -> dict[st
         "seed": trial.seed,
         "student": trial.student.model_dump(),
         "teacher": trial.teacher.model_dump() if trial.teacher else None,
+        "embedder": trial.embedder.model_dump() if trial.embedder else None,
         "inputs": list(sweep.data.inputs),
         "val_score": record.val_score,
         "test_score": record.test_score,

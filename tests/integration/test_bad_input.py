@@ -33,9 +33,15 @@ CASES: dict[str, tuple[str, ...]] = {
     "yaml_syntax": ("tests/assets/bad/yaml_syntax.yaml:13: YAML syntax error",),
     "unknown_key": ("unknown_key.yaml: optimisers: unknown key 'optimisers' (did you mean 'optimizers'?)",),
     "unknown_optimizer_kind": (
-        "unknown_optimizer_kind.yaml: optimizers.1.kind: unknown optimizer kind 'copro'",
-        "none, bootstrap_fewshot, mipro_v2, gepa",
+        "unknown_optimizer_kind.yaml: optimizers.1.kind: unknown optimizer kind 'coppro' (did you mean 'copro'?",
+        "or a teleprompter class by import path",
     ),
+    "weight_training_optimizer": (
+        "optimizers.0.w.kind: bootstrap_finetune trains the student's weights, which needs a student that can be "
+        "fine-tuned",
+    ),
+    "avatar_without_agent": ("optimizers.0.kind: avatar optimizes a dspy.Avatar agent",),
+    "knn_without_embedder": ("optimizers.0.kind: knn_fewshot finds neighbours with an embedding model",),
     "unknown_optimizer_setting": (
         "optimizers.0.minibatch_sise: MIPROv2 takes no setting 'minibatch_sise' (did you mean 'minibatch_size'?)",
     ),

@@ -351,3 +351,31 @@ def test_litellm_errors_are_retried_once_each_and_fall_back(sim: SimServer, clou
     assert faults(sim, "gpt-4o-mini", "rate_limit") - before[1] == 2
     assert (stats.retries, stats.gave_up, stats.fell_back, stats.failed) == (2, 2, 2, 0)
     assert stats.by_model == {"sim/student": 2}
+
+
+def test_embeddings_go_through_the_gateway_cached_and_counted(sim: SimServer, tmp_path: Path) -> None:
+    from dspy_sweeps.lm.gateway import EMBEDDINGS
+
+    texts = {"input": ["What is 2 plus 2?", "What is 2 plus 3?", "Name a colour."]}
+
+    async def scenario(cache: str) -> tuple[dict, GatewayCore]:
+        gateway = GatewayCore([endpoint(sim)], cache)
+        response = await gateway.complete("knn", "sim/student|", texts, route=EMBEDDINGS)
+        again = await gateway.complete("knn", "sim/student|", texts, route=EMBEDDINGS)
+        assert again == response
+        await gateway.close()
+        return response, gateway
+
+    before = metric(sim, "vllm:request_success_total")
+    response, gateway = run(scenario(str(tmp_path / "cache")))
+    assert metric(sim, "vllm:request_success_total") - before == 1, "the repeat came from the cache"
+    stats = gateway.trial_stats("knn")
+    assert (stats.requested, stats.sent, stats.cache_hits) == (2, 1, 1)
+    assert stats.prompt_tokens > 0
+    vectors = [item["embedding"] for item in sorted(response["data"], key=lambda item: item["index"])]
+    assert len(vectors) == 3 and len(vectors[0]) == 64
+
+    def dot(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2]), "texts sharing words lie closer"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from dspy_sweeps.errors import SweepError
-from dspy_sweeps.spec.schema import OPTIMIZER_KINDS, load_sweep
+from dspy_sweeps.spec.kinds import KIND_NAMES
+from dspy_sweeps.spec.schema import load_sweep
 
 SweepFile = Callable[..., Path]
 
@@ -226,11 +227,17 @@ def test_unknown_key_with_no_near_match_lists_valid_keys(sweep_file: SweepFile) 
     assert "max_lm_calls" in message.split("valid keys: ")[1]
 
 
-def test_unknown_optimizer_kind_lists_valid_kinds(sweep_file: SweepFile) -> None:
-    path = sweep_file({"optimizers": [{"kind": "bootstrap_fewshot"}, {"kind": "copro"}]})
+def test_unknown_optimizer_kind_names_the_nearest_and_lists_valid_kinds(sweep_file: SweepFile) -> None:
+    path = sweep_file({"optimizers": [{"kind": "bootstrap_fewshot"}, {"kind": "coppro"}]})
     message = error_of(path)
-    assert message.startswith(f"{path}: optimizers.1.kind: unknown optimizer kind 'copro'")
-    assert all(kind in message for kind in OPTIMIZER_KINDS)
+    assert message.startswith(f"{path}: optimizers.1.kind: unknown optimizer kind 'coppro' (did you mean 'copro'?")
+    assert all(kind in message for kind in KIND_NAMES)
+    assert "by import path" in message
+
+
+@pytest.mark.parametrize("kind", [*KIND_NAMES, "mypkg.opt:MyTeleprompter"])
+def test_every_kind_and_any_import_path_is_accepted(sweep_file: SweepFile, kind: str) -> None:
+    assert load_sweep(sweep_file({"optimizers": [{"kind": kind}]})).optimizers[0].kind == kind
 
 
 @pytest.mark.parametrize("role", ["students", "teachers"])

@@ -15,6 +15,7 @@ from dspy.teleprompt.gepa.gepa import AUTO_RUN_SETTINGS as GEPA_AUTO
 from dspy.utils import DummyLM
 
 from dspy_sweeps.errors import SweepError
+from dspy_sweeps.spec.kinds import KINDS
 from dspy_sweeps.spec.optimizers import bind_settings, estimate_calls, optimizer_class
 
 
@@ -136,3 +137,82 @@ def test_explicit_gepa_budget_is_used() -> None:
     small = estimate_calls("gepa", {"max_metric_calls": 100}, (20, 20, 20), 1)
     large = estimate_calls("gepa", {"max_metric_calls": 1000}, (20, 20, 20), 1)
     assert 100 <= small < 1000 <= large < 2000
+
+
+# --- every kind in the table ------------------------------------------------------------
+
+TINY = {
+    "bootstrap_rs": {"num_candidate_programs": 2},
+    "bootstrap_optuna": {"max_demos": 2, "num_candidate_programs": 3},
+    "labeled_fewshot": {"k": 2},
+    "knn_fewshot": {"k": 2},
+    "copro": {"breadth": 2, "depth": 1},
+    "simba": {"bsize": 4, "max_steps": 2},
+    "infer_rules": {"num_candidates": 2},
+    "better_together": {"strategy": "p -> q", "p": {"kind": "bootstrap_fewshot"}, "q": {"kind": "copro", "breadth": 2}},
+    "avatar": {"max_iters": 2},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(set(KINDS) - {"bootstrap_finetune"}))
+def test_every_kind_binds_and_has_an_estimate_that_grows_with_val(kind: str) -> None:
+    settings = TINY.get(kind, {})
+    bind_settings(kind, settings)
+    small = estimate_calls(kind, settings, (20, 10, 20), predictors=1)
+    large = estimate_calls(kind, settings, (20, 50, 20), predictors=1)
+    assert 0 < small < large
+
+
+def test_settings_forwarded_by_kwargs_bind_to_the_class_that_takes_them() -> None:
+    # KNNFewShot and InferRules pass **kwargs on to BootstrapFewShot.
+    bound = bind_settings("knn_fewshot", {"k": 3, "max_bootstrapped_demos": 1})
+    assert bound.init == {"k": 3, "max_bootstrapped_demos": 1}
+    assert "max_bootstraped_demos" in error_of("infer_rules", {"max_bootstraped_demos": 1})
+
+
+@pytest.mark.parametrize(
+    ("kind", "settings", "message"),
+    [
+        ("bootstrap_finetune", {}, "optimizers.0.kind: bootstrap_finetune trains the student's weights"),
+        (
+            "better_together",
+            {"strategy": "p -> w", "p": {"kind": "copro"}, "w": {"kind": "bootstrap_finetune"}},
+            "optimizers.0.w.kind: bootstrap_finetune trains the student's weights",
+        ),
+        ("better_together", {}, "optimizers.0: better_together needs its steps"),
+        (
+            "better_together",
+            {"strategy": "p -> x", "p": {"kind": "copro"}},
+            "optimizers.0.strategy: step 'x' is not defined (steps: p)",
+        ),
+        ("knn_fewshot", {}, "optimizers.0: KNNFewShot needs the setting 'k'"),
+        ("bootstrap_optuna", {}, "optimizers.0: BootstrapFewShotWithOptuna needs the setting 'max_demos'"),
+        ("simba", {"bsize": 4, "vectorizer": 1}, "optimizers.0.vectorizer: set by the platform"),
+        ("mypkg_missing.opt:Nope", {}, "optimizers.0.kind: cannot import module 'mypkg_missing.opt'"),
+    ],
+)
+def test_refusals_are_one_line_naming_the_field(kind: str, settings: dict, message: str) -> None:
+    assert error_of(kind, settings).startswith(message)
+
+
+def test_a_custom_teleprompter_binds_against_its_own_signature() -> None:
+    custom = "tests.assets.teleprompters:BestLabeledDemos"
+    bound = bind_settings(custom, {"k": 3, "candidates": 2})
+    assert (bound.init, bound.compile) == ({"k": 3, "candidates": 2}, {})
+    assert error_of(custom, {"kk": 3}).endswith("BestLabeledDemos takes no setting 'kk' (did you mean 'k'?)")
+    assert (
+        error_of(custom, {"seed": 3})
+        == "optimizers.0.seed: set by the platform from the sweep file, not an optimizer setting"
+    )
+
+
+def test_a_class_that_is_no_teleprompter_is_refused() -> None:
+    assert error_of("pipelines.arith:exact_match", {}).endswith(
+        "is not a teleprompter class (a class with a compile method)"
+    )
+
+
+def test_readme_table_of_kinds_is_the_one_the_table_of_roles_gives(repo) -> None:
+    from dspy_sweeps.spec.optimizers import roles_table
+
+    assert roles_table() in (repo / "README.md").read_text(), "regenerate the README table with roles_table()"
