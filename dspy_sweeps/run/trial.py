@@ -51,6 +51,9 @@ class TrialResult:
     attempts: int = 1  # more than 1: the trial was retried after its worker died, or resumed
     program: str | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    # Per-example scores in split order (None: not scored), for the bootstrap intervals of track/gate.py.
+    val_scores: list[float | None] = field(default_factory=list)
+    test_scores: list[float | None] = field(default_factory=list)
 
 
 def run_trial(trial: Trial, data: Dataset, lms: TrialLMs, workdir: Path) -> TrialResult:
@@ -72,6 +75,8 @@ def run_trial(trial: Trial, data: Dataset, lms: TrialLMs, workdir: Path) -> Tria
         duration_s=round(time.monotonic() - start, 3),
         program=json.dumps(program.dump_state(), sort_keys=True, default=str),
         predictions=val.records,
+        val_scores=val.scores,
+        test_scores=test.scores,
     )
 
 
@@ -142,6 +147,7 @@ class Evaluation:
     score: float  # mean metric over the examples that could be scored
     records: list[dict[str, Any]]
     failed: int  # examples whose LM calls failed: counted apart, never scored 0
+    scores: list[float | None] = field(default_factory=list)  # per example, in order; None: not scored
 
 
 def evaluate(program: Any, examples: list, metric: Callable, num_threads: int, max_failed: float = 0.1) -> Evaluation:
@@ -192,7 +198,8 @@ def evaluate(program: Any, examples: list, metric: Callable, num_threads: int, m
         }
         for example, prediction, value, _ in scored
     ]
-    return Evaluation(sum(r["score"] for r in records) / max(len(records), 1), records, len(failed))
+    scores = [r[2] if r[3] is None else None for r in results]
+    return Evaluation(sum(r["score"] for r in records) / max(len(records), 1), records, len(failed), scores)
 
 
 def to_examples(rows: list[dict[str, Any]], inputs: tuple[str, ...]) -> list[Any]:

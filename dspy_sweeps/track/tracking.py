@@ -59,10 +59,23 @@ def trial_config(trial: Trial, record: TrialRecord) -> dict[str, Any]:
         "seed": trial.seed,
         "student": record.student,
         "teacher": record.teacher or "",
+        "student_model": record.student_model,
+        "teacher_model": record.teacher_model or "",
+        "student_simulated": record.student_simulated,
+        "teacher_simulated": record.teacher_simulated,
         "program": trial.program,
         "metric": trial.metric,
         "data_fingerprint": record.data_fingerprint,
         **{f"settings.{k}": v for k, v in trial.settings.items()},
+    }
+
+
+def simulation_tags(record: TrialRecord) -> dict[str, str]:
+    """Whether a trial's scores are simulated, as MLflow tags (runs and registered versions)."""
+    return {
+        "simulated": str(record.simulated).lower(),
+        "student_simulated": str(record.student_simulated).lower(),
+        "teacher_simulated": str(record.teacher_simulated).lower(),
     }
 
 
@@ -94,7 +107,7 @@ class WandbLogger:
             config=trial_config(trial, record),
             dir=str(self.state.wandb),
             reinit="create_new",
-            tags=[record.status],
+            tags=[record.status, *(["SIMULATED"] if record.simulated else [])],
         )
         run.summary.update({**figures(record), "status": record.status, "error": record.error or ""})
         if result.predictions:
@@ -156,6 +169,7 @@ class MlflowLogger:
         from mlflow.entities import Metric, Param, RunTag
 
         tags = {"mlflow.parentRunId": self.parent, "trial": trial.id, "optimizer": trial.kind, "status": record.status}
+        tags |= simulation_tags(record)
         if record.error:
             tags["error"] = record.error
         run_id = self.client.create_run(self.experiment_id, run_name=trial.id, tags=tags).info.run_id
@@ -223,6 +237,8 @@ def program_metadata(sweep: Sweep, trial: Trial, record: TrialRecord) -> dict[st
         "inputs": list(sweep.data.inputs),
         "val_score": record.val_score,
         "test_score": record.test_score,
+        "student_simulated": record.student_simulated,
+        "teacher_simulated": record.teacher_simulated,
         "data_fingerprint": record.data_fingerprint,
         "versions": {pkg: version(pkg) for pkg in ("dspy", "dspy-sweeps", "mlflow", "ray")},
     }
