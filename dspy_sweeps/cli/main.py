@@ -110,7 +110,7 @@ def run(
         ) from None
     console.print(leaderboard_table([r.__dict__ for r in outcome.records]))
     if outcome.decision is not None:
-        console.print(decision_line(outcome.decision))
+        console.print(decision_line(outcome.decision), soft_wrap=True)  # one line, however long
     if not any(r.status == "ok" for r in outcome.records):
         raise typer.Exit(1)
 

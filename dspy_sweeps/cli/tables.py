@@ -100,9 +100,9 @@ def _gain(row: dict[str, Any], base: dict[str, Any] | None, gain: Any) -> str:
 
 
 def decision_line(decision: Decision) -> str:
-    simulated = " [yellow]SIMULATED[/]" if decision.simulated else ""
+    simulated = " ([yellow]SIMULATED[/] scores)" if decision.simulated else ""
     if decision.promoted:
-        return f"[green]promoted[/]{simulated} v{decision.version} as @{decision.alias}: {decision.reason}"
+        return f"[green]promoted[/] v{decision.version} as @{decision.alias}{simulated}: {decision.reason}"
     return f"[yellow]not promoted[/]{simulated}: {decision.reason}"
 
 

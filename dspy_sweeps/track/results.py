@@ -68,9 +68,11 @@ class TrialRecord:
         result: TrialResult,
         program_path: Path | None,
         fingerprint: str,
-        simulated: Mapping[str, bool],
+        simulated: Mapping[str, bool] | None = None,
     ) -> TrialRecord:
-        """`simulated` tells, by spec (`model_dump_json()`), which models answered from the simulator."""
+        """`simulated` tells, by spec (`model_dump_json()`), which models answered from the simulator
+        (`run_sweep` checks their endpoints); without it, a `sim/` model string is the only sign."""
+        simulated = simulated or {}
         teacher = trial.teacher if trial.teacher and trial.kind != "none" else None
         return cls(
             sweep=sweep,

@@ -114,7 +114,9 @@ def test_the_decision_line_shows_simulated_and_the_gain_with_its_interval() -> N
     noisy = paired_gain(*flips(100, wins=7, losses=3), confidence=0.95)
     _, why = _judge(Promote(model="demo"), winner(), champion(), noisy)
     line = decision_line(Decision(False, why, simulated=True, gain=noisy))
-    assert line.startswith("[yellow]not promoted[/] [yellow]SIMULATED[/]: gain +0.040 [")
+    assert line.startswith("[yellow]not promoted[/] ([yellow]SIMULATED[/] scores): gain +0.040 [")
+    promoted = decision_line(Decision(True, "no champion yet", "1", "champion", simulated=True))
+    assert promoted.startswith("[green]promoted[/] v1 as @champion ([yellow]SIMULATED[/] scores): no champion")
     assert "SIMULATED" not in decision_line(Decision(True, "no champion yet", "1", "champion"))
 
 
