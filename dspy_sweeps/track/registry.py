@@ -13,7 +13,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,20 @@ class Decision:
     alias: str | None = None
     simulated: bool = False  # the challenger's scores came from the simulated endpoint
     gain: Interval | None = None  # test-score gain over the champion, on the same examples
+
+
+def save_decision(results: Path, decision: Decision) -> None:
+    """Beside the sweep's results file, so `sweep results` repeats the promotion line."""
+    results.with_suffix(".decision.json").write_text(json.dumps(asdict(decision)))
+
+
+def saved_decision(results: Path) -> Decision | None:
+    path = results.with_suffix(".decision.json")
+    if not path.is_file():
+        return None
+    fields = json.loads(path.read_text())
+    gain = fields.pop("gain")
+    return Decision(**fields, gain=Interval(**gain) if gain else None)
 
 
 def best(records: list[TrialRecord]) -> TrialRecord | None:

@@ -133,7 +133,8 @@ def test_a_simulated_sweep_cannot_take_a_real_champions_place(mlflow_server: str
     assert len(runs) >= 3, "every trial's MLflow run says it was simulated"
     shown = sweep_cli("results", "demo", state=state)
     assert shown.returncode == 0, shown.stderr[-3000:]
-    assert shown.stdout.count("SIMULATED") == 3, shown.stdout
+    assert shown.stdout.count("SIMULATED") == 4, shown.stdout  # three trials, and the promotion line
+    assert refusal(shown.stdout) == lines, "sweep results repeats the promotion line"
 
 
 def test_a_real_endpoint_cannot_take_a_simulated_champions_place(

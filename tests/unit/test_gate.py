@@ -190,3 +190,31 @@ def test_a_record_is_keyed_by_the_student_name_and_says_what_was_simulated() -> 
     ]
     assert all(r.teacher == "big" and r.teacher_simulated and r.simulated for r in records)
     assert records[0].test_scores == [None, 1.0] and json.dumps(records[0].val_scores) == "[1.0, 0.0]"
+
+
+def test_w_and_b_and_mlflow_are_told_what_was_simulated() -> None:
+    from dspy_sweeps.track.tracking import simulation_tags, trial_config
+
+    student = ModelSpec(name="small", model="openai/student", api_base="http://127.0.0.1:1/v1")
+    trial = Trial("t", "p:P", "m:f", "none", student, None, 0)
+    marked = TrialRecord.of("s", trial, TrialResult("t", "ok"), None, "fp", {student.model_dump_json(): True})
+    config = trial_config(trial, marked)
+    assert (config["student"], config["student_model"], config["student_simulated"]) == (
+        "small",
+        "openai/student",
+        True,
+    )
+    assert simulation_tags(marked) == {"simulated": "true", "student_simulated": "true", "teacher_simulated": "false"}
+    real = TrialRecord.of("s", trial, TrialResult("t", "ok"), None, "fp", {student.model_dump_json(): False})
+    assert simulation_tags(real)["simulated"] == "false" and not trial_config(trial, real)["student_simulated"]
+
+
+def test_sweep_results_repeats_the_last_decision(tmp_path) -> None:
+    from dspy_sweeps.track.registry import save_decision, saved_decision
+
+    results = tmp_path / "demo.parquet"
+    assert saved_decision(results) is None
+    noisy = paired_gain(*flips(100, wins=7, losses=3), confidence=0.95)
+    decision = Decision(False, "the gain is within noise", "2", "challenger", simulated=True, gain=noisy)
+    save_decision(results, decision)
+    assert saved_decision(results) == decision
