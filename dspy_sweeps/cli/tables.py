@@ -48,7 +48,7 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard", co
 
     baselines = {r["student"]: r for r in rows if r["kind"] == "none" and r["status"] == "ok"}
     ordered = sorted(rows, key=lambda r: (r["status"] != "ok", -(r["val_score"] or 0), r["lm_calls"]))
-    table = Table(title=title, caption=f"[val]: {confidence:.0%} bootstrap interval over the val examples")
+    table = Table(title=title, caption=f"val and gain: {confidence:.0%} bootstrap intervals over the val examples")
     for column in (
         "#",
         "trial",
@@ -68,7 +68,8 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard", co
         base = baselines.get(r["student"])
         ok = r["status"] == "ok"
         val = mean_interval(r.get("val_scores") or [], confidence) if ok else None
-        gain = paired_gain(r.get("val_scores") or [], base.get("val_scores") or [], confidence) if ok and base else None
+        compiled = ok and base is not None and r["kind"] != "none"
+        gain = paired_gain(r.get("val_scores") or [], base.get("val_scores") or [], confidence) if compiled else None
         table.add_row(
             str(rank),
             r["trial_id"],
@@ -94,7 +95,7 @@ def _simulated(row: dict[str, Any]) -> bool:
 def _gain(row: dict[str, Any], base: dict[str, Any] | None, gain: Any) -> str:
     if gain is not None:
         return gain.signed()
-    if row["status"] != "ok" or base is None:
+    if row["status"] != "ok" or base is None or row["kind"] == "none":
         return "-"
     return f"{row['val_score'] - base['val_score']:+.3f}"
 
