@@ -23,10 +23,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
+# A test-split question of the demo corpus: the simulated student answers only questions its answer
+# key holds, and this one (46 + 14) is one a champion gets right, so you can check the answer.
+DEMO_QUESTION := A shop sold 46 shells on Monday and 14 on Tuesday. How many shells did it sell altogether?
+DEMO_ANSWER := 60
+
 demo: setup
 	$(BIN)/sweep run sweeps/demo.yaml
 	$(BIN)/sweep pull demo@champion -o .sweeps/pulled/demo
-	$(BIN)/sweep ask demo@champion question="A shop sold 30 marbles on Monday and 32 on Tuesday. How many marbles did it sell altogether?"
+	$(BIN)/sweep ask demo@champion question="$(DEMO_QUESTION)"
+	@echo "(the right answer is $(DEMO_ANSWER))"
 
 # Two test files at a time: most of a sweep test is waiting on Ray, an endpoint or a server.
 # Whole files go to one worker, so a module's shared sweep or Ray head is set up once.

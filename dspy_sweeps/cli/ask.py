@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,8 @@ def ask_program(
         missing = [name for name in meta["inputs"] if name not in inputs]
         if missing:
             raise SweepError(f"{ref}: missing input {missing[0]}=... (inputs: {', '.join(meta['inputs'])})")
+        if meta["student"]["model"].startswith("sim/") or meta.get("student_simulated"):
+            print(f"{ref}: SIMULATED student (a test/demo double, not a real model)", file=sys.stderr)
         with student_endpoint(meta, state, api_base) as base:
             program = load_pulled(folder, api_base=base)
             return dict(program(**inputs).items())

@@ -96,6 +96,7 @@ def run(
     from dspy_sweeps.jobs.secrets import load_job_secrets
     from dspy_sweeps.run.engine import run_sweep
     from dspy_sweeps.state import State
+    from dspy_sweeps.track.registry import save_decision
 
     load_job_secrets()  # in a job from `sweep submit`: the secrets it was sent, before anything reads keys
     console = _console()
@@ -114,7 +115,8 @@ def run(
         ) from None
     console.print(leaderboard_table([r.__dict__ for r in outcome.records]))
     if outcome.decision is not None:
-        console.print(decision_line(outcome.decision))
+        console.print(decision_line(outcome.decision), soft_wrap=True)  # one line, however long
+        save_decision(state.results(prepared.sweep.name), outcome.decision)
     if not any(r.status == "ok" for r in outcome.records):
         raise typer.Exit(1)
 
@@ -125,17 +127,22 @@ def results(
     name: Annotated[str | None, typer.Argument(help="Sweep name (default: every sweep)")] = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Print a sweep's leaderboard from its results file."""
-    from dspy_sweeps.cli.tables import leaderboard_table
+    """Print a sweep's leaderboard from its results file, and its last promotion decision."""
+    from dspy_sweeps.cli.tables import decision_line, leaderboard_table
     from dspy_sweeps.state import State
+    from dspy_sweeps.track.registry import saved_decision
     from dspy_sweeps.track.results import leaderboard
 
     state = State.at(state_dir)
     paths = [state.results(name)] if name else sorted((state.root / "results").glob("*.parquet"))
     if not paths or not paths[0].is_file():
         raise SweepError(f"no results for {name or 'any sweep'} under {state.root}")
+    console = _console()
     for path in paths:
-        _console().print(leaderboard_table(leaderboard(path), title=path.stem))
+        console.print(leaderboard_table(leaderboard(path), title=path.stem))
+        decision = saved_decision(path)
+        if decision is not None:
+            console.print(decision_line(decision), soft_wrap=True)
 
 
 @app.command()

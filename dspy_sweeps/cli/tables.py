@@ -59,11 +59,15 @@ def _usd(value: float | None) -> str:
     return "?" if value is None else f"${value:,.2f}"
 
 
-def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") -> Table:
-    """Trials best first, each beside its student's baseline (uncompiled) score."""
-    baselines = {r["student"]: r["val_score"] for r in rows if r["kind"] == "none" and r["status"] == "ok"}
+def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard", confidence: float = 0.95) -> Table:
+    """Trials best first, each beside its own student's baseline (uncompiled) score. The val score
+    shows its bootstrap interval and the gain over the baseline a paired one (the same val
+    examples); SIMULATED marks scores that came from the simulated endpoint."""
+    from dspy_sweeps.track.gate import mean_interval, paired_gain
+
+    baselines = {r["student"]: r for r in rows if r["kind"] == "none" and r["status"] == "ok"}
     ordered = sorted(rows, key=lambda r: (r["status"] != "ok", -(r["val_score"] or 0), r["lm_calls"]))
-    table = Table(title=title)
+    table = Table(title=title, caption=f"val and gain: {confidence:.0%} bootstrap intervals over the val examples")
     for column in (
         "#",
         "trial",
@@ -71,24 +75,28 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard") ->
         "baseline",
         "gain",
         "test",
+        "scores",
         "calls sent/asked",
         "tokens",
         "cost $",
         "time s",
         "status",
     ):
-        table.add_column(column, justify="left" if column in ("trial", "status") else "right")
+        table.add_column(column, justify="left" if column in ("trial", "scores", "status") else "right")
     for rank, r in enumerate(ordered, 1):
         base = baselines.get(r["student"])
         ok = r["status"] == "ok"
-        gain = f"{r['val_score'] - base:+.3f}" if ok and base is not None else "-"
+        val = mean_interval(r.get("val_scores") or [], confidence) if ok else None
+        compiled = ok and base is not None and r["kind"] != "none"
+        gain = paired_gain(r.get("val_scores") or [], base.get("val_scores") or [], confidence) if compiled else None
         table.add_row(
             str(rank),
             r["trial_id"],
-            _score(r["val_score"]),
-            _score(base),
-            gain,
+            val.plain() if val else _score(r["val_score"]),
+            _score(base["val_score"] if base else None),
+            _gain(r, base, gain),
             _score(r["test_score"]),
+            "[yellow]SIMULATED[/]" if _simulated(r) else "real",
             f"{r['lm_calls']:,}/{r['calls_requested']:,}",
             f"{(r['prompt_tokens'] or 0) + (r['completion_tokens'] or 0):,}",
             f"{r['cost_usd']:.4f}",
@@ -109,10 +117,24 @@ def progress_view(snapshot: Snapshot, running: bool, now: float | None = None) -
     return Group(line, running_table(snapshot.running))
 
 
+def _simulated(row: dict[str, Any]) -> bool:
+    """Rows from before the flags were kept: a `sim/` student string says so."""
+    return bool(row.get("student_simulated") or row.get("teacher_simulated")) or str(row["student"]).startswith("sim/")
+
+
+def _gain(row: dict[str, Any], base: dict[str, Any] | None, gain: Any) -> str:
+    if gain is not None:
+        return gain.signed()
+    if row["status"] != "ok" or base is None or row["kind"] == "none":
+        return "-"
+    return f"{row['val_score'] - base['val_score']:+.3f}"
+
+
 def decision_line(decision: Decision) -> str:
+    simulated = " ([yellow]SIMULATED[/] scores)" if decision.simulated else ""
     if decision.promoted:
-        return f"[green]promoted[/] v{decision.version} as @{decision.alias}: {decision.reason}"
-    return f"[yellow]not promoted[/]: {decision.reason}"
+        return f"[green]promoted[/] v{decision.version} as @{decision.alias}{simulated}: {decision.reason}"
+    return f"[yellow]not promoted[/]{simulated}: {decision.reason}"
 
 
 def _score(value: float | None) -> str:

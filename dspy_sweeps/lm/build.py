@@ -66,8 +66,9 @@ def _key(spec: ModelSpec) -> str:
 
 
 def endpoint_for(original: ModelSpec, resolved: ModelSpec) -> Any:
-    """The gateway's view of a model. Its id names the model and the served checkpoint (vLLM's
-    `root`), not the URL, so a restarted server or simulator keeps its cache entries."""
+    """The gateway's view of a model. Its id names the spec (two students with one model string are
+    two endpoints), the model and the served checkpoint (vLLM's `root`), not the URL, so a restarted
+    server or simulator keeps its cache entries."""
     from dspy_sweeps.lm.checks import served_models
     from dspy_sweeps.lm.gateway import Endpoint
 
@@ -76,7 +77,7 @@ def endpoint_for(original: ModelSpec, resolved: ModelSpec) -> Any:
     if resolved.api_bases:
         root = served_models(resolved.api_bases[0], original.name).get(served, {}).get("root") or ""
     return Endpoint(
-        id=f"{original.model}|{root}",
+        id=f"{original.name}|{original.model}|{root}",
         model=served,
         api_bases=resolved.api_bases,
         api_key_env=resolved.api_key_env,

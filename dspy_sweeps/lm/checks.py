@@ -56,3 +56,29 @@ def served_models(base: str, where: str, timeout: float = 5.0) -> dict[str, Any]
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise SweepError(f"{where}: endpoint {base} is unreachable ({reason})") from None
+
+
+SIMULATOR_OWNER = "dspy-sweeps-simulator"  # what `sweep sim` lists as its models' owner
+
+
+def answers_simulated(base: str, timeout: float = 5.0) -> bool:
+    """Whether the endpoint at `base` says it is the simulator: the `x-simulated: true` header it puts
+    on every response, or its models' owner. An unreachable endpoint is `check_endpoints`' to report."""
+    url = base.rstrip("/") + "/models"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            if response.headers.get("x-simulated", "").lower() == "true":
+                return True
+            return any(m.get("owned_by") == SIMULATOR_OWNER for m in json.load(response).get("data", []))
+    except urllib.error.HTTPError as exc:
+        return exc.headers.get("x-simulated", "").lower() == "true"
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def is_simulated(spec: ModelSpec, resolved: ModelSpec) -> bool:
+    """A score from this model came from the simulator: a `sim/` model, a student served on the `sim`
+    engine, or an endpoint that marks its answers as simulated whatever its model string."""
+    if spec.simulated or (spec.serve is not None and spec.serve.engine == "sim"):
+        return True
+    return any(answers_simulated(base) for base in resolved.api_bases)

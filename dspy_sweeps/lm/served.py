@@ -368,7 +368,8 @@ def served_students(
             assert student.serve is not None
             cls = _actor_class(student.serve)
             labels = [f"{student.name}-{i}" for i in range(student.serve.replicas)]
-            actors[student.name] = [cls.remote(label, student.serve, key, str(log_dir)) for label in labels]
+            own_key = key if student.serve.engine == "sim" else None  # the labels reach the simulator only
+            actors[student.name] = [cls.remote(label, student.serve, own_key, str(log_dir)) for label in labels]
         urls = _await_replicas(sweep, actors)
         for name, bases in urls.items():
             _say(console, f"serving student {name}: {len(bases)} replica(s) at {', '.join(bases)} (logs in {log_dir})")

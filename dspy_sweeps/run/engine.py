@@ -21,7 +21,7 @@ from rich.console import Console
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.errors import SweepError, first_line
 from dspy_sweeps.lm.build import endpoint_for, resolve
-from dspy_sweeps.lm.checks import check_endpoints, served_models
+from dspy_sweeps.lm.checks import check_endpoints, is_simulated, served_models
 from dspy_sweeps.lm.served import served_students
 from dspy_sweeps.run.events import TrialEvent
 from dspy_sweeps.run.pruning import SweepStudy
@@ -74,9 +74,10 @@ def run_sweep(
             resolved = {k: _resolve(s, sim_url, served) for k, s in specs.items()}
             _check_served(sweep, resolved)
             endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
+            simulated = {k: is_simulated(s, resolved[k]) for k, s in specs.items()}
             trackers = opening.result()
-            records = _run_trials(prepared, state, endpoints, trackers, console, resume, hosts)
-            records += _ensemble(prepared, state, endpoints, trackers, records, console)
+            records = _run_trials(prepared, state, endpoints, trackers, console, resume, hosts, simulated)
+            records += _ensemble(prepared, state, endpoints, trackers, records, console, simulated)
             decision = _promote(prepared, records, trackers, state, resolved) if sweep.promote else None
             trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")
     return SweepOutcome(records, decision)
@@ -145,9 +146,11 @@ def _run_trials(
     console: Console,
     resume: bool,
     hosts: HostPool,
+    simulated: dict[str, bool],
 ) -> list[TrialRecord]:
     """Every trial on the trial hosts, all LM calls through one gateway; each record is saved and
-    tracked as it lands."""
+    tracked as it lands. `simulated` says, by spec, which models answer from the simulator (their
+    records say so)."""
     from dspy_sweeps.lm.gateway import Budget
     from dspy_sweeps.run import runner
     from dspy_sweeps.run.hosts import Outcome
@@ -193,7 +196,7 @@ def _run_trials(
             if study is not None:
                 study.trial_finished(trial.id, result)
             program_path = _save_program(state, sweep.name, trial.id, result)
-            record = TrialRecord.of(sweep.name, trial, result, program_path, prepared.data.fingerprint)
+            record = TrialRecord.of(sweep.name, trial, result, program_path, prepared.data.fingerprint, simulated)
             records.append(record)
             board.finish(trial.id)
             write_records(state.results(sweep.name), records)  # saved before tracking, which may fail
@@ -208,6 +211,7 @@ def _run_trials(
             write_records(state.results(sweep.name), records)
             progress.advance(task)
             status = f"{record.val_score:.3f}" if record.status == "ok" else f"[red]{record.status}[/]: {record.error}"
+            status += " [yellow]SIMULATED[/]" if record.simulated and record.status == "ok" else ""
             progress.console.print(f"  {trial.id}  val {status}")
             if record.reason == "auth":  # a refused key fails every trial that uses it: stop now
                 raise SweepError(
@@ -231,7 +235,13 @@ def _trial_id(trial: Trial) -> str:
 
 
 def _ensemble(
-    prepared: Prepared, state: State, endpoints: dict[str, Any], trackers: Trackers, records: list, console: Console
+    prepared: Prepared,
+    state: State,
+    endpoints: dict[str, Any],
+    trackers: Trackers,
+    records: list,
+    console: Console,
+    simulated: dict[str, bool],
 ) -> list[TrialRecord]:
     """The Ensemble trial (run/ensemble.py), saved and tracked like the others; none without `ensemble:`."""
     from dspy_sweeps.run.ensemble import ensemble_trial, run_ensemble
@@ -242,7 +252,7 @@ def _ensemble(
     trial, members = planned
     result = run_ensemble(prepared, trial, members, sum(r.lm_calls for r in records), endpoints, state)
     path = _save_program(state, prepared.sweep.name, trial.id, result)
-    record = TrialRecord.of(prepared.sweep.name, trial, result, path, prepared.data.fingerprint)
+    record = TrialRecord.of(prepared.sweep.name, trial, result, path, prepared.data.fingerprint, simulated)
     write_records(state.results(prepared.sweep.name), [*records, record])
     record = dataclasses.replace(record, mlflow_run_id=trackers.log_trial(trial, record, result), tracked=True)
     write_records(state.results(prepared.sweep.name), [*records, record])
@@ -290,9 +300,10 @@ def _promote(
     if winner is None:
         return Decision(False, "no trial finished, so there is nothing to promote")
     program = restore_program(sweep.program, Path(winner.program_path).read_text())
-    student = resolved[next(s for s in sweep.students if s.model == winner.student).model_dump_json()]
+    # The winner's own student, by name (a record resumed from before names were kept holds the model string).
+    student = resolved[next(s for s in sweep.students if winner.student in (s.name, s.model)).model_dump_json()]
 
-    def rescore(program_json: str) -> float:
+    def rescore(program_json: str) -> list[float | None]:
         from dspy_sweeps.lm.build import build_embedder, build_lm
         from dspy_sweeps.run.trial import evaluate, to_examples
         from dspy_sweeps.spec.imports import load_object
@@ -303,7 +314,7 @@ def _promote(
         metric = load_object(sweep.metric, "metric")
         return evaluate(
             champion, to_examples(prepared.data.test, prepared.data.inputs), metric, sweep.num_threads
-        ).score
+        ).scores
 
     uri = tracking_uri(sweep.tracking.mlflow, state)
     return promote(sweep.promote, winner, winner.mlflow_run_id, program, uri, rescore)
@@ -311,11 +322,9 @@ def _promote(
 
 def _answer_key(prepared: Prepared, state: State) -> Path | None:
     """The simulated endpoint's answer key (the sweep's own data), if a simulated model or a
-    served student on the `sim` engine needs one."""
+    served student on the `sim` engine needs one; no other engine is ever given it."""
     sweep = prepared.sweep
-    commands = [" ".join(s.serve.command or ()) for s in sweep.served if s.serve is not None]
-    needed = any(m.simulated for m in sweep.models) or any(s.serve.engine == "sim" for s in sweep.served if s.serve)
-    if not needed and not any("{answer_key}" in c for c in commands):
+    if not any(m.simulated for m in sweep.models) and not any(s.serve.engine == "sim" for s in sweep.served if s.serve):
         return None
     return write_answer_key(prepared.data, state.sim / sweep.name / "answer_key.jsonl")
 

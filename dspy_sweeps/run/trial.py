@@ -62,6 +62,9 @@ class TrialResult:
     calls_by_model: dict[str, int] = field(default_factory=dict)  # answered LM calls per model
     program: str | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    # Per-example scores in split order (None: not scored), for the bootstrap intervals of track/gate.py.
+    val_scores: list[float | None] = field(default_factory=list)
+    test_scores: list[float | None] = field(default_factory=list)
 
 
 def run_trial(
@@ -103,6 +106,8 @@ def run_trial(
         duration_s=round(time.monotonic() - start, 3),
         program=state_of(program),
         predictions=val.records,
+        val_scores=val.scores,
+        test_scores=test.scores,
     )
 
 
@@ -171,6 +176,7 @@ class Evaluation:
     score: float  # mean metric over the examples that could be scored
     records: list[dict[str, Any]]
     failed: int  # examples whose LM calls failed: counted apart, never scored 0
+    scores: list[float | None] = field(default_factory=list)  # per example, in order; None: not scored
 
 
 def evaluate(program: Any, examples: list, metric: Callable, num_threads: int, max_failed: float = 0.1) -> Evaluation:
@@ -221,7 +227,8 @@ def evaluate(program: Any, examples: list, metric: Callable, num_threads: int, m
         }
         for example, prediction, value, _ in scored
     ]
-    return Evaluation(sum(r["score"] for r in records) / max(len(records), 1), records, len(failed))
+    scores = [r[2] if r[3] is None else None for r in results]
+    return Evaluation(sum(r["score"] for r in records) / max(len(records), 1), records, len(failed), scores)
 
 
 def to_examples(rows: list[dict[str, Any]], inputs: tuple[str, ...]) -> list[Any]:

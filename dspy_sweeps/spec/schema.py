@@ -96,6 +96,8 @@ class ServeSpec(_Strict):
             if unknown:
                 valid = ", ".join(f"{{{p}}}" for p in SERVE_PLACEHOLDERS)
                 raise ValueError(f"command: unknown placeholder {{{unknown[0]}}} (valid: {valid})")
+            if "answer_key" in names and self.engine != "sim":  # the sweep's labels go to the simulator only
+                raise ValueError(f"command: {{answer_key}} is for engine sim only, not {self.engine}")
         return self
 
 
@@ -229,9 +231,13 @@ class Budget(_Strict):
 
 
 class Promote(_Strict):
+    """The gate: promote when the lower end of the test-score gain's interval (a paired bootstrap
+    over the test examples, at `confidence`) is above `min_gain`."""
+
     model: str
     alias: str = "champion"
     min_gain: float = 0.0
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="of the gain's interval, e.g. 0.95")
 
 
 class WandbSpec(_Strict):

@@ -1,8 +1,9 @@
 """The promotion gate and the way back: MLflow Model Registry in, `pull`/`load` out.
 
-A sweep's best trial (by validation score; ties: fewer LM calls) takes the alias only if
-its test score beats the current champion's on the same data by more than `min_gain`.
-Programs come back as DSPy JSON state: nothing here unpickles.
+A sweep's best trial (by validation score; ties: fewer LM calls) takes the alias only if, on
+the same test examples as the current champion, the lower end of its gain's interval (a paired
+bootstrap, track/gate.py) is above `min_gain`. Simulated and real programs are never compared:
+a registered model holds one kind. Programs come back as DSPy JSON state: nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.errors import SweepError, first_line
 from dspy_sweeps.lm.build import portable_lm
-from dspy_sweeps.spec.schema import ModelSpec, Promote
+from dspy_sweeps.spec.schema import SIM_PREFIX, ModelSpec, Promote
+from dspy_sweeps.track.gate import Interval, paired_gain
 from dspy_sweeps.track.results import TrialRecord
 
 CHALLENGER = "challenger"
+SCORES_ARTIFACT = "scores/test_scores.json"  # in the trial's MLflow run: the champion's per-example test scores
+
+Rescore = Callable[[str], list[float | None]]  # program JSON -> per-example scores on this sweep's test split
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,22 @@ class Decision:
     reason: str
     version: str | None = None
     alias: str | None = None
+    simulated: bool = False  # the challenger's scores came from the simulated endpoint
+    gain: Interval | None = None  # test-score gain over the champion, on the same examples
+
+
+def save_decision(results: Path, decision: Decision) -> None:
+    """Beside the sweep's results file, so `sweep results` repeats the promotion line."""
+    results.with_suffix(".decision.json").write_text(json.dumps(asdict(decision)))
+
+
+def saved_decision(results: Path) -> Decision | None:
+    path = results.with_suffix(".decision.json")
+    if not path.is_file():
+        return None
+    fields = json.loads(path.read_text())
+    gain = fields.pop("gain")
+    return Decision(**fields, gain=Interval(**gain) if gain else None)
 
 
 def best(records: list[TrialRecord]) -> TrialRecord | None:
@@ -44,69 +65,113 @@ def program_sha(program_json: str) -> str:
 
 
 def promote(
-    promote: Promote,
-    winner: TrialRecord,
-    run_id: str,
-    program: Any,
-    tracking_uri: str,
-    rescore: Callable[[str], float],
+    promote: Promote, winner: TrialRecord, run_id: str, program: Any, tracking_uri: str, rescore: Rescore
 ) -> Decision:
-    """Register the winner and move the alias if it beats the champion; `rescore` scores a
-    champion program (JSON state) on this sweep's test split when it was scored on other data."""
+    """Register the winner and move the alias if its gain over the champion is above `min_gain` with
+    `confidence`; `rescore` scores a program on this sweep's test split when its scores are not known."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    sha = program_sha(Path(winner.program_path).read_text())
+    program_json = Path(winner.program_path).read_text()
+    sha, simulated = program_sha(program_json), winner.simulated
     champion = _version_by_alias(client, promote.model, promote.alias)
+    if champion is not None and version_simulated(champion) != simulated:
+        return Decision(False, _mixed(promote, champion, simulated), simulated=simulated)
     if champion is not None and champion.tags.get("program_sha") == sha:
         return Decision(
-            False, f"{winner.trial_id} is the same program as {promote.alias} v{champion.version}; nothing registered"
+            False,
+            f"{winner.trial_id} is the same program as {promote.alias} v{champion.version}; nothing registered",
+            simulated=simulated,
         )
+    scores = winner.test_scores or rescore(program_json)  # a record from before per-example scores were kept
+    gain = None
     if champion is None:
         passed, why = True, f"no {promote.alias} yet: {winner.trial_id} is the first"
     else:
-        champion_score = _champion_test_score(client, champion, winner.data_fingerprint, rescore)
-        gain = winner.test_score - champion_score
-        passed = gain > promote.min_gain
-        versus = f"{promote.alias} v{champion.version} ({champion_score:.3f})"
-        why = (
-            f"test {winner.test_score:.3f} beats {versus} by {gain:+.3f}"
-            if passed
-            else f"test {winner.test_score:.3f} does not beat {versus} by more than min_gain {promote.min_gain}"
-        )
+        held = _champion_test_scores(client, champion, winner.data_fingerprint, len(scores), rescore)
+        gain = paired_gain(scores, held, promote.confidence)
+        passed, why = _judge(promote, winner, champion, gain)
+    registration = Registration(winner, run_id, sha, scores, gain)
     if not passed:
-        return _register_challenger(client, promote.model, winner, run_id, program, sha, tracking_uri, why)
-    version = _register(promote.model, winner, run_id, program, sha, tracking_uri, gate="passed")
-    holder = _settle(client, promote.model, promote.alias, winner.data_fingerprint)
+        return _register_challenger(client, promote.model, registration, program, tracking_uri, why)
+    version = _register(promote.model, registration, program, tracking_uri, gate="passed")
+    holder = _settle(client, promote.model, promote.alias, winner.data_fingerprint, simulated)
     if holder != version:
         return Decision(
             False,
             f"{why}, but v{holder}, promoted meanwhile, scores higher; v{version} registered without the alias",
             version,
+            simulated=simulated,
+            gain=gain,
         )
-    return Decision(True, why, version, promote.alias)
+    return Decision(True, why, version, promote.alias, simulated, gain)
+
+
+def _judge(promote: Promote, winner: TrialRecord, champion: Any, gain: Interval | None) -> tuple[bool, str]:
+    """Whether the gain clears the gate, and the reason in words."""
+    versus = f"{promote.alias} v{champion.version}"
+    if gain is None:
+        return False, f"{winner.trial_id} and {versus} share no scored test example, so their gain is unknown"
+    measured = f"gain {gain.signed()} over {versus} on {gain.n} test examples ({gain.confidence:.0%} interval)"
+    if gain.low > promote.min_gain:
+        return True, f"{measured}: above min_gain {promote.min_gain}"
+    if gain.value > promote.min_gain:
+        return False, f"{measured}: the gain is within noise (min_gain {promote.min_gain})"
+    return False, f"{measured}: no gain above min_gain {promote.min_gain}"
+
+
+def _mixed(promote: Promote, champion: Any, simulated: bool) -> str:
+    """One line refusing to compare a simulated score with a real one, naming the remedy."""
+    held, ours = ("SIMULATED", "real") if version_simulated(champion) else ("real", "SIMULATED")
+    remedy = f"{promote.model}-sim" if simulated else f"{promote.model}-real"
+    return (
+        f"{promote.model}@{promote.alias} v{champion.version} is a {held} model's program and this sweep's scores "
+        f"are {ours}; they are never compared: promote to another registered model (promote.model: {remedy})"
+    )
+
+
+def version_simulated(version: Any) -> bool:
+    """A registered version's scores were simulated (versions from before the tag: a `sim/` student)."""
+    tag = version.tags.get("simulated")
+    return tag == "true" if tag is not None else version.tags.get("student", "").startswith(SIM_PREFIX)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a registered version records about the trial it comes from."""
+
+    winner: TrialRecord
+    run_id: str
+    sha: str
+    test_scores: list[float | None]
+    gain: Interval | None
 
 
 def _register_challenger(
-    client: Any, name: str, winner: TrialRecord, run_id: str, program: Any, sha: str, uri: str, why: str
+    client: Any, name: str, registration: Registration, program: Any, uri: str, why: str
 ) -> Decision:
+    simulated, gain = registration.winner.simulated, registration.gain
     challenger = _version_by_alias(client, name, CHALLENGER)
-    if challenger is not None and challenger.tags.get("program_sha") == sha:
-        return Decision(False, f"{why}; already registered as {CHALLENGER} v{challenger.version}")
-    version = _register(name, winner, run_id, program, sha, uri, gate=CHALLENGER)
+    if challenger is not None and challenger.tags.get("program_sha") == registration.sha:
+        return Decision(
+            False, f"{why}; already registered as {CHALLENGER} v{challenger.version}", simulated=simulated, gain=gain
+        )
+    version = _register(name, registration, program, uri, gate=CHALLENGER)
     client.set_registered_model_alias(name, CHALLENGER, version)
-    return Decision(False, f"{why}; registered as {CHALLENGER} v{version}", version, CHALLENGER)
+    return Decision(False, f"{why}; registered as {CHALLENGER} v{version}", version, CHALLENGER, simulated, gain)
 
 
-def _settle(client: Any, name: str, alias: str, fingerprint: str) -> str:
-    """Compare-and-set for concurrent promotions: of the versions that passed the gate on this
-    data, the best test score (ties: the earlier version) holds the alias. Every promoting sweep
-    settles after registering, so the last one to settle sees all of them: the better program
-    wins, not the last writer."""
+def _settle(client: Any, name: str, alias: str, fingerprint: str, simulated: bool) -> str:
+    """Compare-and-set for concurrent promotions: of the versions of this kind (simulated or real)
+    that passed the gate on this data, the best test score (ties: the earlier version) holds the
+    alias. Every promoting sweep settles after registering, so the last one to settle sees all of
+    them: the better program wins, not the last writer."""
     passed = [
         v
         for v in client.search_model_versions(f"name = '{name}'")
-        if v.tags.get("gate") == "passed" and v.tags.get("data_fingerprint") == fingerprint
+        if v.tags.get("gate") == "passed"
+        and v.tags.get("data_fingerprint") == fingerprint
+        and version_simulated(v) == simulated
     ]
     best = max(passed, key=lambda v: (float(v.tags["test_score"]), -int(v.version)))
     current = _version_by_alias(client, name, alias)
@@ -124,17 +189,34 @@ def _version_by_alias(client: Any, name: str, alias: str) -> Any:
         return None
 
 
-def _champion_test_score(client: Any, champion: Any, fingerprint: str, rescore: Callable[[str], float]) -> float:
-    if champion.tags.get("data_fingerprint") == fingerprint:
-        return float(champion.tags["test_score"])
+def _champion_test_scores(
+    client: Any, champion: Any, fingerprint: str, examples: int, rescore: Rescore
+) -> list[float | None]:
+    """The champion's per-example scores on the winner's test examples: those it was registered with
+    when it was scored on the same data, else (other data, or none kept) its program re-scored."""
     with tempfile.TemporaryDirectory() as tmp:
+        if champion.tags.get("data_fingerprint") == fingerprint:
+            kept = _kept_scores(client, champion.run_id, Path(tmp))
+            if kept is not None and len(kept) == examples:
+                return kept
         program_json = (_download(client, champion.run_id, Path(tmp)) / "program.json").read_text()
     return rescore(program_json)
 
 
-def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: str, uri: str, gate: str) -> str:
-    """Save the program with `mlflow.dspy` into the trial's run (so `mlflow.dspy.load_model` works)
-    and register it, through a client for `uri`: MLflow's global URI is left alone.
+def _kept_scores(client: Any, run_id: str, tmp: Path) -> list[float | None] | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        path = client.download_artifacts(run_id, SCORES_ARTIFACT, str(tmp))
+    except (MlflowException, OSError):  # registered before per-example scores were kept
+        return None
+    return json.loads(Path(path).read_text())["test_scores"]
+
+
+def _register(name: str, registration: Registration, program: Any, uri: str, gate: str) -> str:
+    """Save the program with `mlflow.dspy` into the trial's run (so `mlflow.dspy.load_model` works),
+    with its per-example test scores (the next challenger is compared on them), and register it,
+    through a client for `uri`: MLflow's global URI is left alone.
 
     Idempotent: a promotion retried after a tracking-server outage finds the version it
     already registered (by its promotion id) instead of creating a second one."""
@@ -143,8 +225,8 @@ def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: st
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
-    promotion_id = hashlib.sha256(f"{run_id}:{sha}:{gate}".encode()).hexdigest()[:16]
+    client, run_id, winner = MlflowClient(uri), registration.run_id, registration.winner
+    promotion_id = hashlib.sha256(f"{run_id}:{registration.sha}:{gate}".encode()).hexdigest()[:16]
     for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         if existing.tags.get("promotion_id") == promotion_id:
             return str(existing.version)
@@ -161,6 +243,8 @@ def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: st
             mlflow.dspy.save_model(program, f"{tmp}/model", code_paths=project_code(meta["program"]))
         try:
             client.log_artifacts(run_id, f"{tmp}/model", "model")
+            scores = {"data_fingerprint": winner.data_fingerprint, "test_scores": registration.test_scores}
+            client.log_dict(run_id, scores, SCORES_ARTIFACT)
         except (MlflowException, OSError) as exc:
             raise _store_refused(exc) from None
     try:
@@ -169,7 +253,7 @@ def _register(name: str, winner: TrialRecord, run_id: str, program: Any, sha: st
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another sweep registered it first: fine
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    tags = _version_tags(winner, sha, gate, promotion_id)
+    tags = _version_tags(registration, gate, promotion_id)
     return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
 
 
@@ -191,20 +275,28 @@ def project_code(program_path: str) -> list[str] | None:
     return [folders[0]] if folders and Path(folders[0]).resolve().is_relative_to(Path(os.getcwd()).resolve()) else None
 
 
-def _version_tags(winner: TrialRecord, sha: str, gate: str, promotion_id: str) -> dict[str, str]:
+def _version_tags(registration: Registration, gate: str, promotion_id: str) -> dict[str, str]:
     from importlib.metadata import version
 
+    from dspy_sweeps.track.tracking import simulation_tags
+
+    winner, gain = registration.winner, registration.gain
+    gained = {"gain": gain.signed(), "gain_low": str(gain.low), "gain_confidence": str(gain.confidence)} if gain else {}
     return {
         "sweep": winner.sweep,
         "trial": winner.trial_id,
         "optimizer": winner.kind,
         "settings": winner.settings,
-        "student": winner.student,
-        "teacher": winner.teacher or "",
+        "student": winner.student_model or winner.student,
+        "teacher": winner.teacher_model or winner.teacher or "",
+        "student_name": winner.student,
+        "teacher_name": winner.teacher or "",
+        **simulation_tags(winner),
         "val_score": str(winner.val_score),
         "test_score": str(winner.test_score),
+        **gained,
         "data_fingerprint": winner.data_fingerprint,
-        "program_sha": sha,
+        "program_sha": registration.sha,
         "versions": json.dumps({p: version(p) for p in ("dspy", "dspy-sweeps", "mlflow")}),
         "gate": gate,
         "promotion_id": promotion_id,

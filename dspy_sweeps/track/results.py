@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +51,46 @@ class TrialRecord:
     gave_up: int = 0  # LM calls whose retries on one model ran out
     fell_back: int = 0  # LM calls passed on to a fallback model
     calls_by_model: str = "{}"  # JSON: answered LM calls per model (the sweep's model strings)
+    # `student`/`teacher` are the specs' names (their identity); these say what they called and whether it was real.
+    student_model: str = ""
+    student_simulated: bool = False
+    teacher_model: str | None = None
+    teacher_simulated: bool = False
+    val_scores: list[float | None] = field(default_factory=list)  # per example, in split order; None: not scored
+    test_scores: list[float | None] = field(default_factory=list)
+
+    @property
+    def simulated(self) -> bool:
+        """Its scores came from (or its program was compiled with) the simulated endpoint."""
+        return self.student_simulated or self.teacher_simulated
 
     @classmethod
     def of(
-        cls, sweep: str, trial: Trial, result: TrialResult, program_path: Path | None, fingerprint: str
+        cls,
+        sweep: str,
+        trial: Trial,
+        result: TrialResult,
+        program_path: Path | None,
+        fingerprint: str,
+        simulated: Mapping[str, bool] | None = None,
     ) -> TrialRecord:
+        """`simulated` tells, by spec (`model_dump_json()`), which models answered from the simulator
+        (`run_sweep` checks their endpoints); without it, a `sim/` model string is the only sign."""
+        simulated = simulated or {}
+        teacher = trial.teacher if trial.teacher and trial.kind != "none" else None
         return cls(
             sweep=sweep,
             trial_id=trial.id,
             kind=trial.kind,
             settings=json.dumps(trial.settings, sort_keys=True),
-            student=trial.student.model,
-            teacher=trial.teacher.model if trial.teacher and trial.kind != "none" else None,
+            student=trial.student.name,
+            teacher=teacher.name if teacher else None,
+            student_model=trial.student.model,
+            student_simulated=simulated.get(trial.student.model_dump_json(), trial.student.simulated),
+            teacher_model=teacher.model if teacher else None,
+            teacher_simulated=bool(teacher and simulated.get(teacher.model_dump_json(), teacher.simulated)),
+            val_scores=list(result.val_scores),
+            test_scores=list(result.test_scores),
             seed=trial.seed,
             status=result.status,
             error=result.error,
@@ -120,10 +149,7 @@ def leaderboard(path: Path) -> list[dict[str, Any]]:
     import duckdb
 
     query = """
-        SELECT trial_id, kind, settings, student, teacher, seed, status, error, reason, val_score, test_score,
-               lm_calls, calls_requested, cache_hits, merged_calls, failed_calls, failed_examples, prompt_tokens,
-               completion_tokens, cost_usd, duration_s, program_path, data_fingerprint
-        FROM read_parquet(?)
+        SELECT * FROM read_parquet(?, union_by_name = true)
         ORDER BY status = 'ok' DESC, val_score DESC NULLS LAST, lm_calls ASC, trial_id
     """
     with duckdb.connect(":memory:") as con:

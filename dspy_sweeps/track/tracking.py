@@ -81,18 +81,36 @@ class NullLogger:
 
 
 def trial_config(trial: Trial, fingerprint: str) -> dict[str, Any]:
-    """The settings that define a trial, flat, as W&B config and MLflow params; known at its start."""
+    """The settings that define a trial, flat, as W&B config and MLflow params; known at its start.
+    Whether its models were simulated is known once its endpoints answered: see `simulation_flags`."""
+    teacher = trial.teacher if trial.teacher and trial.kind != "none" else None
     return {
         "trial_id": trial.id,
         "optimizer": trial.kind,
         "seed": trial.seed,
-        "student": trial.student.model,
-        "teacher": trial.teacher.model if trial.teacher and trial.kind != "none" else "",
+        "student": trial.student.name,
+        "teacher": teacher.name if teacher else "",
+        "student_model": trial.student.model,
+        "teacher_model": teacher.model if teacher else "",
         "program": trial.program,
         "metric": trial.metric,
         "data_fingerprint": fingerprint,
         **{f"settings.{k}": v for k, v in trial.settings.items()},
     }
+
+
+def simulation_flags(record: TrialRecord) -> dict[str, bool]:
+    """Whether a trial's scores are simulated (its student's, its teacher's), as W&B config."""
+    return {
+        "simulated": record.simulated,
+        "student_simulated": record.student_simulated,
+        "teacher_simulated": record.teacher_simulated,
+    }
+
+
+def simulation_tags(record: TrialRecord) -> dict[str, str]:
+    """The same as MLflow tags (runs and registered versions)."""
+    return {k: str(v).lower() for k, v in simulation_flags(record).items()}
 
 
 def figures(record: TrialRecord) -> dict[str, float]:
@@ -182,7 +200,8 @@ class WandbLogger:
 
         self.trial_started(trial)
         run = self.runs.pop(trial.id)
-        run.tags = (*run.tags, record.status)
+        run.tags = (*run.tags, record.status, *(["SIMULATED"] if record.simulated else []))
+        run.config.update(simulation_flags(record), allow_val_change=True)
         run.log({STEP: final_step(self.steps, trial.id, record), **figures(record)})
         run.summary.update({**figures(record), "status": record.status, "error": record.error or ""})
         if result.predictions:
@@ -312,6 +331,7 @@ class MlflowLogger:
         self.trial_started(trial)
         run_id = self.runs.pop(trial.id)
         tags = [RunTag("status", record.status)] + ([RunTag("error", record.error)] if record.error else [])
+        tags += [RunTag(k, v) for k, v in simulation_tags(record).items()]
         step, now = final_step(self.steps, trial.id, record), int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in figures(record).items()]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
@@ -386,6 +406,8 @@ def program_metadata(sweep: Sweep, trial: Trial, record: TrialRecord) -> dict[st
         "inputs": list(sweep.data.inputs),
         "val_score": record.val_score,
         "test_score": record.test_score,
+        "student_simulated": record.student_simulated,
+        "teacher_simulated": record.teacher_simulated,
         "data_fingerprint": record.data_fingerprint,
         "versions": {pkg: version(pkg) for pkg in ("dspy", "dspy-sweeps", "mlflow", "ray")},
     }

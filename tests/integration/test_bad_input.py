@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -25,8 +24,8 @@ from pathlib import Path
 import pytest
 
 BAD = Path("tests/assets/bad")
-CPU_LIMIT_S = 8.0  # per case, in the CLI's own CPU time, so a busy machine does not fail it
-WALL_LIMIT_S = 30.0  # a case that waits on a network timeout or starts Ray is caught here
+# Not a time limit (speed is `make bench`'s): a case that hangs is interrupted, and fails its test.
+GIVE_UP_S = 300.0
 
 # case (file stem) -> fragments the one-line message must contain
 CASES: dict[str, tuple[str, ...]] = {
@@ -82,39 +81,35 @@ class Run:
     returncode: int
     stdout: str
     stderr: str
-    seconds: float
-    cpu_seconds: float
     state: Path
 
 
 def run_cli(repo: Path, args: list[str], state: Path, env: dict[str, str]) -> Run:
-    """`sweep ARGS` from the repo root, with its wall and CPU time; STATE is where it may write."""
+    """`sweep ARGS` from the repo root; STATE is where it may write."""
     command = [str(Path(sys.executable).with_name("sweep")), *args]
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         # Its own process group, so a case that wrongly gets as far as Ray can be interrupted
         # (SIGINT lets it stop Ray and the simulator) instead of leaving them behind.
         process = subprocess.Popen(command, cwd=repo, env=env, stdout=out, stderr=err, start_new_session=True)
-        status, usage = _wait(process.pid, started + 60)
+        status = _wait(process.pid, started + GIVE_UP_S)
         process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
-    cpu = usage.ru_utime + usage.ru_stime
-    return Run(process.returncode, stdout, stderr, time.monotonic() - started, cpu, state)
+    return Run(process.returncode, stdout, stderr, state)
 
 
-def _wait(pid: int, deadline: float) -> tuple[int, resource.struct_rusage]:
-    """Reap `pid` with its resource usage; SIGINT its group at the deadline, SIGKILL 20 s later."""
+def _wait(pid: int, deadline: float) -> int:
+    """Reap `pid`; SIGINT its group at the deadline, SIGKILL 20 s later."""
     for sig, until in ((signal.SIGINT, deadline), (signal.SIGKILL, deadline + 20)):
         while time.monotonic() < until:
-            reaped, status, usage = os.wait4(pid, os.WNOHANG)
+            reaped, status = os.waitpid(pid, os.WNOHANG)
             if reaped:
-                return status, usage
+                return status
             time.sleep(0.02)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)
-    _, status, usage = os.wait4(pid, 0)
-    return status, usage
+    return os.waitpid(pid, 0)[1]
 
 
 def good_sweep(path: Path) -> Path:
@@ -200,8 +195,6 @@ def test_bad_input_exits_2_with_one_line(case: str, runs: dict[str, Future[Run]]
     # Nothing started: Ray and the simulated endpoint would each have made their folder.
     assert not (run.state / "ray").exists()
     assert not (run.state / "sim").exists()
-    timing = f"{run.cpu_seconds:.1f} s CPU, {run.seconds:.1f} s"
-    assert run.cpu_seconds < CPU_LIMIT_S and run.seconds < WALL_LIMIT_S, timing
     reliability("bad input: malformed sweep files (CLI)", faults_survived=1)
 
 

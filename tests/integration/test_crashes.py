@@ -51,12 +51,15 @@ def test_a_killed_trial_host_has_its_trial_retried_and_gepa_resumes(
     args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, "--set", hosts, *UNTRACKED]
     result = run_with(kill_the_gepa_host, args, state=tmp_path)
     finished_at = time.monotonic()  # the retried trial finished (and the sweep with it)
+    case = "SIGKILL of a running trial's host (GEPA, mid-run)"
+    if result.returncode != 0:  # the figures of a failed run, then its stderr
+        reliability(case, runs=1, faults_injected=len(killed), faults_survived=0)
     assert result.returncode == 0, result.stderr[-3000:]
     all_rows = rows(tmp_path)
     records = {r["kind"]: r for r in all_rows}
     survived = all(r["status"] == "ok" for r in records.values()) and len(all_rows) == 2
     reliability(
-        "SIGKILL of a running trial's host (GEPA, mid-run)",
+        case,
         runs=1,
         faults_injected=len(killed),
         faults_survived=int(survived and records["gepa"]["attempts"] == 2) * len(killed),
@@ -109,6 +112,9 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
     resuming = time.monotonic()
     resumed = sweep_cli(*args, "--resume", state=state)
     recovery_s = time.monotonic() - resuming
+    if resumed.returncode != 0:  # the figures of a failed run, then its stderr
+        reliability("SIGKILL of the driver, then --resume", runs=1, faults_injected=1, faults_survived=0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = {r["trial_id"]: r for r in rows(state)}
     from mlflow.tracking import MlflowClient
 
@@ -129,7 +135,6 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
         recovery_s=recovery_s,
     )
     assert left == [], f"processes outlived the killed driver: {left}"
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming:" in resumed.stdout
     assert len(after) == 3 and all(r["status"] == "ok" for r in after.values())
     assert rerun == [], "finished trials are not run again"
@@ -213,24 +218,29 @@ def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(
             time.sleep(0.2)
 
     full = run_with(fill_disk_after_first_trial, args, state=state)
-    before = {r["trial_id"]: r for r in rows(state)}  # the last complete results file
     ballast.unlink()
+    case = "state directory's disk full mid-sweep, then --resume"
+    if full.returncode != 2:  # the figures of a failed run, then its stderr
+        reliability(case, runs=1, faults_injected=1, faults_survived=0)
+    assert full.returncode == 2, full.stderr[-3000:]
+    before = {r["trial_id"]: r for r in rows(state)}  # the last complete results file
     resumed = sweep_cli(*args, "--resume", state=state)
+    if resumed.returncode != 0:
+        reliability(case, runs=1, faults_injected=1, faults_survived=0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = {r["trial_id"]: r for r in rows(state)}
     errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
     clean = full.returncode == 2 and len(errors) == 1 and "is full" in errors[0] and "Traceback" not in full.stderr
     rerun = [t for t, r in before.items() if r["status"] == "ok" and after[t]["duration_s"] != r["duration_s"]]
     reliability(
-        "state directory's disk full mid-sweep, then --resume",
+        case,
         runs=1,
         faults_injected=1,
         faults_survived=int(clean and resumed.returncode == 0 and not rerun),
         trials_lost=len([r for r in after.values() if r["status"] != "ok"]),
     )
-    assert full.returncode == 2, full.stderr[-3000:]
     assert len(errors) == 1 and "the state directory" in errors[0] and "is full" in errors[0], full.stderr[-3000:]
     assert "Traceback" not in full.stderr, full.stderr[-3000:]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming:" in resumed.stdout
     assert len(after) == 2 and all(r["status"] == "ok" for r in after.values())
     assert rerun == [], "trials finished before the disk filled are not run again"

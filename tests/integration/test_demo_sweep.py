@@ -149,15 +149,19 @@ def test_pull_writes_json_state_and_metadata(demo: dict, tmp_path: Path) -> None
     )
 
 
+def makefile_value(name: str) -> str:
+    """A variable of the Makefile (`NAME := value`): the question `make demo` asks, and its answer."""
+    import re
+
+    return re.search(rf"^{name} := (.+)$", (REPO / "Makefile").read_text(), re.MULTILINE).group(1)
+
+
 def test_ask_and_load_in_fresh_processes(demo: dict) -> None:
-    asked = sweep_cli(
-        "ask",
-        "demo@champion",
-        "question=Each of 4 shelves holds 6 books. How many books are on the shelves?",
-        state=demo["state"],
-    )
+    question, right = makefile_value("DEMO_QUESTION"), makefile_value("DEMO_ANSWER")
+    asked = sweep_cli("ask", "demo@champion", f"question={question}", state=demo["state"])
     assert asked.returncode == 0, asked.stderr[-2000:]
-    assert "answer:" in asked.stdout
+    assert f"answer: {right}\n" in asked.stdout, "make demo's question gets the answer the user can check"
+    assert "SIMULATED student" in asked.stderr
 
     from dspy_sweeps.sim.launch import SimServer
 
@@ -166,14 +170,14 @@ def test_ask_and_load_in_fresh_processes(demo: dict) -> None:
         code = (
             "import dspy_sweeps, mlflow.dspy\n"
             f"p = dspy_sweeps.load('demo@champion', api_base='{sim.base_url}', tracking_uri='sqlite:///{demo['state']}/mlflow.db')\n"
-            "print('ANSWER', p(question='Ben has 3 apples and gets 4 more. How many apples does Ben have now?').answer)\n"
+            f"print('ANSWER', p(question={question!r}).answer)\n"
             f"mlflow.set_tracking_uri('sqlite:///{demo['state']}/mlflow.db')\n"
             "m = mlflow.dspy.load_model('models:/demo@champion')\n"
             "print('MLFLOW', type(m).__name__)\n"
         )
         loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
-    assert "ANSWER " in loaded.stdout and "MLFLOW Solve" in loaded.stdout
+    assert f"ANSWER {right}\n" in loaded.stdout and "MLFLOW Solve" in loaded.stdout
 
 
 @pytest.mark.reliability

@@ -32,12 +32,16 @@ def test_endpoint_faults_are_retried_or_fail_only_their_trials(sim: SimServer, t
         *UNTRACKED,
         state=tmp_path / "state",
     )
+    case = "endpoint: 500s, 429 Retry-After, garbage, hangs (short) and 500s (for good)"
+    if result.returncode != 0:  # the figures of a failed run, then its stderr
+        reliability(case, runs=1, faults_injected=5, faults_survived=0)
+    assert result.returncode == 0, result.stderr[-3000:]
     records = rows(tmp_path / "state")
     healthy = [r for r in records if "student2" not in r["student"]]
     broken = [r for r in records if "student2" in r["student"]]
     scored_failures = sum(r["failed_examples"] for r in records if r["status"] == "ok")
     reliability(
-        "endpoint: 500s, 429 Retry-After, garbage, hangs (short) and 500s (for good)",
+        case,
         runs=1,
         faults_injected=5,
         faults_survived=int(all(r["status"] == "ok" for r in healthy)) * 4
@@ -48,7 +52,6 @@ def test_endpoint_faults_are_retried_or_fail_only_their_trials(sim: SimServer, t
         calls_retried=sum(r["retries"] for r in records),
         calls_fell_back=sum(r["fell_back"] for r in records),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert len(healthy) == 2 and all(r["status"] == "ok" for r in healthy)
     assert len(broken) == 2 and all(r["status"] == "failed" and r["reason"] == "endpoint" for r in broken)
     assert all(r["val_score"] is None for r in broken), "a failed call is never scored as a wrong answer"

@@ -237,7 +237,7 @@ def test_hang_seconds_drops_the_connection_unanswered(sim: SimServer) -> None:
     started = time.monotonic()
     with pytest.raises(RemoteDisconnected):
         http(f"{sim.base_url}/chat/completions", CHAT, timeout=5)
-    assert 0.3 <= time.monotonic() - started < 3
+    assert time.monotonic() - started >= 0.3  # it held the request before dropping it
     assert chat(sim)[0] == 200
 
 
@@ -310,12 +310,11 @@ def test_startup_faults_and_api_key(key_file: Path, tmp_path: Path) -> None:
         caller = threading.Thread(target=hung_call)
         caller.start()
         wait_for(lambda: sim.stats()["models"]["student"]["hanging"] == 1)
-        started = time.monotonic()
     finally:
         sim.stop()
-    assert time.monotonic() - started < 3
-    caller.join(timeout=5)
-    assert not caller.is_alive() and len(dropped) == 1
+    caller.join(timeout=30)
+    # Dropped as the server stopped, not left to the client's own 10 s timeout.
+    assert not caller.is_alive() and len(dropped) == 1 and not isinstance(dropped[0], TimeoutError), dropped
     log = (tmp_path / "sim.log").read_text()
     assert "FAULT INJECTION" in log and CANARY_KEY not in log
 
