@@ -52,7 +52,9 @@ FIGURES = (
     "gave_up",
     "fell_back",
 )
-STEP = "calls"  # W&B's x-axis for a trial's history: LM calls spent (MLflow's step is the same number)
+# The x-axis of a trial's history in W&B (and MLflow's step): the LM calls it had spent at the event,
+# not the event's bucketed step, which only the pruner needs; charts get a point per evaluation.
+STEP = "calls"
 
 
 class TrialLogger(Protocol):
@@ -192,8 +194,8 @@ class WandbLogger:
         self.trial_started(trial)
         run = self.runs[trial.id]
         for event in events:
-            run.log({STEP: event.step, **event_figures(event)})
-            self.steps[trial.id] = max(self.steps.get(trial.id, 0), event.step)
+            run.log({STEP: event.calls, **event_figures(event)})
+            self.steps[trial.id] = max(self.steps.get(trial.id, 0), event.calls)
 
     def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
         import wandb
@@ -320,10 +322,10 @@ class MlflowLogger:
 
         self.trial_started(trial)
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, e.step) for e in events for k, v in event_figures(e).items()]
+        metrics = [Metric(k, v, now, e.calls) for e in events for k, v in event_figures(e).items()]
         for i in range(0, len(metrics), MLFLOW_BATCH_LIMIT):
             self.client.log_batch(self.runs[trial.id], metrics=metrics[i : i + MLFLOW_BATCH_LIMIT])
-        self.steps[trial.id] = max([self.steps.get(trial.id, 0), *(e.step for e in events)])
+        self.steps[trial.id] = max([self.steps.get(trial.id, 0), *(e.calls for e in events)])
 
     def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
         from mlflow.entities import Metric, RunTag

@@ -106,6 +106,29 @@ def test_mlflow_has_a_parent_and_child_runs_and_a_champion(demo: dict) -> None:
     assert len(client.search_model_versions("name = 'demo'")) == 1
 
 
+def test_mipro_and_gepa_trials_have_a_metric_history_from_their_evaluations(demo: dict) -> None:
+    """Events streamed while the trials ran: a point per evaluation, at the LM calls spent then,
+    in MLflow and in the trials' W&B offline runs (which held one row each before events)."""
+    from mlflow.tracking import MlflowClient
+    from wandb_reader import read_runs
+
+    client = MlflowClient(f"sqlite:///{demo['state']}/mlflow.db")
+    experiment = client.get_experiment_by_name("demo")
+    first_parent = min(
+        (r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags),
+        key=lambda r: r.info.start_time,
+    )
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{first_parent.info.run_id}'"
+    )
+    for kind in ("mipro_v2", "gepa"):
+        (run,) = [r for r in children if r.data.params["optimizer"] == kind]
+        steps = {m.step for m in client.get_metric_history(run.info.run_id, "lm_calls")}
+        assert len(steps) >= 5, (kind, sorted(steps))
+    wandb_runs = [r for r in read_runs(demo["state"] / "wandb" / "wandb") if r.job_type in ("mipro_v2", "gepa")]
+    assert wandb_runs and all(len(r.history) >= 5 for r in wandb_runs), [len(r.history) for r in wandb_runs]
+
+
 def test_wandb_offline_runs_one_per_trial_and_one_per_sweep(demo: dict) -> None:
     from wandb_reader import read_runs
 
