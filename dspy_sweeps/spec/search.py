@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dspy_sweeps.errors import SweepError
-from dspy_sweeps.spec.optimizers import CLASSES, bind_settings, optimizer_class
+from dspy_sweeps.spec.optimizers import bind_settings, optimizer_class
 from dspy_sweeps.spec.plan import Trial, expand_grid, make_trial
 from dspy_sweeps.spec.schema import ModelSpec, Prune, Sweep
 
@@ -143,7 +143,7 @@ def _fits(kind: str, key: str, dist: Dist, where: str) -> None:
     if bad is not None:
         raise SweepError(
             f"{where}: a {dist.kind} distribution does not fit this {expected.__name__} setting "
-            f"({CLASSES[kind]}'s default is {default!r}; got {bad!r})"
+            f"({optimizer_class(kind).__name__}'s default is {default!r}; got {bad!r})"
         )
 
 

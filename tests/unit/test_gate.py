@@ -193,20 +193,19 @@ def test_a_record_is_keyed_by_the_student_name_and_says_what_was_simulated() -> 
 
 
 def test_w_and_b_and_mlflow_are_told_what_was_simulated() -> None:
-    from dspy_sweeps.track.tracking import simulation_tags, trial_config
+    """The trial's config names its student and model from its start; whether they were simulated is
+    known once its endpoints answered, and goes on the run at its end (W&B config, MLflow tags)."""
+    from dspy_sweeps.track.tracking import simulation_flags, simulation_tags, trial_config
 
     student = ModelSpec(name="small", model="openai/student", api_base="http://127.0.0.1:1/v1")
     trial = Trial("t", "p:P", "m:f", "none", student, None, 0)
+    config = trial_config(trial, "fp")
+    assert (config["student"], config["student_model"]) == ("small", "openai/student")
     marked = TrialRecord.of("s", trial, TrialResult("t", "ok"), None, "fp", {student.model_dump_json(): True})
-    config = trial_config(trial, marked)
-    assert (config["student"], config["student_model"], config["student_simulated"]) == (
-        "small",
-        "openai/student",
-        True,
-    )
+    assert simulation_flags(marked) == {"simulated": True, "student_simulated": True, "teacher_simulated": False}
     assert simulation_tags(marked) == {"simulated": "true", "student_simulated": "true", "teacher_simulated": "false"}
     real = TrialRecord.of("s", trial, TrialResult("t", "ok"), None, "fp", {student.model_dump_json(): False})
-    assert simulation_tags(real)["simulated"] == "false" and not trial_config(trial, real)["student_simulated"]
+    assert simulation_tags(real)["simulated"] == "false" and not simulation_flags(real)["student_simulated"]
 
 
 def test_sweep_results_repeats_the_last_decision(tmp_path) -> None:
