@@ -79,20 +79,24 @@ def own_ray(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
 
 
-def start_head(*, dashboard: bool, num_cpus: int, env: dict[str, str] | None = None, tries: int = 3) -> RayHead:
+def start_head(
+    *, dashboard: bool, num_cpus: int, env: dict[str, str] | None = None, venv_on_path: bool = True, tries: int = 3
+) -> RayHead:
     """`_start_head`, again if it fails: on a loaded machine the raylet can miss Ray's fixed
     30-second window to register with the GCS ("The current node timed out during startup")."""
     for _ in range(tries - 1):
         try:
-            return _start_head(dashboard=dashboard, num_cpus=num_cpus, env=env)
+            return _start_head(dashboard, num_cpus, env, venv_on_path)
         except AssertionError:
             pass
-    return _start_head(dashboard=dashboard, num_cpus=num_cpus, env=env)
+    return _start_head(dashboard, num_cpus, env, venv_on_path)
 
 
-def _start_head(*, dashboard: bool, num_cpus: int, env: dict[str, str] | None) -> RayHead:
+def _start_head(dashboard: bool, num_cpus: int, env: dict[str, str] | None, venv_on_path: bool) -> RayHead:
     """A Ray head on 127.0.0.1 with token auth and every port picked free (Ray's worker ports,
     10002-19999, and its agent's 52365 are not among them: the kernel hands out higher ones).
+    Without `venv_on_path`, the head runs as `.venv/bin/ray start` does from a shell with no venv
+    activated: the venv's `bin` is not on its PATH (a job's entrypoint inherits that PATH).
 
     The temp dir is short because Unix socket paths are limited to about 107 bytes."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
@@ -110,14 +114,17 @@ def _start_head(*, dashboard: bool, num_cpus: int, env: dict[str, str] | None) -
     if dashboard:
         ports["--dashboard-port"] = dashboard_port
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    outer = env or os.environ
+    path = [p for p in outer.get("PATH", "").split(os.pathsep) if p and Path(p) != BIN]
     full_env = {
-        **(env or os.environ),
+        **outer,
         **auth,
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": os.pathsep.join([str(BIN), *path] if venv_on_path else path),
     }
-    full_env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", *([] if venv_on_path else ["VIRTUAL_ENV"])):
+        full_env.pop(name, None)
     cmd = [
         str(BIN / "ray"),
         "start",

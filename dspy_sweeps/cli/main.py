@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +100,9 @@ def run(
     from dspy_sweeps.track.registry import save_decision
 
     load_job_secrets()  # in a job from `sweep submit`: the secrets it was sent, before anything reads keys
+    # A library's log line that cannot be written (a full disk, a closed pipe) must not print a
+    # traceback over the one-line error the sweep gives: Python's logging then drops it silently.
+    logging.raiseExceptions = False
     console = _console()
     prepared = _prepare(sweep_file, set_)
     console.print(

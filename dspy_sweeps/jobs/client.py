@@ -309,8 +309,14 @@ def _client(address: str | None) -> Any:
     address = resolve_address(address)
     from ray.job_submission import JobSubmissionClient
 
-    with _talking_to(address):
-        return JobSubmissionClient(address)
+    # Ray's client takes RAY_ADDRESS (or RAY_API_SERVER_ADDRESS) over the address it is given; the
+    # address resolved here (--address, else RAY_ADDRESS) is the one the user chose.
+    hidden = {name: os.environ.pop(name) for name in (ADDRESS_ENV, "RAY_API_SERVER_ADDRESS") if name in os.environ}
+    try:
+        with _talking_to(address):
+            return JobSubmissionClient(address)
+    finally:
+        os.environ.update(hidden)
 
 
 @contextlib.contextmanager

@@ -117,20 +117,10 @@ def _score(
 def _accounted(result: TrialResult, gateway: Any, trial_id: str, seconds: float) -> TrialResult:
     import ray
 
+    from dspy_sweeps.run.worker import with_spend
+
     stats = ray.get(gateway.trial_stats.remote(trial_id))
-    return dataclasses.replace(
-        result,
-        lm_calls=stats.sent,
-        calls_requested=stats.requested,
-        cache_hits=stats.cache_hits,
-        merged_calls=stats.merged,
-        failed_calls=stats.failed,
-        prompt_tokens=stats.prompt_tokens,
-        completion_tokens=stats.completion_tokens,
-        latency_s=round(stats.latency_s, 3),
-        cost_usd=round(stats.cost_usd, 6),
-        duration_s=round(seconds, 3),
-    )
+    return dataclasses.replace(with_spend(result, stats), duration_s=round(seconds, 3))
 
 
 def _predictors(prepared: Prepared) -> int:

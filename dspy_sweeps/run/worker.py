@@ -68,9 +68,13 @@ def execute_trial(trial: Trial, ctx: TrialContext, channel: Any) -> TrialResult:
     except Exception as exc:
         result = failed(trial_id, exc, budget_spent=ray.get(ctx.gateway.exhausted.remote()))
     stats = ray.get(ctx.gateway.trial_stats.remote(trial_id))
+    return dataclasses.replace(with_spend(result, stats), attempts=attempt)
+
+
+def with_spend(result: TrialResult, stats: Any) -> TrialResult:
+    """`result` with the trial's LM spend as the gateway counted it (its `CallStats`)."""
     return dataclasses.replace(
         result,
-        attempts=attempt,
         lm_calls=stats.sent,
         calls_requested=stats.requested,
         cache_hits=stats.cache_hits,

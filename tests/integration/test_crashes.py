@@ -122,6 +122,9 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
         [MlflowClient(f"sqlite:///{state}/mlflow.db").get_experiment_by_name("demo").experiment_id]
     )
     children_runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    # A trial's runs open when it starts: the one the driver died in is closed as interrupted on resume.
+    interrupted = [r for r in children_runs if r.data.tags.get("status") == "interrupted"]
+    finished_runs = [r for r in children_runs if r.info.status == "FINISHED"]
     wandb_runs = list((state / "wandb" / "wandb").glob("offline-run-*"))
     rerun = [t for t, r in before.items() if r["status"] == "ok" and after[t]["duration_s"] != r["duration_s"]]
     reliability(
@@ -131,14 +134,16 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
         faults_survived=int(resumed.returncode == 0 and not left and not rerun),
         trials_lost=len([r for r in after.values() if r["status"] != "ok"]),
         records_lost=3 - len(after),
-        duplicate_versions=len(children_runs) - len(after),
+        duplicate_versions=len(finished_runs) - len(after),
         recovery_s=recovery_s,
     )
     assert left == [], f"processes outlived the killed driver: {left}"
     assert "resuming:" in resumed.stdout
     assert len(after) == 3 and all(r["status"] == "ok" for r in after.values())
     assert rerun == [], "finished trials are not run again"
-    assert len(children_runs) == 3 and len(wandb_runs) == 3, "no duplicated MLflow or W&B runs"
+    assert len(finished_runs) == 3, "one finished MLflow run per trial, none duplicated"
+    assert interrupted and all(r.info.status == "KILLED" for r in interrupted), "the run the driver died in"
+    assert len(children_runs) == 3 + len(interrupted) and len(wandb_runs) == 3 + len(interrupted)
 
 
 def run_with(fault, args: list[str], state: Path) -> subprocess.CompletedProcess:

@@ -13,23 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shlex
-import shutil
-import signal
 import subprocess
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from tests.integration.conftest import free_port
+from ray_head import RayHead, start_head
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin"
@@ -44,128 +36,15 @@ OVERRIDES = [
 pytestmark = pytest.mark.slow
 
 
-@dataclass
-class RayHead:
-    """`ray start --head --block` on loopback with its own temp dir, ports and auth token."""
-
-    process: subprocess.Popen
-    temp_dir: Path
-    dashboard: str
-    env: dict[str, str]  # what a client needs for this cluster: auth mode and token
-    stopped: bool = False
-
-    def processes(self) -> list[str]:
-        """Processes still running with this cluster's temp dir on their command line."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:  # not a process, or it just exited
-                continue
-            if str(self.temp_dir) in cmdline and entry.name != str(os.getpid()):
-                found.append(f"{entry.name} {cmdline[:160]}")
-        return found
-
-    def stop(self) -> list[str]:
-        """SIGTERM to `ray start --block` stops all it started; return leftovers (then killed, by pid)."""
-        if not self.stopped:
-            self.stopped = True
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        deadline = time.monotonic() + 15  # workers notice their raylet is gone within seconds
-        while (leftovers := self.processes()) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for line in leftovers:
-            try:
-                os.kill(int(line.split()[0]), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return leftovers
-
-
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[RayHead]:
-    """A real Ray head on 127.0.0.1: dashboard on, token auth on, every port picked free.
-
-    Not `ray stop` afterwards: it stops every Ray on the machine, other tests' too. The temp
-    dir is short because Unix socket paths are limited to about 107 bytes.
-    """
-    temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
-    dashboard_port = free_port()
-    ports = {
-        "--port": free_port(),
-        "--dashboard-port": dashboard_port,
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-    }
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env = {
-        **os.environ,
-        **OFFLINE,
-        **auth,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        # As a user meets it: `.venv/bin/ray start` with no activated venv, so `sweep` is not on the head's PATH.
-        "PATH": os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != BIN),
-    }
-    env.pop("VIRTUAL_ENV", None)
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--dashboard-host",
-        "127.0.0.1",
-        "--include-dashboard",
-        "true",
-        "--temp-dir",
-        str(temp_dir),
-        "--num-cpus",
-        "2",
-        "--num-gpus",
-        "0",
-        "--disable-usage-stats",
-        *(str(x) for pair in ports.items() for x in pair),
-    ]
-    log_path = temp_dir / "ray-start.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            cmd, env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        head = RayHead(process, temp_dir, f"http://127.0.0.1:{dashboard_port}", auth)
-        try:
-            _wait_for_dashboard(head, log_path)
-            yield head
-        finally:
-            head.stop()
-            shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _wait_for_dashboard(head: RayHead, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers (401 without a token): it is up
-        except OSError:
-            assert head.process.poll() is None, f"ray start exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, (
-                f"the dashboard did not answer in {timeout}s:\n{log.read_text()[-3000:]}"
-            )
-            time.sleep(0.5)
+    """A real Ray head on 127.0.0.1: dashboard on, token auth on, every port picked free, started as a
+    user meets it: `.venv/bin/ray start` with no activated venv, so `sweep` is not on the head's PATH."""
+    head = start_head(dashboard=True, num_cpus=2, env={**os.environ, **OFFLINE}, venv_on_path=False)
+    try:
+        yield head
+    finally:
+        head.stop()
 
 
 def sweep_in_parallel(commands: list[list[str]], env: dict[str, str]) -> list[subprocess.CompletedProcess]:
@@ -209,7 +88,10 @@ def test_a_client_without_the_token_gets_one_line_naming_it(ray_head: RayHead, t
 
 
 @pytest.mark.reliability
-def test_submit_follow_runs_the_sweep_as_a_ray_job(ray_head: RayHead, mlflow_server: str, reliability) -> None:
+def test_submit_follow_runs_the_sweep_as_a_ray_job(
+    ray_head: RayHead, mlflow_server: str, reliability, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # Ray's client below would take it over its address
     canary = "sk-canary-" + os.urandom(8).hex()
     env = {**os.environ, **OFFLINE, **ray_head.env, "MLFLOW_TRACKING_URI": mlflow_server, "SWEEP_CANARY": canary}
     env.pop("RAY_ADDRESS", None)

@@ -66,5 +66,5 @@ def test_real_corpus_sweep_runs_offline(name: str, tmp_path: Path) -> None:
     assert len(records) == 2 and set(rows) == {"none", "bootstrap_fewshot"}, records
     baseline, bootstrap = rows["none"], rows["bootstrap_fewshot"]
     assert [baseline["status"], bootstrap["status"]] == ["ok", "ok"], rows
-    assert (baseline["student"], bootstrap["teacher"]) == ("sim/student", "sim/teacher")
+    assert (baseline["student_model"], bootstrap["teacher_model"]) == ("sim/student", "sim/teacher")
     assert bootstrap["val_score"] > baseline["val_score"], rows

@@ -47,7 +47,7 @@ def test_a_hopeless_trial_is_pruned_in_a_sweep(sim: SimServer, tmp_path: Path) -
     run = sweep_cli(*args, state=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     records = {(r["kind"], r["student"]): r for r in rows(tmp_path)}
-    sound, hopeless = records[("mipro_v2", "openai/teacher")], records[("mipro_v2", "openai/student")]
+    sound, hopeless = records[("mipro_v2", "sound")], records[("mipro_v2", "hopeless")]
     assert sound["status"] == "ok", sound
     assert hopeless["status"] == "pruned", hopeless
     assert hopeless["test_score"] is None and 0 < hopeless["calls_requested"] < sound["calls_requested"]

@@ -96,6 +96,8 @@ def tracked_at(server: str, model: str) -> list[str]:
         "tracking.wandb=null",
         "--set",
         f"tracking.mlflow.tracking_uri={server}",
+        "--set",
+        f"tracking.mlflow.experiment={model}",  # the session's MLflow server is shared: an experiment of its own
     ]
 
 
@@ -131,7 +133,7 @@ def test_a_simulated_sweep_cannot_take_a_real_champions_place(mlflow_server: str
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id], "tags.simulated = 'true'")
+    runs = client.search_runs([client.get_experiment_by_name(model).experiment_id], "tags.simulated = 'true'")
     assert len(runs) == len(records), "every trial's MLflow run says it was simulated"
     shown = sweep_cli("results", "demo", state=state)
     assert shown.returncode == 0, shown.stderr[-3000:]
