@@ -17,6 +17,7 @@ import psutil
 import pytest
 from ray_head import own_ray
 from sweep_helpers import BOOTSTRAP_ONLY, REPO, SWEEP, UNTRACKED, pointed_at, rows, sweep_cli
+from wandb_reader import read_runs
 
 from dspy_sweeps.sim.launch import SimServer
 
@@ -125,7 +126,7 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
     # A trial's runs open when it starts: the one the driver died in is closed as interrupted on resume.
     interrupted = [r for r in children_runs if r.data.tags.get("status") == "interrupted"]
     finished_runs = [r for r in children_runs if r.info.status == "FINISHED"]
-    wandb_runs = list((state / "wandb" / "wandb").glob("offline-run-*"))
+    wandb_trials = [r for r in read_runs(state / "wandb" / "wandb") if r.job_type != "sweep"]
     rerun = [t for t, r in before.items() if r["status"] == "ok" and after[t]["duration_s"] != r["duration_s"]]
     reliability(
         "SIGKILL of the driver, then --resume",
@@ -143,7 +144,8 @@ def test_a_killed_driver_leaves_nothing_running_and_resumes(sim: SimServer, tmp_
     assert rerun == [], "finished trials are not run again"
     assert len(finished_runs) == 3, "one finished MLflow run per trial, none duplicated"
     assert interrupted and all(r.info.status == "KILLED" for r in interrupted), "the run the driver died in"
-    assert len(children_runs) == 3 + len(interrupted) and len(wandb_runs) == 3 + len(interrupted)
+    assert len(children_runs) == 3 + len(interrupted)
+    assert len([r for r in wandb_trials if r.exit_code == 0]) == 3, "one finished W&B run per trial"
 
 
 def run_with(fault, args: list[str], state: Path) -> subprocess.CompletedProcess:

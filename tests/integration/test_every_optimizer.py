@@ -11,6 +11,7 @@ into a program that answers.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -224,7 +225,10 @@ def test_ensemble_is_promoted_and_loads_in_a_fresh_process(promoted: dict, tmp_p
             "print('KIND', type(p).__name__, len(p.ensemble.programs))\n"
             "print('ANSWER', p(question='Ben has 3 apples and gets 4 more. How many apples does Ben have now?').answer)\n"
         )
-        loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+        fresh = {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "dspy-cache")}  # an empty DSPy cache: calls are sent
+        loaded = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, env=fresh, capture_output=True, text=True, timeout=300
+        )
         requests = sim.stats()["models"]["student"]["ok"]
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert "KIND EnsembleProgram 2" in loaded.stdout and "ANSWER " in loaded.stdout

@@ -23,11 +23,27 @@ def study_states(state: Path) -> list[str]:
     return [t.state.name for t in study.trials]
 
 
-def test_a_hopeless_trial_is_pruned_in_a_sweep(sim: SimServer, tmp_path: Path) -> None:
+def test_a_hopeless_trial_is_pruned_in_a_sweep(tmp_path: Path) -> None:
     """The simulator's teacher profile served as a student (sound) against its student profile
     (hopeless): one trial at a time, so the sound one sets the bar the median pruner holds the
-    hopeless one to at equal LM spend."""
-    base = sim.base_url
+    hopeless one to at equal LM spend. The simulator answers at a tenth of real time, so a trial
+    takes seconds: the driver's stop reaches it while it runs, as it does a real model's."""
+    from sweep_helpers import demo_answer_key
+
+    key = demo_answer_key(tmp_path / "key.jsonl")
+    with SimServer(key, tmp_path / "sim", models=("student", "teacher"), time_scale=0.1) as slow:
+        run, base = _pruned_sweep(slow.base_url, tmp_path / "state")
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = {(r["kind"], r["student"]): r for r in rows(base)}
+    sound, hopeless = records[("mipro_v2", "sound")], records[("mipro_v2", "hopeless")]
+    assert sound["status"] == "ok", sound
+    assert hopeless["status"] == "pruned", hopeless
+    assert hopeless["test_score"] is None and 0 < hopeless["calls_requested"] < sound["calls_requested"]
+    assert "PRUNED" in study_states(base) and "COMPLETE" in study_states(base)
+
+
+def _pruned_sweep(base: str, state: Path):
+    """`sweep run` of a sound and a hopeless MIPROv2 trial under the median pruner."""
     args = [
         "run",
         "sweeps/demo.yaml",
@@ -44,14 +60,7 @@ def test_a_hopeless_trial_is_pruned_in_a_sweep(sim: SimServer, tmp_path: Path) -
         "parallelism=1",
         *UNTRACKED,
     ]
-    run = sweep_cli(*args, state=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    records = {(r["kind"], r["student"]): r for r in rows(tmp_path)}
-    sound, hopeless = records[("mipro_v2", "sound")], records[("mipro_v2", "hopeless")]
-    assert sound["status"] == "ok", sound
-    assert hopeless["status"] == "pruned", hopeless
-    assert hopeless["test_score"] is None and 0 < hopeless["calls_requested"] < sound["calls_requested"]
-    assert "PRUNED" in study_states(tmp_path) and "COMPLETE" in study_states(tmp_path)
+    return sweep_cli(*args, state=state), state
 
 
 def test_a_resumed_search_continues_its_study(sim: SimServer, tmp_path: Path) -> None:
