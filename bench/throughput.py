@@ -92,7 +92,8 @@ def platform_child(args: argparse.Namespace) -> dict[str, Any]:
         {
             "id": r.trial_id,
             # A trial writes `host` in its folder as it starts (see run/worker.py).
-            "start": state.trial_dir(prepared.sweep.name, r.trial_id).joinpath("host").stat().st_mtime,
+            "start": (begun := state.trial_dir(prepared.sweep.name, r.trial_id).joinpath("host").stat().st_mtime),
+            "end": begun + r.duration_s,
             "kind": r.kind,
             "status": r.status,
             "error": r.error,
@@ -489,7 +490,7 @@ def _reduce(
         host_peak_rss_mb=[b / 2**20 for b in sampler.host_peaks()],
         host_cpu_s=sampler.host_cpu(),
         peak_hosts=sampler.procs.peak_hosts,
-        peak_trials=_most_at_once([(t["start"], t["start"] + t["duration_s"]) for t in trials if "start" in t]),
+        peak_trials=_most_at_once([(t["start"], t["end"]) for t in trials]),
         cache_hits=sum(t.get("cache_hits", 0) for t in trials),
         merged=sum(t.get("merged", 0) for t in trials),
     )
