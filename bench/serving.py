@@ -65,7 +65,7 @@ def register_version(uri: str, tmp: Path, note: str) -> str:
     import dspy
     from mlflow.tracking import MlflowClient
 
-    from dspy_sweeps.track.registry import _register, program_sha
+    from dspy_sweeps.track.registry import Registration, _register, program_sha
     from dspy_sweeps.track.results import TrialRecord
     from pipelines.arith import Solve
 
@@ -106,7 +106,8 @@ def register_version(uri: str, tmp: Path, note: str) -> str:
         data_fingerprint="bench",
         **numbers,
     )
-    version = _register(MODEL, record, run_id, program, program_sha(program_json), uri, gate="passed")
+    registration = Registration(record, run_id, program_sha(program_json), test_scores=[], gain=None)
+    version = _register(MODEL, registration, program, uri, gate="passed")
     client.set_registered_model_alias(MODEL, "champion", version)
     return version
 
