@@ -1,12 +1,12 @@
 """DSPy's side of the gateway: a DSPy 3.4 engine that hands every request of a trial's LM to the
-sweep's gateway actor, and turns the gateway's failures back into DSPy's (lm15) errors.
+sweep's gateway (its `Gateway` handle routes it to a shard), and turns the gateway's failures
+back into DSPy's (lm15) errors.
 
 The gateway is the one retry layer (retries, fallbacks); DSPy's own is turned off
 (`num_retries=0`), so a logical call is never resent by both."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from dspy_sweeps.spec.schema import ModelSpec
@@ -20,7 +20,7 @@ def build_gateway_lm(spec: ModelSpec, gateway: Any, chain: tuple[str, ...], tria
     kwargs = {
         k: v for k, v in {"temperature": spec.temperature, "max_tokens": spec.max_tokens}.items() if v is not None
     }
-    engine = GatewayEngine(gateway, chain, trial_id, spec.max_retry_s)
+    engine = GatewayEngine(gateway, chain, trial_id)
     return dspy.LM(spec.model, engine=engine, cache=False, num_retries=0, **kwargs)
 
 
@@ -38,50 +38,31 @@ class GatewayEmbeddings:
         self.gateway, self.endpoint_id, self.trial_id = gateway, endpoint_id, trial_id
 
     def __call__(self, texts: list[str]) -> list[list[float]]:
-        import ray
-
-        from dspy_sweeps.lm.gateway import EMBEDDINGS
+        from dspy_sweeps.lm.gateway import EMBEDDINGS, GatewayError
 
         try:
-            body = ray.get(
-                self.gateway.complete.remote(self.trial_id, self.endpoint_id, {"input": texts}, route=EMBEDDINGS)
-            )
-        except ray.exceptions.RayTaskError as exc:
-            raise lm_error(exc.cause) from None
+            body = self.gateway.complete(self.trial_id, (self.endpoint_id,), {"input": texts}, route=EMBEDDINGS)
+        except GatewayError as exc:
+            raise lm_error(exc) from None
         return [item["embedding"] for item in sorted(body["data"], key=lambda item: item["index"])]
 
 
 class GatewayEngine:
-    """DSPy 3.4 engine (`complete(Request) -> Response`) that hands each request to the gateway actor."""
+    """DSPy 3.4 engine (`complete(Request) -> Response`) that hands each request to the gateway."""
 
-    def __init__(self, gateway: Any, chain: tuple[str, ...], trial_id: str, max_wait_s: float = 60.0) -> None:
-        self.gateway, self.chain, self.trial_id, self.max_wait_s = gateway, chain, trial_id, max_wait_s
+    def __init__(self, gateway: Any, chain: tuple[str, ...], trial_id: str) -> None:
+        self.gateway, self.chain, self.trial_id = gateway, chain, trial_id
 
     def complete(self, request: Any) -> Any:
-        import ray
         from dspy.lm15 import response_from_openai_chat
 
+        from dspy_sweeps.lm.gateway import GatewayError
+
         try:
-            body = self._ask(openai_body(request))
-        except ray.exceptions.RayTaskError as exc:
-            raise lm_error(exc.cause) from None
+            body = self.gateway.complete(self.trial_id, self.chain, openai_body(request))
+        except GatewayError as exc:  # a dead shard too (GatewayLost): a transport error the driver notices
+            raise lm_error(exc) from None
         return response_from_openai_chat(body, model=request.model)
-
-    def _ask(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The gateway's answer. While Ray restarts a dead gateway actor the call waits for it (up to
-        `max_wait_s`): that is not an endpoint failure, and the gateway's retries died with it."""
-        import ray
-
-        deadline = time.monotonic() + self.max_wait_s
-        while True:
-            try:
-                return ray.get(self.gateway.complete.remote(self.trial_id, self.chain[0], body, self.chain[1:]))
-            except ray.exceptions.RayActorError as exc:
-                if time.monotonic() >= deadline:
-                    from dspy import lm15
-
-                    raise lm15.TransportError(f"LM gateway unavailable: {exc}") from None
-                time.sleep(1.0)
 
     def stream(self, request: Any) -> Any:
         from dspy.lm15 import response_to_events

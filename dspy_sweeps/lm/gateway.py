@@ -1,4 +1,4 @@
-"""The LM gateway: every LM call of every trial goes through one asyncio service per sweep.
+"""The LM gateway: every LM call of every trial goes through the sweep's asyncio gateway shards.
 
 Trials talk to it through `GatewayEngine`, a DSPy engine (DSPy 3.4's `complete(Request) ->
 Response` contract), so DSPy keeps its adapters, retries, callbacks and history while the
@@ -17,24 +17,48 @@ gateway owns the connection. The gateway, shared by all trials of the sweep:
   given up, passed to a fallback, answered per model, tokens, latency and cost (LiteLLM's price map for cloud models, `cost_per_hour` × busy time for
   self-hosted ones); and enforces the sweep's budget.
 
-Why one async actor rather than a LiteLLM proxy in front of the endpoints: a proxy would
+Cost per call is O(1) in the number of trials: the budget reads running totals, a trial's
+sampled-draw counters are dropped when its figures are collected, and the disk cache is read
+and written on a thread (an answer not yet on disk is kept in memory until it is, so a repeat
+never misses it). The trial side serialises a request's body once (sorted-key JSON bytes,
+`Request`); its digest is the cache key's body part and picks the shard.
+
+Shards: at scale one event loop is the ceiling, so the gateway is N actors (`Gateway`, the
+picklable handle trials hold, routes each call). A call goes to the shard its body's digest
+picks, so identical requests (any trial, any endpoint of a chain) meet in one shard and
+merging, caching and draw counting stay exact there. Limits belong to endpoints, not to
+requests, so each endpoint has **one owner shard** that holds its slots, rpm/tpm windows,
+Retry-After pause, replicas and busy time, and does its sends; a shard forwards a miss for an
+endpoint it does not own to the owner (one more actor hop, paid only by calls actually sent).
+Why an owner rather than splitting each endpoint's limits N ways: a split strands capacity
+whenever the load per shard is uneven, cannot express `max_concurrency` below N, and a 429's
+pause would have to be broadcast; a shared store (Redis) would be one more server to run.
+The budget has one owner too (shard 0, the ledger): with a budget set, every logical call
+reserves its send there first, so a budget spent across shards stops at the same count as on
+one. Shards run on the driver's node and are never restarted (a restarted shard would have
+silently lost its counts and the budget's): the sweep stops with one line if one dies.
+
+Why async actors rather than a LiteLLM proxy in front of the endpoints: a proxy would
 still leave identical in-flight requests from different trials unmerged, and it adds a
-second HTTP hop and a server process to operate; the actor is one Python object that Ray
+second HTTP hop and a server process to operate; an actor is one Python object that Ray
 places and supervises, and its per-call overhead is measured in `make bench`.
 
-`GatewayCore` is plain asyncio (tested without Ray); `start_gateway` wraps it in a Ray actor.
+`GatewayCore` is plain asyncio (tested without Ray); `run/runner.py` `start_gateway` wraps N of
+them in Ray actors behind a `Gateway` handle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+import orjson
 
 Body = dict[str, Any]
 CHAT, EMBEDDINGS = "chat/completions", "embeddings"  # the OpenAI routes the gateway speaks
@@ -81,12 +105,47 @@ class CallStats:
     by_model: dict[str, int] = field(default_factory=dict)  # answers (sent, cached or merged) per model
 
     def add(self, other: CallStats) -> None:
-        for name, value in asdict(other).items():
-            if name == "by_model":
-                for model, count in value.items():
-                    self.by_model[model] = self.by_model.get(model, 0) + count
-            else:
-                setattr(self, name, getattr(self, name) + value)
+        for name in _COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for model, count in other.by_model.items():
+            self.by_model[model] = self.by_model.get(model, 0) + count
+
+
+_COUNTS = tuple(f.name for f in fields(CallStats) if f.name != "by_model")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One logical call as the trial side made it: the body serialised once (sorted-key JSON),
+    its digest (the body's part of the cache key, and what picks the shard), whether it samples."""
+
+    trial_id: str
+    chain: tuple[str, ...]  # the endpoint, then its fallbacks
+    body: bytes
+    digest: str
+    sampled: bool
+    route: str = CHAT
+
+
+def make_request(trial_id: str, chain: tuple[str, ...], body: Body, route: str = CHAT) -> Request:
+    data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS, default=str)
+    digest = hashlib.blake2b(route.encode() + b"\0" + data, digest_size=16).hexdigest()
+    return Request(trial_id, tuple(chain), data, digest, bool(body.get("temperature")), route)
+
+
+def shard_of(digest: str, shards: int) -> int:
+    return int(digest[:8], 16) % shards
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What an endpoint's owner shard sends back for one logical call: the answer or the error,
+    and the call's figures (sends, retries, tokens...), which the routing shard adds to the trial's."""
+
+    response: Body | None
+    error: GatewayError | None
+    stats: CallStats
+    hosted_usd: float  # the owner's self-hosted cost so far, for the ledger's dollar budget
 
 
 @dataclass
@@ -125,20 +184,45 @@ class _EndpointState:
 
 
 class GatewayCore:
-    def __init__(self, endpoints: list[Endpoint], cache_dir: str | None, budget: Budget | None = None) -> None:
+    """One shard of the gateway (all of it when `shards` is 1): plain asyncio, no Ray."""
+
+    def __init__(
+        self,
+        endpoints: list[Endpoint],
+        cache_dir: str | None,
+        budget: Budget | None = None,
+        shard: int = 0,
+        shards: int = 1,
+    ) -> None:
         import diskcache
 
+        self.shard, self.peers = shard, [self]  # every shard by index, this one included (see `connect`)
+        self.owners = {e.id: i % shards for i, e in enumerate(endpoints)}  # endpoint -> the shard that sends
         self.endpoints = {e.id: _EndpointState(e, asyncio.Semaphore(e.max_concurrency)) for e in endpoints}
         for state in self.endpoints.values():
             state.in_flight = {base: 0 for base in state.endpoint.api_bases}
+        self.costly = [s for s in self.endpoints.values() if s.endpoint.cost_per_hour]
         self.cache = diskcache.Cache(cache_dir) if cache_dir else None
+        # SQLite reads and writes run here, off the event loop; an answer stays in `unwritten` until
+        # it is on disk, so a repeat asked meanwhile is still a hit.
+        self.io = ThreadPoolExecutor(2, thread_name_prefix="gateway-cache") if self.cache is not None else None
+        self.unwritten: dict[str, Body] = {}
         self.budget = budget or Budget()
-        self.pending: dict[str, asyncio.Future] = {}
+        self.budgeted = self.budget.max_lm_calls is not None or self.budget.max_usd is not None
+        self.pending: dict[str, asyncio.Future] = {}  # key -> (answer, from the cache) of the call in flight
         self.stats: dict[str, CallStats] = {}
         self.session: Any = None
-        self.sending = 0  # calls on their way to an endpoint: they count against the budget already
-        self.draws: dict[tuple[str, str], int] = {}  # (trial, request) -> sampled draws so far
+        self.draws: dict[str, dict[str, int]] = {}  # trial -> request key -> sampled draws so far
         self.started = time.monotonic()
+        # The ledger (shard 0's is the sweep's): running totals, so a budget check is O(1) in trials.
+        self.sending = 0  # calls on their way to an endpoint: they count against the budget already
+        self.sent_total = 0
+        self.cloud_usd = 0.0
+        self.hosted_usd: dict[int, float] = {}  # owner shard -> its self-hosted cost at its last answer
+
+    def connect(self, peers: list[Any]) -> None:
+        """Every shard's actor handle, by index (`start_gateway` calls it once on each shard)."""
+        self.peers = list(peers)
 
     # -- the call path -------------------------------------------------------------------
 
@@ -148,14 +232,17 @@ class GatewayCore:
         """An OpenAI chat-completions (or, with `route=EMBEDDINGS`, embeddings) response for `body`,
         from cache, a merged call or the endpoint; when `endpoint_id` fails past its retries, from
         the first of `fallbacks` that answers."""
-        stats = self.stats.setdefault(trial_id, CallStats())
+        return await self.call(make_request(trial_id, (endpoint_id, *fallbacks), body, route))
+
+    async def call(self, request: Request) -> Body:
+        """`complete` for a request the trial side serialised (what `Gateway` sends)."""
+        stats = self.stats.setdefault(request.trial_id, CallStats())
         stats.requested += 1
-        chain = (endpoint_id, *fallbacks)
-        for position, current in enumerate(chain):
+        for position, current in enumerate(request.chain):
             try:
-                response = await self._complete_on(trial_id, self.endpoints[current], body, stats, route)
+                response = await self._complete_on(request, current, stats)
             except GatewayError as exc:
-                if exc.kind not in PASSING or position == len(chain) - 1:
+                if exc.kind not in PASSING or position == len(request.chain) - 1:
                     stats.failed += exc.kind != "budget"  # a call the budget refused was never made
                     raise
                 stats.fell_back += 1
@@ -165,49 +252,113 @@ class GatewayCore:
             return response
         raise AssertionError("unreachable: the chain has at least one endpoint")
 
-    async def _complete_on(
-        self, trial_id: str, state: _EndpointState, body: Body, stats: CallStats, route: str = CHAT
-    ) -> Body:
-        if state.refused is not None:
-            raise state.refused
-        key = self._request_key(trial_id, state.endpoint.id, body if route == CHAT else {"route": route, "body": body})
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+    async def _complete_on(self, request: Request, endpoint_id: str, stats: CallStats) -> Body:
+        if (refused := self.endpoints[endpoint_id].refused) is not None:
+            raise refused
+        key = self._request_key(request, endpoint_id)
+        if key in self.pending:
+            response, cached = await asyncio.shield(self.pending[key])
+            if cached:
+                stats.cache_hits += 1
+            else:
+                stats.merged += 1
+            return response
+        if (hit := self.unwritten.get(key)) is not None:
             stats.cache_hits += 1
             return hit
-        if key in self.pending:
-            stats.merged += 1
-            return await asyncio.shield(self.pending[key])
-        self._check_budget()
+        # In `pending` from before the disk read: an identical request asked during the read
+        # waits for this one instead of reading (and maybe sending) again.
         future = asyncio.get_running_loop().create_future()
         self.pending[key] = future
-        self.sending += 1
         try:
-            response = await self._send(state, body, stats, route)
-            if self.cache is not None:
-                self.cache.set(key, response)
-            future.set_result(response)
+            if (hit := await self._read(key)) is not None:
+                stats.cache_hits += 1
+                future.set_result((hit, True))
+                return hit
+            response = await self._reserved_send(request, endpoint_id, stats)
+            self._write(key, response)
+            future.set_result((response, False))
             return response
         except Exception as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: merged callers re-raise it, nobody else must
             raise
         finally:
-            self.sending -= 1
+            if not future.done():  # cancelled: the callers merged into it must not wait forever
+                future.cancel()
             self.pending.pop(key, None)
 
-    def _request_key(self, trial_id: str, endpoint_id: str, body: Body) -> str:
+    def _request_key(self, request: Request, endpoint_id: str) -> str:
         """Identical requests share a key. A sampled request (temperature > 0) is the trial's n-th
         draw of that request instead: draws stay distinct (never merged), and a re-run of the
         trial replays its own draws from the cache. DSPy's rollout ids do not reach an engine
         in DSPy 3.4, so the draw count stands in for them."""
-        key = _key(endpoint_id, body)
-        if not body.get("temperature"):
+        key = f"{endpoint_id}\0{request.digest}"
+        if not request.sampled:
             return key
-        draw = self.draws.get((trial_id, key), 0)
-        self.draws[(trial_id, key)] = draw + 1
-        return _key(endpoint_id, {"body": body, "trial": trial_id, "draw": draw})
+        draws = self.draws.setdefault(request.trial_id, {})
+        draw = draws.get(key, 0)
+        draws[key] = draw + 1
+        return f"{key}\0{request.trial_id}\0{draw}"
 
-    async def _send(self, state: _EndpointState, body: Body, stats: CallStats, route: str = CHAT) -> Body:
+    async def _read(self, key: str) -> Body | None:
+        if self.cache is None:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(self.io, self.cache.get, key)
+
+    def _write(self, key: str, response: Body) -> None:
+        if self.cache is None:
+            return
+        self.unwritten[key] = response
+        loop = asyncio.get_running_loop()
+
+        def write() -> None:
+            self.cache.set(key, response)
+            loop.call_soon_threadsafe(self.unwritten.pop, key, None)
+
+        self.io.submit(write)
+
+    async def _reserved_send(self, request: Request, endpoint_id: str, stats: CallStats) -> Body:
+        """The call sent by its endpoint's owner shard, within the sweep's budget (the ledger's)."""
+        if self.budgeted:
+            refused = self.reserve() if self.shard == 0 else await self.peers[0].reserve.remote()
+            if refused is not None:
+                raise refused
+        owner = self.owners[endpoint_id]
+        sent: Sent | None = None
+        try:
+            if owner == self.shard:
+                sent = await self.send(endpoint_id, request)
+            else:
+                sent = await self.peers[owner].send.remote(endpoint_id, request)
+        finally:
+            if self.budgeted:
+                figures = (
+                    (sent.stats.sent, sent.stats.cost_usd, owner, sent.hosted_usd) if sent else (0, 0.0, owner, 0.0)
+                )
+                if self.shard == 0:
+                    self.settle(*figures)
+                else:
+                    self.peers[0].settle.remote(*figures)
+        stats.add(sent.stats)
+        if sent.error is not None:
+            if sent.error.kind == "auth":  # remembered here too: no further call is routed to it
+                self.endpoints[endpoint_id].refused = sent.error
+            raise sent.error
+        return sent.response
+
+    async def send(self, endpoint_id: str, request: Request) -> Sent:
+        """On the endpoint's owner shard: send (with retries) under the endpoint's limits."""
+        state, stats = self.endpoints[endpoint_id], CallStats()
+        try:
+            if state.refused is not None:
+                raise state.refused
+            response = await self._send(state, request, stats)
+            return Sent(response, None, stats, self._hosted_cost())
+        except GatewayError as exc:
+            return Sent(None, exc, stats, self._hosted_cost())
+
+    async def _send(self, state: _EndpointState, request: Request, stats: CallStats) -> Body:
         """At most `retries + 1` sends; after the first failure, each retry must start and end
         within `max_retry_s`, so a logical call never outlives its first send by more."""
         endpoint = state.endpoint
@@ -217,7 +368,7 @@ class GatewayCore:
                 stats.retries += 1
             left = endpoint.timeout_s if deadline is None else max(deadline - time.monotonic(), 0.1)
             try:
-                return await self._send_once(state, body, stats, min(endpoint.timeout_s, left), route)
+                return await self._send_once(state, request, stats, min(endpoint.timeout_s, left))
             except GatewayError as exc:
                 if exc.kind == "auth":
                     state.refused = exc
@@ -238,14 +389,12 @@ class GatewayCore:
                     await asyncio.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _send_once(
-        self, state: _EndpointState, body: Body, stats: CallStats, timeout_s: float, route: str = CHAT
-    ) -> Body:
-        await self._admit(state, body)
+    async def _send_once(self, state: _EndpointState, request: Request, stats: CallStats, timeout_s: float) -> Body:
+        await self._admit(state)
         async with state.slots:
             start = self._occupy(state)
             try:
-                response, cost = await self._post(state, body, timeout_s, route)
+                response, cost = await self._post(state, request, timeout_s)
             finally:
                 elapsed = self._release(state, start)
         usage = response.get("usage") or {}
@@ -255,10 +404,11 @@ class GatewayCore:
         stats.latency_s += elapsed
         stats.slot_s += elapsed
         stats.cost_usd += cost
-        state.tokens.append((time.monotonic(), usage.get("total_tokens") or 0))
+        if state.endpoint.tpm is not None:
+            state.tokens.append((time.monotonic(), usage.get("total_tokens") or 0))
         return response
 
-    async def _admit(self, state: _EndpointState, body: Body) -> None:
+    async def _admit(self, state: _EndpointState) -> None:
         """Wait out a Retry-After pause and the endpoint's requests/tokens-per-minute limits."""
         endpoint = state.endpoint
         while True:
@@ -266,6 +416,8 @@ class GatewayCore:
             if state.paused_until > now:
                 await asyncio.sleep(state.paused_until - now)
                 continue
+            if endpoint.rpm is None and endpoint.tpm is None:
+                return
             while state.requests and now - state.requests[0] > 60:
                 state.requests.popleft()
             while state.tokens and now - state.tokens[0][0] > 60:
@@ -294,13 +446,13 @@ class GatewayCore:
             state.busy_s += now - (state.busy_since or now)
         return now - start
 
-    async def _post(self, state: _EndpointState, body: Body, timeout_s: float, route: str = CHAT) -> tuple[Body, float]:
+    async def _post(self, state: _EndpointState, request: Request, timeout_s: float) -> tuple[Body, float]:
         if not state.endpoint.api_bases:
-            return await _litellm_call(state.endpoint, body, timeout_s, route)
+            return await _litellm_call(state.endpoint, orjson.loads(request.body), timeout_s, request.route)
         base = _pick_replica(state)
         state.in_flight[base] += 1
         try:
-            return await self._http_call(state.endpoint, base, body, timeout_s, route), 0.0
+            return await self._http_call(state.endpoint, base, request.body, timeout_s, request.route), 0.0
         except GatewayError as exc:
             if exc.kind == "transport":
                 # A dead replica fails fast, so least-loaded would pick it again and again; skip it
@@ -310,24 +462,21 @@ class GatewayCore:
         finally:
             state.in_flight[base] -= 1
 
-    async def _http_call(self, endpoint: Endpoint, base: str, body: Body, timeout_s: float, route: str = CHAT) -> Body:
+    async def _http_call(self, endpoint: Endpoint, base: str, body: bytes, timeout_s: float, route: str = CHAT) -> Body:
         import aiohttp
 
         if self.session is None:
             self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         key = os.environ.get(endpoint.api_key_env or "") or "EMPTY"
-        headers = {"Authorization": f"Bearer {key}"}
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with self.session.post(
-                f"{base.rstrip('/')}/{route}",
-                json={**body, "model": endpoint.model},
-                headers=headers,
-                timeout=timeout,
+                f"{base.rstrip('/')}/{route}", data=_with_model(body, endpoint.model), headers=headers, timeout=timeout
             ) as response:
-                text = await response.text()
+                raw = await response.read()
                 if response.status == 200:
-                    return _parse_completion(text, endpoint, route)
+                    return _parse_completion(raw, endpoint, route)
                 if _kind(response.status) == "auth":
                     variable = endpoint.api_key_env or "no key variable (api_key_env is not set)"
                     raise GatewayError(
@@ -336,9 +485,10 @@ class GatewayCore:
                         response.status,
                     )
                 retry_after = _seconds(response.headers.get("Retry-After"))
+                text = raw[:300].decode(errors="replace")
                 raise GatewayError(
                     _kind(response.status),
-                    f"{endpoint.model}: HTTP {response.status}: {text[:300]}",
+                    f"{endpoint.model}: HTTP {response.status}: {text}",
                     response.status,
                     retry_after,
                 )
@@ -347,56 +497,159 @@ class GatewayCore:
         except aiohttp.ClientError as exc:
             raise GatewayError("transport", f"{endpoint.model}: {type(exc).__name__}: {exc}") from None
 
-    def _check_budget(self) -> None:
-        totals = self.totals()
-        if self.budget.max_lm_calls is not None and totals.sent + self.sending >= self.budget.max_lm_calls:
-            raise GatewayError("budget", f"the sweep's budget of {self.budget.max_lm_calls:,} LM calls is spent")
-        if self.budget.max_usd is not None and totals.cost_usd + self._hosted_cost() >= self.budget.max_usd:
-            raise GatewayError("budget", f"the sweep's budget of ${self.budget.max_usd:.2f} is spent")
+    # -- the ledger (shard 0): the sweep's budget -----------------------------------------
+
+    def reserve(self) -> GatewayError | None:
+        """A send's place in the budget, or the error saying it is spent (returned, not raised:
+        a raised error would reach another shard wrapped in Ray's)."""
+        if (spent := self._spent()) is not None:
+            return spent
+        self.sending += 1
+        return None
+
+    def settle(self, sent: int, cloud_usd: float, owner: int, hosted_usd: float) -> None:
+        """A reserved call is done: what it sent and cost, and its owner's self-hosted cost so far."""
+        self.sending -= 1
+        self.sent_total += sent
+        self.cloud_usd += cloud_usd
+        self.hosted_usd[owner] = max(self.hosted_usd.get(owner, 0.0), hosted_usd)
+
+    def _spent(self) -> GatewayError | None:
+        budget = self.budget
+        if budget.max_lm_calls is not None and self.sent_total + self.sending >= budget.max_lm_calls:
+            return GatewayError("budget", f"the sweep's budget of {budget.max_lm_calls:,} LM calls is spent")
+        if budget.max_usd is not None:
+            hosted = {**self.hosted_usd, self.shard: self._hosted_cost()}
+            if self.cloud_usd + sum(hosted.values()) >= budget.max_usd:
+                return GatewayError("budget", f"the sweep's budget of ${budget.max_usd:.2f} is spent")
+        return None
 
     # -- accounting ----------------------------------------------------------------------
 
     def exhausted(self) -> bool:
-        try:
-            self._check_budget()
-        except GatewayError:
-            return True
-        return False
+        """Whether the budget is spent (the ledger's answer: ask shard 0)."""
+        return self._spent() is not None
 
-    def trial_stats(self, trial_id: str) -> CallStats:
-        """A trial's figures, with self-hosted busy time turned into dollars by its share of slot time."""
-        stats = CallStats(**asdict(self.stats.get(trial_id, CallStats())))
-        stats.cost_usd += self._hosted_cost_share(stats)
+    def trial_stats(self, trial_id: str, done: bool = False) -> CallStats:
+        """A trial's figures, with self-hosted busy time turned into dollars by its share of slot time;
+        `done`: the trial has ended, so its sampled-draw counters go (a rerun replays from draw 0)."""
+        stats, hosted, slot = self.raw_stats(trial_id, done)
+        stats.cost_usd += hosted * stats.slot_s / (slot or 1.0)
         return stats
 
-    def _hosted_cost_share(self, stats: CallStats) -> float:
-        total_slot = sum(s.slot_s for s in self.endpoints.values()) or 1.0
-        return self._hosted_cost() * stats.slot_s / total_slot
+    def raw_stats(self, trial_id: str, done: bool = False) -> tuple[CallStats, float, float]:
+        """The trial's figures on this shard, with this shard's self-hosted cost and slot-seconds."""
+        if done:
+            self.draws.pop(trial_id, None)
+        stats = CallStats()
+        stats.add(self.stats.get(trial_id) or CallStats())
+        return stats, self._hosted_cost(), sum(s.slot_s for s in self.endpoints.values())
 
     def _hosted_cost(self) -> float:
         """Self-hosted endpoints cost `cost_per_hour` for every second they had a request in flight."""
         now = time.monotonic()
         return sum(
             (s.busy_s + (now - s.busy_since if s.running else 0.0)) * (s.endpoint.cost_per_hour or 0) / 3600
-            for s in self.endpoints.values()
+            for s in self.costly
         )
 
     def totals(self) -> CallStats:
+        """Every trial's figures summed (O(trials): for reports, never on the call path)."""
         total = CallStats()
         for stats in self.stats.values():
             total.add(stats)
         return total
 
     def utilisation(self) -> dict[str, float]:
-        """Busy slot-seconds over slots × wall time, per endpoint, since the gateway started."""
+        """Busy slot-seconds over slots × wall time, per endpoint this shard owns, since it started."""
         wall = time.monotonic() - self.started
-        return {eid: s.slot_s / (s.endpoint.max_concurrency * wall) for eid, s in self.endpoints.items()}
+        return {
+            eid: s.slot_s / (s.endpoint.max_concurrency * wall)
+            for eid, s in self.endpoints.items()
+            if self.owners[eid] == self.shard
+        }
+
+    def ping(self) -> int:
+        return self.shard
 
     async def close(self) -> None:
+        if self.io is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.io.shutdown)
         if self.session is not None:
             await self.session.close()
         if self.cache is not None:
             self.cache.close()
+
+
+class GatewayLost(GatewayError):
+    """A gateway shard died: its counts (and the budget's, on shard 0) are gone, so the sweep stops."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("transport", message)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (str(self),))
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """The handle trials hold (picklable): the sweep's gateway shards, each call routed to the shard
+    its request's digest picks. Blocking calls, for a trial's threads."""
+
+    shards: tuple[Any, ...]  # Ray actor handles of GatewayCore shards, by index
+
+    def complete(self, trial_id: str, chain: tuple[str, ...], body: Body, route: str = CHAT) -> Body:
+        request = make_request(trial_id, chain, body, route)
+        return self._get(self.shards[shard_of(request.digest, len(self.shards))].call.remote(request))
+
+    def exhausted(self) -> bool:
+        return self._get(self.shards[0].exhausted.remote())
+
+    def trial_stats(self, trial_id: str, done: bool = False) -> CallStats:
+        """The trial's figures summed over the shards, self-hosted cost shared by slot time."""
+        parts = self._get([shard.raw_stats.remote(trial_id, done) for shard in self.shards])
+        stats = CallStats()
+        for part, _, _ in parts:
+            stats.add(part)
+        hosted, slot = sum(p[1] for p in parts), sum(p[2] for p in parts)
+        stats.cost_usd += hosted * stats.slot_s / (slot or 1.0)
+        return stats
+
+    def totals(self) -> CallStats:
+        total = CallStats()
+        for part in self._get([shard.totals.remote() for shard in self.shards]):
+            total.add(part)
+        return total
+
+    def dead_shard(self) -> int | None:
+        """The index of a shard that died, if one did."""
+        import ray
+
+        for i, shard in enumerate(self.shards):
+            try:
+                ray.get(shard.ping.remote(), timeout=60)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return i
+        return None
+
+    def kill(self) -> None:
+        import ray
+
+        for shard in self.shards:
+            ray.kill(shard)
+
+    @staticmethod
+    def _get(refs: Any) -> Any:
+        import ray
+
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as exc:
+            raise GatewayLost(f"an LM gateway shard died ({type(exc).__name__}); its counts are gone") from None
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, GatewayError):
+                raise exc.cause from None
+            raise
 
 
 def _pick_replica(state: _EndpointState) -> str:
@@ -406,8 +659,10 @@ def _pick_replica(state: _EndpointState) -> str:
     return min(up, key=state.in_flight.__getitem__)
 
 
-def _key(endpoint_id: str, body: Body) -> str:
-    return hashlib.sha256(json.dumps([endpoint_id, body], sort_keys=True, default=str).encode()).hexdigest()
+def _with_model(body: bytes, model: str) -> bytes:
+    """The request's JSON with the served model name first, without serialising the body again."""
+    rest = body[1:] if body == b"{}" else b"," + body[1:]
+    return b'{"model":' + orjson.dumps(model) + rest
 
 
 def _kind(status: int) -> str:
@@ -427,9 +682,9 @@ def _seconds(value: str | None) -> float | None:
         return None
 
 
-def _parse_completion(text: str, endpoint: Endpoint, route: str = CHAT) -> Body:
+def _parse_completion(raw: bytes, endpoint: Endpoint, route: str = CHAT) -> Body:
     try:
-        body = json.loads(text)
+        body = orjson.loads(raw)
         if route == CHAT:
             body["choices"][0]["message"]
         else:

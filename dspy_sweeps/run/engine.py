@@ -148,86 +148,194 @@ def _run_trials(
     hosts: HostPool,
     simulated: dict[str, bool],
 ) -> list[TrialRecord]:
-    """Every trial on the trial hosts, all LM calls through one gateway; each record is saved and
-    tracked as it lands. `simulated` says, by spec, which models answer from the simulator (their
-    records say so)."""
-    from dspy_sweeps.lm.gateway import Budget
-    from dspy_sweeps.run import runner
-    from dspy_sweeps.run.hosts import Outcome
+    """Every trial on the trial hosts, all LM calls through the sweep's gateway; each record is saved
+    and tracked as it lands (off the driver's loop, see `TrialEnds`). `simulated` says, by spec,
+    which models answer from the simulator (their records say so)."""
     from dspy_sweeps.run.worker import TrialContext
 
     sweep = prepared.sweep
-    records = _finished(state, prepared) if resume else []
-    done = {r.trial_id for r in records}
-    kept = {r.trial_id: (r.status, r.val_score) for r in records}
-    study = SweepStudy.open(prepared, state, resume, kept) if sweep.search or sweep.prune else None
-    trials: dict[str, Trial] = {}  # every trial started, by id: a search samples them as it goes
+    kept = _finished(state, prepared) if resume else []
+    results = {r.trial_id: (r.status, r.val_score) for r in kept}
+    study = SweepStudy.open(prepared, state, resume, results) if sweep.search or sweep.prune else None
+    gateway = _start_gateway(prepared, state, endpoints)
+    ctx = TrialContext(sweep.name, prepared.data, gateway, {k: e.id for k, e in endpoints.items()}, str(state.root))
+    loop = TrialLoop(prepared, state, trackers, hosts, gateway, study, simulated, kept)
+    with LiveProgress(loop.board, console) as progress, progress_lines(loop.board, progress.console):
+        loop.show(progress)
+        failed = True
+        try:
+            hosts.run(
+                loop.to_run(),
+                ctx,
+                parallelism=sweep.parallelism,
+                on_outcome=loop.on_outcome,
+                on_event=loop.on_event,
+                on_start=loop.on_start,
+                id_of=_trial_id,
+            )
+            failed = False
+        finally:
+            records = loop.ends.close(raise_error=not failed)  # every finished trial saved and tracked
+    return records
 
-    def to_run() -> Iterator[Trial]:
-        planned = (t for t in prepared.trials if t.id not in done)
-        for trial in iter(study.next_trial, None) if study else planned:
-            trials[trial.id] = trial
+
+def _start_gateway(prepared: Prepared, state: State, endpoints: dict[str, Any]) -> Any:
+    """The sweep's gateway shards, as many as `gateway.shards` says or the sweep's size needs."""
+    from dspy_sweeps.lm.gateway import Budget
+    from dspy_sweeps.run import runner
+
+    sweep, total = prepared.sweep, len(prepared.trials)
+    distinct = list({e.id: e for e in endpoints.values()}.values())
+    shards = runner.gateway_shards(sweep.gateway.shards, min(sweep.parallelism or total, total), len(distinct))
+    budget = Budget(sweep.budget.max_lm_calls, sweep.budget.max_usd)
+    return runner.start_gateway(distinct, state.cache, budget, shards)
+
+
+class TrialLoop:
+    """The driver's side of the running trials: what happens at a trial's start, at each of its
+    events and at its end. Each is O(1) in the number of trials: an end is queued to `TrialEnds`."""
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        state: State,
+        trackers: Trackers,
+        hosts: HostPool,
+        gateway: Any,
+        study: SweepStudy | None,
+        simulated: dict[str, bool],
+        kept: list[TrialRecord],
+    ) -> None:
+        self.prepared, self.state, self.trackers, self.hosts = prepared, state, trackers, hosts
+        self.gateway, self.study, self.simulated = gateway, study, simulated
+        self.done = {r.trial_id for r in kept}
+        self.trials: dict[str, Trial] = {}  # every trial started, by id: a search samples them as it goes
+        self.total = len(self.done) + (study.remaining() if study else len(prepared.trials) - len(self.done))
+        self.board = RunningTrials(self.total, done=len(kept))
+        self.ends = TrialEnds(state.results(prepared.sweep.name), trackers, kept)
+        self.progress: Any = None
+        self.task: Any = None
+
+    def show(self, progress: Any) -> None:
+        self.progress = progress
+        self.task = progress.add_task("trials", total=self.total, completed=len(self.done))
+        if self.done:
+            progress.console.print(
+                f"  resuming: {len(self.done)} finished trials kept, {self.total - len(self.done)} to run"
+            )
+
+    def to_run(self) -> Iterator[Trial]:
+        planned = (t for t in self.prepared.trials if t.id not in self.done)
+        for trial in iter(self.study.next_trial, None) if self.study else planned:
+            self.trials[trial.id] = trial
             yield trial
 
-    budget = Budget(sweep.budget.max_lm_calls, sweep.budget.max_usd)
-    gateway = runner.start_gateway(list({e.id: e for e in endpoints.values()}.values()), state.cache, budget)
-    endpoint_ids = {key: e.id for key, e in endpoints.items()}
-    ctx = TrialContext(sweep.name, prepared.data, gateway, endpoint_ids, str(state.root))
-    total = len(done) + (study.remaining() if study else len(prepared.trials) - len(done))
-    board = RunningTrials(total, done=len(records))
-    with LiveProgress(board, console) as progress, progress_lines(board, progress.console):
-        task = progress.add_task("trials", total=total, completed=len(records))
-        if records:
-            progress.console.print(f"  resuming: {len(records)} finished trials kept, {total - len(done)} to run")
+    def on_start(self, trial_id: str) -> None:
+        self.board.start(self.trials[trial_id])
+        self.trackers.trial_started(self.trials[trial_id])
 
-        def on_start(trial_id: str) -> None:
-            board.start(trials[trial_id])
-            trackers.trial_started(trials[trial_id])
+    def on_event(self, event: TrialEvent) -> None:
+        trial = self.trials[event.trial_id]
+        self.board.update(trial, event)
+        self.trackers.trial_event(trial, event)
+        if self.study is not None and self.study.on_event(event):
+            self.hosts.stop(event.trial_id)
 
-        def on_event(event: TrialEvent) -> None:
-            trial = trials[event.trial_id]
-            board.update(trial, event)
-            trackers.trial_event(trial, event)
-            if study is not None and study.on_event(event):
-                hosts.stop(event.trial_id)
+    def on_outcome(self, outcome: Any) -> None:
+        sweep = self.prepared.sweep
+        trial, result = self.trials[outcome.trial_id], _result(outcome)
+        if self.study is not None:
+            self.study.trial_finished(trial.id, result)
+        path = _save_program(self.state, sweep.name, trial.id, result)
+        record = TrialRecord.of(sweep.name, trial, result, path, self.prepared.data.fingerprint, self.simulated)
+        self.ends.put(trial, record, result)
+        self.board.finish(trial.id)
+        self.progress.advance(self.task)
+        self.progress.console.print(f"  {trial.id}  val {_status(record)}")
+        if record.reason == "auth":  # a refused key fails every trial that uses it: stop now
+            raise SweepError(f"{record.error}; sweep stopped (finished trials are kept: fix the key, then --resume)")
+        if record.status != "ok" and (dead := self.gateway.dead_shard()) is not None:
+            raise SweepError(
+                f"the LM gateway's shard {dead} died, and with it the sweep's counts and budget; sweep stopped "
+                "(finished trials are kept: --resume)"
+            )
 
-        def on_outcome(outcome: Outcome) -> None:
-            trial, result = trials[outcome.trial_id], _result(outcome)
-            if study is not None:
-                study.trial_finished(trial.id, result)
-            program_path = _save_program(state, sweep.name, trial.id, result)
-            record = TrialRecord.of(sweep.name, trial, result, program_path, prepared.data.fingerprint, simulated)
-            records.append(record)
-            board.finish(trial.id)
-            write_records(state.results(sweep.name), records)  # saved before tracking, which may fail
+
+def _status(record: TrialRecord) -> str:
+    status = f"{record.val_score:.3f}" if record.status == "ok" else f"[red]{record.status}[/]: {record.error}"
+    return status + (" [yellow]SIMULATED[/]" if record.simulated and record.status == "ok" else "")
+
+
+class TrialEnds:
+    """Finished trials on their way to the results file and the trackers, on a thread of their own,
+    so the driver never waits for W&B or MLflow at a trial's end.
+
+    The thread takes every end queued (waiting `BATCH_S` for more), writes the results file once
+    for all of them (before tracking, which may fail), tracks each, and writes the file again
+    with their MLflow run ids: two writes per batch, not two per trial. The backlog is bounded
+    (`put` waits when `BACKLOG` ends are queued); a tracking error stops the sweep at the next
+    end, naming the trial; `close` flushes and returns every record."""
+
+    BACKLOG = 256
+    BATCH_S = 1.0
+
+    def __init__(self, path: Path, trackers: Trackers, records: list[TrialRecord]) -> None:
+        import queue
+        import threading
+
+        self.path, self.trackers, self.records = path, trackers, list(records)
+        self.error: SweepError | None = None
+        self._queue: queue.Queue = queue.Queue(self.BACKLOG)
+        self._thread = threading.Thread(target=self._loop, name="trial-ends", daemon=True)
+        self._thread.start()
+
+    def put(self, trial: Trial, record: TrialRecord, result: TrialResult) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put((trial, record, result))
+
+    def close(self, raise_error: bool = True) -> list[TrialRecord]:
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None and raise_error:
+            raise self.error
+        return self.records
+
+    def _loop(self) -> None:
+        import queue
+        import time
+
+        while True:
+            batch = [self._queue.get()]
+            deadline = time.monotonic() + self.BATCH_S
+            while batch[-1] is not None:
+                try:
+                    batch.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
+                except queue.Empty:
+                    break
+            ends = [end for end in batch if end is not None]
+            if ends:
+                self._save(ends)
+            if batch[-1] is None:
+                return
+
+    def _save(self, ends: list[tuple[Trial, TrialRecord, TrialResult]]) -> None:
+        first = len(self.records)
+        self.records += [record for _, record, _ in ends]
+        write_records(self.path, self.records)  # saved before tracking, which may fail
+        if self.error is not None:
+            return
+        for i, (trial, record, result) in enumerate(ends, start=first):
             try:
-                run_id = trackers.log_trial(trial, record, result)
+                run_id = self.trackers.log_trial(trial, record, result)
             except Exception as exc:
-                raise SweepError(
+                self.error = SweepError(
                     f"tracking failed for trial {trial.id} ({type(exc).__name__}: {first_line(exc)}); "
-                    f"finished trials are saved in {state.results(sweep.name)}: fix it, then --resume"
-                ) from None
-            records[-1] = dataclasses.replace(record, mlflow_run_id=run_id, tracked=True)
-            write_records(state.results(sweep.name), records)
-            progress.advance(task)
-            status = f"{record.val_score:.3f}" if record.status == "ok" else f"[red]{record.status}[/]: {record.error}"
-            status += " [yellow]SIMULATED[/]" if record.simulated and record.status == "ok" else ""
-            progress.console.print(f"  {trial.id}  val {status}")
-            if record.reason == "auth":  # a refused key fails every trial that uses it: stop now
-                raise SweepError(
-                    f"{record.error}; sweep stopped (finished trials are kept: fix the key, then --resume)"
+                    f"finished trials are saved in {self.path}: fix it, then --resume"
                 )
-
-        hosts.run(
-            to_run(),
-            ctx,
-            parallelism=sweep.parallelism,
-            on_outcome=on_outcome,
-            on_event=on_event,
-            on_start=on_start,
-            id_of=_trial_id,
-        )
-    return records
+                break
+            self.records[i] = dataclasses.replace(record, mlflow_run_id=run_id, tracked=True)
+        write_records(self.path, self.records)
 
 
 def _trial_id(trial: Trial) -> str:

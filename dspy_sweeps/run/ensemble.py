@@ -73,9 +73,7 @@ def run_ensemble(
     try:
         result = _score(prepared, trial, members, gateway, {k: e.id for k, e in endpoints.items()})
     except Exception as exc:
-        import ray
-
-        result = failed(trial.id, exc, budget_spent=ray.get(gateway.exhausted.remote()))
+        result = failed(trial.id, exc, budget_spent=gateway.exhausted())
     return _accounted(result, gateway, trial.id, time.monotonic() - start)
 
 
@@ -115,11 +113,9 @@ def _score(
 
 
 def _accounted(result: TrialResult, gateway: Any, trial_id: str, seconds: float) -> TrialResult:
-    import ray
-
     from dspy_sweeps.run.worker import with_spend
 
-    stats = ray.get(gateway.trial_stats.remote(trial_id))
+    stats = gateway.trial_stats(trial_id, done=True)
     return dataclasses.replace(with_spend(result, stats), duration_s=round(seconds, 3))
 
 

@@ -1,4 +1,4 @@
-"""The Ray layer's set-up: start or join Ray (with the reaper), and the sweep's LM gateway actor.
+"""The Ray layer's set-up: start or join Ray (with the reaper), and the sweep's LM gateway shards.
 
 Imported only by the commands that run trials, so Ray stays out of `sweep --help`. Trials run
 on trial hosts (hosts.py).
@@ -51,15 +51,39 @@ def _start_reaper() -> None:
     )
 
 
-def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any) -> Any:
-    """The sweep's LM gateway as an async actor: one event loop serving every trial's calls."""
-    from dspy_sweeps.jobs.secrets import holding_secrets, worker_secrets
-    from dspy_sweeps.lm.gateway import GatewayCore
+def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any, shards: int = 1, core: type | None = None) -> Any:
+    """The sweep's LM gateway: `shards` async actors (`core`, GatewayCore by default) on this
+    driver's node, behind one `Gateway` handle.
 
-    # Restarted if its process dies; calls in flight then fail as transport errors and DSPy retries them.
-    actor = ray.remote(num_cpus=0, max_concurrency=100_000, max_restarts=-1)(holding_secrets(GatewayCore))
+    On the driver's node, since the cache and the accounting are the driver's; never restarted
+    (max_restarts=0): a restarted shard would come back with zero counts and a fresh budget,
+    so a dead one fails its calls and the driver stops the sweep (run/engine.py)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from dspy_sweeps.jobs.secrets import holding_secrets, worker_secrets
+    from dspy_sweeps.lm.gateway import Gateway, GatewayCore
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(num_cpus=0, max_concurrency=100_000, max_restarts=0)(holding_secrets(core or GatewayCore))
+    handles = [
+        actor.options(scheduling_strategy=here).remote(
+            worker_secrets(), endpoints, str(cache_dir), budget, shard=i, shards=shards
+        )
+        for i in range(shards)
+    ]
     # worker_secrets(): a submitted job's LM keys, by object reference (see jobs.py)
-    return actor.remote(worker_secrets(), endpoints, str(cache_dir), budget)
+    ray.get([h.connect.remote(handles) for h in handles])
+    return Gateway(tuple(handles))
+
+
+def gateway_shards(setting: int | None, running: int, endpoints: int) -> int:
+    """Shards for a sweep: the sweep file's `gateway.shards`, or one per 250 trials running at once
+    or per 16 endpoints, whichever needs more, at most one per CPU of this node (a shard is one
+    event loop, about 2,000 calls/s on a core; see BENCHMARKS.md)."""
+    if setting is not None:
+        return setting
+    need = max(1, -(-running // 250), -(-endpoints // 16))
+    return min(need, os.cpu_count() or 1)
 
 
 def stop_ray() -> None:

@@ -30,7 +30,7 @@ class TrialContext:
 
     sweep: str
     data: Dataset
-    gateway: Any  # the gateway actor's handle
+    gateway: Any  # the sweep's `Gateway` handle (lm/gateway.py)
     endpoint_ids: dict[str, str]  # ModelSpec JSON -> gateway endpoint id
     state_root: str
 
@@ -48,10 +48,8 @@ def warm(program: str, metric: str, kinds: tuple[str, ...]) -> None:
 
 def execute_trial(trial: Trial, ctx: TrialContext, channel: Any) -> TrialResult:
     """Run one trial on a host's thread; `channel` carries its events to the driver (see hosts.py)."""
-    import ray
-
     trial_id = trial.id
-    if ray.get(ctx.gateway.exhausted.remote()):
+    if ctx.gateway.exhausted():
         return TrialResult(trial_id, "cut", error="not started: the sweep's budget is spent")
     student = _lm(ctx, trial.student, trial_id)
     teacher = _lm(ctx, trial.teacher, trial_id) if trial.teacher else student
@@ -66,8 +64,8 @@ def execute_trial(trial: Trial, ctx: TrialContext, channel: Any) -> TrialResult:
     try:
         result = run_trial(trial, ctx.data, TrialLMs(student, teacher, _embedder(ctx, trial)), workdir, events)
     except Exception as exc:
-        result = failed(trial_id, exc, budget_spent=ray.get(ctx.gateway.exhausted.remote()))
-    stats = ray.get(ctx.gateway.trial_stats.remote(trial_id))
+        result = failed(trial_id, exc, budget_spent=ctx.gateway.exhausted())
+    stats = ctx.gateway.trial_stats(trial_id, done=True)
     return dataclasses.replace(with_spend(result, stats), attempts=attempt)
 
 

@@ -277,6 +277,17 @@ class Hosts(_Strict):
     cpus: float = Field(default=0.25, gt=0, description="CPUs Ray reserves for each host")
 
 
+class GatewaySpec(_Strict):
+    """The sweep's LM gateway (lm/gateway.py)."""
+
+    shards: int | None = Field(
+        default=None,
+        gt=0,
+        description="gateway actors, chosen per request by its body, so identical requests still meet; "
+        "default: one per 250 trials running at once or per 16 endpoints, at most one per driver CPU",
+    )
+
+
 class Sweep(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     program: str = Field(pattern=r"^[\w.]+:[\w.]+$")
@@ -296,6 +307,7 @@ class Sweep(_Strict):
     parallelism: int | None = Field(default=None, gt=0, description="trials running at once; default all")
     num_threads: int = Field(default=8, gt=0, description="DSPy threads inside each trial")
     hosts: Hosts = Hosts()
+    gateway: GatewaySpec = GatewaySpec()
     sim: SimSpec = SimSpec()
 
     @model_validator(mode="after")

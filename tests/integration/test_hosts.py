@@ -165,7 +165,7 @@ def run_in_one_host(prepared, trial_ids: list[str], cache: Path, root: Path) -> 
         imported = ray.get(pool.hosts[0].handle.imported.remote(["dspy", *TRACKING_LIBRARIES]))
     finally:
         pool.close()
-        ray.kill(gateway)
+        gateway.kill()
     assert all(o.error is None for o in outcomes), outcomes
     return {o.result.trial_id: o.result for o in outcomes}, imported
 
