@@ -61,6 +61,7 @@ class GatewayEngine:
         try:
             body = self.gateway.complete(self.trial_id, self.chain, openai_body(request))
         except GatewayError as exc:  # a dead shard too (GatewayLost): a transport error the driver notices
+            _report_failure()
             raise lm_error(exc) from None
         return response_from_openai_chat(body, model=request.model)
 
@@ -71,6 +72,16 @@ class GatewayEngine:
 
     def close(self) -> None:
         pass
+
+
+def _report_failure() -> None:
+    """Tell the trial's usage tracker (run/progress.py TrialProgress) of a call that got no answer:
+    DSPy tells it of answered calls only."""
+    import dspy
+
+    tracker = getattr(dspy.settings, "usage_tracker", None)
+    if hasattr(tracker, "add_failure"):
+        tracker.add_failure()
 
 
 class BudgetSpent(Exception):

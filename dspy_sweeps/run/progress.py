@@ -4,36 +4,44 @@ Trial side only (DSPy, no Ray). A trial host makes one `TrialStream(trial_id, se
 hands it to `run_trial(..., events=stream)` and calls `stream.stop()` when the driver prunes the
 trial; `send` receives each `TrialEvent` (the host buffers them for the driver).
 
-`run_trial` installs a `TrialProgress` in the trial's DSPy context, as a callback and as DSPy's
-usage tracker, so it sees every LM call and every `dspy.Evaluate` of the trial, in every thread
-DSPy starts for it (ParallelExecutor carries the context into its workers), whatever the LM's
-engine is (the gateway's in a sweep, LiteLLM's in a benchmark):
+`run_trial` installs a `TrialProgress` in the trial's DSPy context, as DSPy's usage tracker and
+under `TRIAL_KEY`, so it sees every LM call and every `dspy.Evaluate` of the trial, in every
+thread DSPy starts for it (ParallelExecutor carries the context into its workers), whatever the
+LM's engine is (the gateway's in a sweep, LiteLLM's in a benchmark). No DSPy callback is
+installed: DSPy's callback wrapper then costs nothing on the ~six nested calls of a prediction.
 
-- spend: `on_lm_start` counts a call requested, `on_lm_end` a failed one, `add_usage` (DSPy's
-  usage-tracker hook, called once per answered call) the tokens and the cloud price. Counting
-  here rather than in `lm/engine.py` keeps it per trial and in-process for any engine.
-- evaluations: MIPROv2's minibatch and full evaluations, BootstrapFewShotWithRandomSearch's
-  candidates and GEPA's (dspy's GEPA adapter scores every candidate and minibatch through
+- spend: `add_usage` (DSPy's usage-tracker hook, called once per answered call) counts the
+  call, its tokens and its cloud price; the gateway's engine reports a failed call with
+  `add_failure` (lm/engine.py). Counting here rather than in the gateway keeps it per trial and
+  in-process, so events need no round trip.
+- evaluations: `hook_evaluate` wraps `dspy.Evaluate.__call__` once per process; inside a trial's
+  context it hands the evaluation to that trial's `TrialProgress`. MIPROv2's minibatch and full
+  evaluations, BootstrapFewShotWithRandomSearch's candidates and GEPA's (dspy's GEPA adapter scores every candidate and minibatch through
   `dspy.Evaluate`; gepa 0.1.4's own callbacks swallow exceptions, so they could not stop it and
   add nothing the Evaluate hook lacks) each become an event. Only an evaluation over the whole
   validation set moves the best score; a minibatch is reported as phase "minibatch".
-- stopping: DSPy's callbacks swallow exceptions, so `Pruned` cannot leave the callback. The
-  trial's metric (the platform supplies it to every optimizer) raises `Stopped` at its next
+- stopping: an optimizer that calls Evaluate may catch what the hook raises, so `Pruned` does
+  not leave the hook (nor did it leave DSPy's callbacks, which swallow exceptions). The trial's metric (the platform supplies it to every optimizer) raises `Stopped` at its next
   call instead: a BaseException, so it passes the `except Exception` with which Evaluate,
   ParallelExecutor, GEPA and MIPROv2's inner Optuna study keep going after a bad example.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dspy.utils.callback import BaseCallback
-
 from dspy_sweeps.run.events import Pruned, TrialEvent, TrialEvents
+
+TRIAL_KEY = "dspy_sweeps_trial"  # the trial's TrialProgress in its DSPy context
+_hook_lock = threading.Lock()
+_evaluations = itertools.count()
 
 
 def step_of(calls: int) -> int:
@@ -107,7 +115,7 @@ class Candidate:
     program: str  # DSPy's JSON state, taken when it was scored
 
 
-class TrialProgress(BaseCallback):
+class TrialProgress:
     """Installed in a trial's DSPy context: counts its spend, reports its evaluations, stops it."""
 
     def __init__(self, events: TrialEvents, spend: Spend, valset_size: int, priced: frozenset[str]) -> None:
@@ -122,22 +130,20 @@ class TrialProgress(BaseCallback):
     def __deepcopy__(self, memo: dict) -> TrialProgress:
         return self
 
-    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        with self._lock:
-            self.spend.calls += 1
-
-    def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
-        if exception is not None:
-            with self._lock:
-                self.spend.failed_calls += 1
-
     def add_usage(self, lm: str, usage: dict[str, Any]) -> None:
         """DSPy's usage-tracker hook: once per answered call, with the provider's token counts."""
         prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
         cost = _cloud_cost(lm, prompt, completion) if lm in self.priced else 0.0
         with self._lock:
+            self.spend.calls += 1
             self.spend.tokens += prompt + completion
             self.spend.cost_usd += cost
+
+    def add_failure(self) -> None:
+        """A call that got no answer (the gateway's engine reports it)."""
+        with self._lock:
+            self.spend.calls += 1
+            self.spend.failed_calls += 1
 
     def on_evaluate_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
         devset = inputs.get("devset") or instance.devset
@@ -171,6 +177,39 @@ class TrialProgress(BaseCallback):
             return metric(*args, **kwargs)
 
         return guarded
+
+
+def hook_evaluate() -> None:
+    """Wrap `dspy.Evaluate.__call__`, once per process, so an evaluation inside a trial's context
+    reports to that trial's `TrialProgress` (`on_evaluate_start`/`on_evaluate_end`, as DSPy's
+    callbacks would call them); outside a trial it is DSPy's own call, untouched."""
+    import dspy
+
+    with _hook_lock:
+        original = dspy.Evaluate.__call__
+        if getattr(original, "_trial_hook", False):
+            return
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def evaluate(self: Any, *args: Any, **kwargs: Any) -> Any:
+            progress = getattr(dspy.settings, TRIAL_KEY, None)
+            if progress is None:
+                return original(self, *args, **kwargs)
+            inputs = dict(signature.bind(self, *args, **kwargs).arguments)
+            inputs.pop("self", None)
+            call_id = str(next(_evaluations))
+            progress.on_evaluate_start(call_id, self, inputs)
+            try:
+                outputs = original(self, *args, **kwargs)
+            except BaseException as exc:
+                progress.on_evaluate_end(call_id, None, exc)
+                raise
+            progress.on_evaluate_end(call_id, outputs, None)
+            return outputs
+
+        evaluate._trial_hook = True  # type: ignore[attr-defined]
+        dspy.Evaluate.__call__ = evaluate
 
 
 def state_of(program: Any) -> str:

@@ -72,7 +72,15 @@ def run_trial(
 ) -> TrialResult:
     import dspy
 
-    from dspy_sweeps.run.progress import Candidate, Stopped, TrialProgress, TrialStream, state_of
+    from dspy_sweeps.run.progress import (
+        TRIAL_KEY,
+        Candidate,
+        Stopped,
+        TrialProgress,
+        TrialStream,
+        hook_evaluate,
+        state_of,
+    )
 
     start = time.monotonic()
     # No events (None): no hooks in DSPy at all, the baseline the events' overhead is measured from.
@@ -81,10 +89,13 @@ def run_trial(
     # A TrialStream carries the spend its events report; other sinks (NoEvents) get a meter of their own.
     spend = events.spend if isinstance(events, TrialStream) else TrialStream(trial.id, lambda e: None).spend
     progress = TrialProgress(events, spend, len(data.val), _priced(trial))
-    hooks = {"callbacks": [progress], "usage_tracker": progress} if hooked else {}
+    if hooked:
+        hook_evaluate()
+    # DSPy's history is off: a host keeps up to 10,000 entries per LM and module otherwise, per trial.
+    hooks = {"usage_tracker": progress, TRIAL_KEY: progress} if hooked else {}
     metric = load_object(trial.metric, "metric")
     trainset, valset, testset = (to_examples(rows, data.inputs) for rows in (data.train, data.val, data.test))
-    with dspy.context(lm=lms.student, **hooks):
+    with dspy.context(lm=lms.student, disable_history=True, **hooks):
         try:
             program = compile_program(
                 trial, build_program(trial.program), metric, lms, trainset, valset, workdir, progress.guard

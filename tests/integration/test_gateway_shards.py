@@ -122,3 +122,32 @@ def test_a_dead_shard_fails_calls_and_is_named_instead_of_restarting(
         assert caught.value.kind == "transport"
     finally:
         gateway.kill()
+
+
+@pytest.mark.parametrize("shards", [1, SHARDS])
+def test_a_budget_spent_across_shards_stops_at_the_same_count_as_on_one(
+    ray_session, sim: SimServer, tmp_path: Path, shards: int
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dspy_sweeps.run import runner
+
+    gateway = runner.start_gateway(endpoints(sim), tmp_path / "cache", Budget(max_lm_calls=25), shards=shards)
+    try:
+        before = sim_total(sim, "vllm:request_success_total")
+
+        def ask(i: int) -> str:
+            try:
+                gateway.complete(f"t{i % 4}", (f"sim/{('student', 'teacher')[i % 2]}|",), body(f"q{i % 9} budget {i}"))
+                return "answered"
+            except GatewayError as exc:
+                return exc.kind
+
+        with ThreadPoolExecutor(8) as pool:  # four trials' calls at once, spread over every shard
+            outcomes = list(pool.map(ask, range(40)))
+        assert outcomes.count("answered") == 25 and outcomes.count("budget") == 15
+        assert sim_total(sim, "vllm:request_success_total") - before == 25
+        assert sum(gateway.trial_stats(f"t{i}").sent for i in range(4)) == 25
+        assert gateway.exhausted()
+    finally:
+        gateway.kill()
