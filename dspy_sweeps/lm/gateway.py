@@ -18,9 +18,9 @@ gateway owns the connection. The gateway, shared by all trials of the sweep:
   self-hosted ones); and enforces the sweep's budget.
 
 Cost per call is O(1) in the number of trials: the budget reads running totals, a trial's
-sampled-draw counters are dropped when its figures are collected, and the disk cache is read
-and written on a thread (an answer not yet on disk is kept in memory until it is, so a repeat
-never misses it). The trial side serialises a request's body once (sorted-key JSON bytes,
+sampled-draw counters are dropped when its figures are collected, and the disk cache is written
+on a thread, in batches (an answer not yet on disk is kept in memory until it is, so a repeat
+never misses it); reads stay on the loop (see `_read`). The trial side serialises a request's body once (sorted-key JSON bytes,
 `Request`); its digest is the cache key's body part and picks the shard.
 
 Shards: at scale one event loop is the ceiling, so the gateway is N actors (`Gateway`, the
@@ -52,9 +52,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import queue
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -203,13 +204,14 @@ class GatewayCore:
             state.in_flight = {base: 0 for base in state.endpoint.api_bases}
         self.costly = [s for s in self.endpoints.values() if s.endpoint.cost_per_hour]
         self.cache = diskcache.Cache(cache_dir) if cache_dir else None
-        # SQLite reads and writes run here, off the event loop; an answer stays in `unwritten` until
-        # it is on disk, so a repeat asked meanwhile is still a hit.
-        self.io = ThreadPoolExecutor(2, thread_name_prefix="gateway-cache") if self.cache is not None else None
+        # SQLite writes run on a thread of their own; an answer stays in `unwritten` until it is
+        # on disk, so a repeat asked meanwhile is still a hit.
+        self.to_write: queue.SimpleQueue = queue.SimpleQueue()
+        self.writer: threading.Thread | None = None
         self.unwritten: dict[str, Body] = {}
         self.budget = budget or Budget()
         self.budgeted = self.budget.max_lm_calls is not None or self.budget.max_usd is not None
-        self.pending: dict[str, asyncio.Future] = {}  # key -> (answer, from the cache) of the call in flight
+        self.pending: dict[str, asyncio.Future] = {}  # key -> the answer of the call in flight
         self.stats: dict[str, CallStats] = {}
         self.session: Any = None
         self.draws: dict[str, dict[str, int]] = {}  # trial -> request key -> sampled draws so far
@@ -257,27 +259,17 @@ class GatewayCore:
             raise refused
         key = self._request_key(request, endpoint_id)
         if key in self.pending:
-            response, cached = await asyncio.shield(self.pending[key])
-            if cached:
-                stats.cache_hits += 1
-            else:
-                stats.merged += 1
-            return response
-        if (hit := self.unwritten.get(key)) is not None:
+            stats.merged += 1
+            return await asyncio.shield(self.pending[key])
+        if (hit := self._read(key)) is not None:
             stats.cache_hits += 1
             return hit
-        # In `pending` from before the disk read: an identical request asked during the read
-        # waits for this one instead of reading (and maybe sending) again.
         future = asyncio.get_running_loop().create_future()
         self.pending[key] = future
         try:
-            if (hit := await self._read(key)) is not None:
-                stats.cache_hits += 1
-                future.set_result((hit, True))
-                return hit
             response = await self._reserved_send(request, endpoint_id, stats)
             self._write(key, response)
-            future.set_result((response, False))
+            future.set_result(response)
             return response
         except Exception as exc:
             future.set_exception(exc)
@@ -301,22 +293,43 @@ class GatewayCore:
         draws[key] = draw + 1
         return f"{key}\0{request.trial_id}\0{draw}"
 
-    async def _read(self, key: str) -> Body | None:
+    def _read(self, key: str) -> Body | None:
+        """An answer not yet on disk, or SQLite's: a read takes ~10 µs and, in SQLite's WAL mode,
+        never waits for a writer, so it stays on the loop (a thread hop would cost more CPU)."""
         if self.cache is None:
             return None
-        return await asyncio.get_running_loop().run_in_executor(self.io, self.cache.get, key)
+        hit = self.unwritten.get(key)
+        return hit if hit is not None else self.cache.get(key)
 
     def _write(self, key: str, response: Body) -> None:
+        """Queued for the writer thread: a write takes ~100 µs and SQLite's write lock, which
+        another shard may hold; the thread writes whatever is queued in one transaction."""
         if self.cache is None:
             return
         self.unwritten[key] = response
-        loop = asyncio.get_running_loop()
+        if self.writer is None:
+            loop = asyncio.get_running_loop()
+            self.writer = threading.Thread(target=self._writes, args=(loop,), name="gateway-cache", daemon=True)
+            self.writer.start()
+        self.to_write.put((key, response))
 
-        def write() -> None:
-            self.cache.set(key, response)
-            loop.call_soon_threadsafe(self.unwritten.pop, key, None)
+    def _writes(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            items = [self.to_write.get()]
+            while not self.to_write.empty():
+                items.append(self.to_write.get_nowait())
+            entries = [item for item in items if item is not None]
+            with self.cache.transact():
+                for key, response in entries:
+                    self.cache.set(key, response)
+            if entries and not loop.is_closed():
+                loop.call_soon_threadsafe(self._written, [key for key, _ in entries])
+            if len(entries) < len(items):  # close() asked the thread to stop, after these
+                return
 
-        self.io.submit(write)
+    def _written(self, keys: list[str]) -> None:
+        for key in keys:
+            self.unwritten.pop(key, None)
 
     async def _reserved_send(self, request: Request, endpoint_id: str, stats: CallStats) -> Body:
         """The call sent by its endpoint's owner shard, within the sweep's budget (the ledger's)."""
@@ -573,8 +586,9 @@ class GatewayCore:
         return self.shard
 
     async def close(self) -> None:
-        if self.io is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.io.shutdown)
+        if self.writer is not None:
+            self.to_write.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self.writer.join)
         if self.session is not None:
             await self.session.close()
         if self.cache is not None:
