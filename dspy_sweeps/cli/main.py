@@ -29,6 +29,9 @@ app = typer.Typer(
 SweepFile = Annotated[Path, typer.Argument(help="Sweep file, e.g. sweeps/demo.yaml")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Dotted override KEY=VALUE (repeatable)")]
 StateDir = Annotated[Path | None, typer.Option(help="State directory (default: $DSPY_SWEEPS_STATE or ./.sweeps)")]
+Storage = Annotated[
+    str | None, typer.Option(help="Trial checkpoints, reached by every node: a path or s3:// URI (default: state dir)")
+]
 TrackingUri = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: the state dir's SQLite file)")]
 
 
@@ -91,6 +94,7 @@ def run(
     state_dir: StateDir = None,
     address: Annotated[str | None, typer.Option(help="Ray address to join (default: start a local Ray)")] = None,
     resume: Annotated[bool, typer.Option(help="Keep trials that already finished; run only the rest")] = False,
+    storage: Storage = None,
 ) -> None:
     """Run every trial of a sweep in parallel on Ray, track them, and promote the winner."""
     from dspy_sweeps.cli.tables import decision_line, leaderboard_table
@@ -104,7 +108,7 @@ def run(
     # traceback over the one-line error the sweep gives: Python's logging then drops it silently.
     logging.raiseExceptions = False
     console = _console()
-    prepared = _prepare(sweep_file, set_)
+    prepared = _prepare(sweep_file, [*(set_ or []), *([f"storage={storage}"] if storage else [])])
     console.print(
         f"[bold]{prepared.sweep.name}[/]: {len(prepared.trials)} trials, about {prepared.estimated_calls:,} LM calls"
     )

@@ -56,9 +56,12 @@ def run_sweep(
     student, so the replicas are still up); then, each in a `finally`, the hosts stop, the
     replicas stop, Ray stops, the simulator stops.
     """
+    from dspy_sweeps.run.storage import check_storage
+
     sweep = prepared.sweep
     if sweep.tracking.mlflow is not None:
         check_mlflow_server(tracking_uri(sweep.tracking.mlflow, state))
+    check_storage(storage_uri(sweep, state))
     key = _answer_key(prepared, state)
     with simulator(sweep, key, state, console) as sim_url, ThreadPoolExecutor(1) as background:
         # Outside endpoints first: a typo in an api_base costs seconds, not a Ray start-up.
@@ -154,6 +157,7 @@ def _run_trials(
     from dspy_sweeps.lm.gateway import Budget
     from dspy_sweeps.run import runner
     from dspy_sweeps.run.hosts import Outcome
+    from dspy_sweeps.run.storage import clear_sweep
     from dspy_sweeps.run.worker import TrialContext
 
     sweep = prepared.sweep
@@ -172,7 +176,10 @@ def _run_trials(
     budget = Budget(sweep.budget.max_lm_calls, sweep.budget.max_usd)
     gateway = runner.start_gateway(list({e.id: e for e in endpoints.values()}.values()), state.cache, budget)
     endpoint_ids = {key: e.id for key, e in endpoints.items()}
-    ctx = TrialContext(sweep.name, prepared.data, gateway, endpoint_ids, str(state.root))
+    storage = storage_uri(sweep, state)
+    if not resume:  # a fresh run inherits no trial's checkpoints; --resume carries them on
+        clear_sweep(storage, sweep.name)
+    ctx = TrialContext(sweep.name, prepared.data, gateway, endpoint_ids, storage)
     total = len(done) + (study.remaining() if study else len(prepared.trials) - len(done))
     board = RunningTrials(total, done=len(records))
     with LiveProgress(board, console) as progress, progress_lines(board, progress.console):
@@ -232,6 +239,11 @@ def _run_trials(
 
 def _trial_id(trial: Trial) -> str:
     return trial.id
+
+
+def storage_uri(sweep: Sweep, state: State) -> str:
+    """Where the sweep's trial checkpoints live: its `storage:` (or --storage), else the state dir."""
+    return sweep.storage or str(state.root)
 
 
 def _ensemble(

@@ -297,6 +297,10 @@ class Sweep(_Strict):
     num_threads: int = Field(default=8, gt=0, description="DSPy threads inside each trial")
     hosts: Hosts = Hosts()
     sim: SimSpec = SimSpec()
+    storage: str | None = Field(
+        default=None,
+        description="where trial checkpoints live, reached by every node: a path or s3:// URI (default: the state dir)",
+    )
 
     @model_validator(mode="after")
     def _serving(self) -> Sweep:
