@@ -16,10 +16,10 @@ from dspy_sweeps.data import Dataset
 from dspy_sweeps.lm.engine import build_gateway_embedder, build_gateway_lm
 from dspy_sweeps.run.events import Pruned
 from dspy_sweeps.run.progress import TrialStream
+from dspy_sweeps.run.storage import TrialFolder, pushing
 from dspy_sweeps.run.trial import TrialLMs, TrialResult, run_trial
 from dspy_sweeps.spec.imports import load_object
 from dspy_sweeps.spec.optimizers import optimizer_class
-from dspy_sweeps.run.storage import TrialFolder, pushing
 from dspy_sweeps.spec.plan import Trial
 
 
