@@ -90,9 +90,12 @@ def run_sweep(
 def _ray(sweep: Sweep, state: State, address: str | None) -> Iterator[None]:
     from dspy_sweeps.run import runner
 
-    runner.start_ray(address, Path.cwd())
+    from dspy_sweeps.run.storage import check_storage_for_cluster
+
+    runner.start_ray(address, Path.cwd(), code_packages(sweep))
     try:
         check_tracking_for_cluster(tracking_uri(sweep.tracking.mlflow, state))
+        check_storage_for_cluster(sweep.storage is not None, storage_uri(sweep, state))
         yield
     finally:
         runner.stop_ray()
@@ -239,6 +242,12 @@ def _run_trials(
 
 def _trial_id(trial: Trial) -> str:
     return trial.id
+
+
+def code_packages(sweep: Sweep) -> list[str]:
+    """The top-level packages the sweep imports by path (program, metric, custom optimizers)."""
+    paths = [sweep.program, sweep.metric, *(o.kind for o in sweep.optimizers if ":" in o.kind)]
+    return sorted({p.partition(":")[0].split(".")[0] for p in paths})
 
 
 def storage_uri(sweep: Sweep, state: State) -> str:

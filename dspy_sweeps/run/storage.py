@@ -52,6 +52,21 @@ def check_storage(uri: str) -> None:
         raise SweepError(f"storage: cannot use {uri} ({message[:300]})") from None
 
 
+def check_storage_for_cluster(explicit: bool, uri: str) -> None:
+    """Refuse the default storage (the driver's state dir) when Ray has more than one alive node:
+    a trial retried on another node would find none of its checkpoints. Call after Ray starts."""
+    if explicit:
+        return
+    import ray
+
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if alive > 1:
+        raise SweepError(
+            f"storage: the default, the state dir {uri}, is on the driver's disk, which the other nodes of this "
+            f"{alive}-node cluster do not see; give `storage:` (or --storage) an s3:// URI or a path every node mounts"
+        )
+
+
 def clear_sweep(uri: str, sweep: str) -> None:
     """A fresh run starts every trial folder of the sweep clean (`--resume` keeps them)."""
     filesys, base = filesystem(uri)
