@@ -89,7 +89,6 @@ def run_sweep(
 @contextlib.contextmanager
 def _ray(sweep: Sweep, state: State, address: str | None) -> Iterator[None]:
     from dspy_sweeps.run import runner
-
     from dspy_sweeps.run.storage import check_storage_for_cluster
 
     runner.start_ray(address, Path.cwd(), code_packages(sweep))
