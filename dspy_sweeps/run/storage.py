@@ -183,3 +183,26 @@ def pushing(folder: TrialFolder, send: Any) -> Any:
         folder.push(wait=False)
 
     return send_and_push
+
+
+def publish_results(uri: str, files: list[Path]) -> None:
+    """Copy the driver's results files (the records, the promotion decision) to `<storage>/results/`,
+    where `sweep results --storage` finds them from any machine after a submitted job has ended."""
+    filesys, base = filesystem(uri)
+    filesys.create_dir(f"{base}/results", recursive=True)
+    for path in (p for p in files if p.is_file()):
+        with path.open("rb") as source, filesys.open_output_stream(f"{base}/results/{path.name}") as out:
+            shutil.copyfileobj(source, out)
+
+
+def fetch_results(uri: str, into: Path) -> Path:
+    """The results files in storage, copied into `into/results/` (a state dir `sweep results` reads)."""
+    from pyarrow.fs import FileSelector, FileType
+
+    filesys, base = filesystem(uri)
+    (into / "results").mkdir(parents=True, exist_ok=True)
+    for info in filesys.get_file_info(FileSelector(f"{base}/results", allow_not_found=True)):
+        if info.type == FileType.File:
+            with filesys.open_input_stream(info.path) as source, (into / "results" / info.base_name).open("wb") as out:
+                shutil.copyfileobj(source, out)
+    return into
