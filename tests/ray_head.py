@@ -178,3 +178,81 @@ def _wait_until_up(head: RayHead, log: Path, timeout: float = 180) -> None:
             except OSError:
                 pass
         time.sleep(0.5)
+
+
+@dataclass
+class RayNode:
+    """A worker node of a `RayHead`, in a mount namespace of its own (see `start_node`)."""
+
+    process: subprocess.Popen
+    ip: str
+    log: Path
+
+    def lose(self) -> None:
+        """The node is lost: SIGKILL to its process group (`ray start --block`, the raylet, its workers)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=60)
+
+
+def start_node(head: RayHead, ip: str, num_cpus: int, hidden: list[Path], tries: int = 3) -> RayNode:
+    """A Ray node at `ip` (127.0.0.2, ...) that shares the network but not the disk with the driver: it
+    runs in its own mount namespace (`unshare -m`) with a tmpfs over each of `hidden` (the project's
+    `pipelines/`, the state dir) and over the head's temp folder, so it keeps its own session files and
+    sees none of the driver's. Every port picked free, none in Ray's worker range or its agent's 52365."""
+    for attempt in range(tries):
+        try:
+            return _start_node(head, ip, num_cpus, hidden)
+        except AssertionError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_node(head: RayHead, ip: str, num_cpus: int, hidden: list[Path]) -> RayNode:
+    import shlex
+
+    log = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp")) / "ray-node.log"
+    ports = {
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--metrics-export-port": free_port(),
+    }
+    ray_start = [
+        str(BIN / "ray"),
+        "start",
+        f"--address={head.address}",
+        f"--node-ip-address={ip}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        "--disable-usage-stats",
+        "--block",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+    ]
+    masks = [*hidden, head.temp_dir]
+    script = "set -e; " + "".join(f"mount -t tmpfs tmpfs {shlex.quote(str(p))}; " for p in masks)
+    script += "exec " + shlex.join(ray_start)
+    env = {**os.environ, **head.env, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            env=env,
+            cwd="/",
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    node = RayNode(process, ip, log)
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            node.lose()
+            raise AssertionError(f"the Ray node at {ip} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return node

@@ -29,6 +29,9 @@ app = typer.Typer(
 SweepFile = Annotated[Path, typer.Argument(help="Sweep file, e.g. sweeps/demo.yaml")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Dotted override KEY=VALUE (repeatable)")]
 StateDir = Annotated[Path | None, typer.Option(help="State directory (default: $DSPY_SWEEPS_STATE or ./.sweeps)")]
+Storage = Annotated[
+    str | None, typer.Option(help="Trial checkpoints, reached by every node: a path or s3:// URI (default: state dir)")
+]
 TrackingUri = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: the state dir's SQLite file)")]
 
 
@@ -91,11 +94,13 @@ def run(
     state_dir: StateDir = None,
     address: Annotated[str | None, typer.Option(help="Ray address to join (default: start a local Ray)")] = None,
     resume: Annotated[bool, typer.Option(help="Keep trials that already finished; run only the rest")] = False,
+    storage: Storage = None,
 ) -> None:
     """Run every trial of a sweep in parallel on Ray, track them, and promote the winner."""
     from dspy_sweeps.cli.tables import decision_line, leaderboard_table
     from dspy_sweeps.jobs.secrets import load_job_secrets
     from dspy_sweeps.run.engine import run_sweep
+    from dspy_sweeps.run.storage import publish_results
     from dspy_sweeps.state import State
     from dspy_sweeps.track.registry import save_decision
 
@@ -104,11 +109,12 @@ def run(
     # traceback over the one-line error the sweep gives: Python's logging then drops it silently.
     logging.raiseExceptions = False
     console = _console()
-    prepared = _prepare(sweep_file, set_)
+    prepared = _prepare(sweep_file, [*(set_ or []), *([f"storage={storage}"] if storage else [])])
     console.print(
         f"[bold]{prepared.sweep.name}[/]: {len(prepared.trials)} trials, about {prepared.estimated_calls:,} LM calls"
     )
     state = State.at(state_dir)
+    results = state.results(prepared.sweep.name)
     try:
         outcome = run_sweep(prepared, state, address, console, resume=resume)
     except OSError as exc:
@@ -117,10 +123,15 @@ def run(
         raise SweepError(
             f"the state directory {state.root} is full ({exc.strerror}); free space, then run again with --resume"
         ) from None
+    finally:
+        if prepared.sweep.storage:  # where `sweep results --storage` reads them from anywhere (a job ends)
+            publish_results(prepared.sweep.storage, [results, results.with_suffix(".decision.json")])
     console.print(leaderboard_table([r.__dict__ for r in outcome.records]))
     if outcome.decision is not None:
         console.print(decision_line(outcome.decision), soft_wrap=True)  # one line, however long
-        save_decision(state.results(prepared.sweep.name), outcome.decision)
+        save_decision(results, outcome.decision)
+        if prepared.sweep.storage:
+            publish_results(prepared.sweep.storage, [results.with_suffix(".decision.json")])
     if not any(r.status == "ok" for r in outcome.records):
         raise typer.Exit(1)
 
@@ -130,13 +141,22 @@ def run(
 def results(
     name: Annotated[str | None, typer.Argument(help="Sweep name (default: every sweep)")] = None,
     state_dir: StateDir = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Read the results a sweep run with this storage published (e.g. a job's)")
+    ] = None,
 ) -> None:
     """Print a sweep's leaderboard from its results file, and its last promotion decision."""
+    import tempfile
+
     from dspy_sweeps.cli.tables import decision_line, leaderboard_table
     from dspy_sweeps.state import State
     from dspy_sweeps.track.registry import saved_decision
     from dspy_sweeps.track.results import leaderboard
 
+    if storage:
+        from dspy_sweeps.run.storage import fetch_results
+
+        state_dir = fetch_results(storage, Path(tempfile.mkdtemp(prefix="sweep-results-")))
     state = State.at(state_dir)
     paths = [state.results(name)] if name else sorted((state.root / "results").glob("*.parquet"))
     if not paths or not paths[0].is_file():
@@ -286,11 +306,18 @@ def submit(
     follow: Annotated[
         bool, typer.Option("--follow", help="Stream the job's log; exit 0 if it succeeds, else 1")
     ] = False,
+    resume: Annotated[bool, typer.Option(help="Resume the sweep an earlier job of it left in its state dir")] = False,
+    storage: Storage = None,
+    state_dir: Annotated[
+        str | None, typer.Option(help="The job's state dir on the head (default: $DSPY_SWEEPS_STATE or ~/.dspy-sweeps)")
+    ] = None,
 ) -> None:
     """Submit a sweep to a Ray cluster as a Ray job and print the job id."""
     from dspy_sweeps.jobs import client as jobs
 
-    request = jobs.job_request(sweep_file, set_ or [], secret or [])
+    request = jobs.job_request(
+        sweep_file, set_ or [], secret or [], state_dir=state_dir, storage=storage, resume=resume
+    )
     job_id = jobs.submit(request, address)
     print(job_id)
     names = ", ".join(request.secret_names) or "none"

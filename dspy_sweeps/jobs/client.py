@@ -74,6 +74,7 @@ EXCLUDES = [
     "dist",
 ]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+JOB_STATE_DIR = '"${DSPY_SWEEPS_STATE:-$HOME/.dspy-sweeps}"'  # expanded by the job's shell, on the head
 # The entrypoint runs in a shell with the head's PATH, which need not hold `sweep` (a head started as
 # `.venv/bin/ray start` has no venv on it). So the job runs `python -m` with the Python Ray starts its
 # workers with: the shell's parent is the job supervisor, a worker, whose parent is the raylet, and the
@@ -122,15 +123,26 @@ def job_request(
     secret_vars: Sequence[str] = (),
     project_dir: str | Path | None = None,
     environ: dict[str, str] | None = None,
+    *,
+    state_dir: str | None = None,
+    storage: str | None = None,
+    resume: bool = False,
 ) -> JobRequest:
-    """Check the sweep file and work out the job: entrypoint, plain settings, secrets by name."""
+    """Check the sweep file and work out the job: entrypoint, plain settings, secrets by name.
+
+    The job's state dir is `state_dir` on the head, by default `$DSPY_SWEEPS_STATE` or `~/.dspy-sweeps`
+    there: never inside the job's working_dir, which Ray unpacks to a new folder for each submission,
+    so the LM cache, the Optuna study and `--resume` carry over from one submission to the next."""
     from dspy_sweeps.spec.schema import load_sweep
 
     project = Path(project_dir or Path.cwd()).resolve()
     env = _environment(project) if environ is None else dict(environ)
     sweep = load_sweep(sweep_file, list(overrides))  # bad input stops here, before anything is uploaded
     relative = _inside(Path(sweep_file), project)
-    entrypoint = f"{WORKER_PYTHON} {shlex.join(['run', relative, *(arg for o in overrides for arg in ('--set', o))])}"
+    args = ["run", relative, *(arg for o in overrides for arg in ("--set", o))]
+    args += [*(["--storage", storage] if storage else []), *(["--resume"] if resume else [])]
+    where = shlex.quote(state_dir) if state_dir else JOB_STATE_DIR
+    entrypoint = f"{WORKER_PYTHON} {shlex.join(args)} --state-dir {where}"
 
     for name in secret_vars:
         if not _VAR_NAME.match(name):

@@ -56,9 +56,12 @@ def run_sweep(
     student, so the replicas are still up); then, each in a `finally`, the hosts stop, the
     replicas stop, Ray stops, the simulator stops.
     """
+    from dspy_sweeps.run.storage import check_storage
+
     sweep = prepared.sweep
     if sweep.tracking.mlflow is not None:
         check_mlflow_server(tracking_uri(sweep.tracking.mlflow, state))
+    check_storage(storage_uri(sweep, state))
     key = _answer_key(prepared, state)
     with simulator(sweep, key, state, console) as sim_url, ThreadPoolExecutor(1) as background:
         # Outside endpoints first: a typo in an api_base costs seconds, not a Ray start-up.
@@ -86,10 +89,12 @@ def run_sweep(
 @contextlib.contextmanager
 def _ray(sweep: Sweep, state: State, address: str | None) -> Iterator[None]:
     from dspy_sweeps.run import runner
+    from dspy_sweeps.run.storage import check_storage_for_cluster
 
-    runner.start_ray(address, Path.cwd())
+    runner.start_ray(address, Path.cwd(), code_packages(sweep))
     try:
         check_tracking_for_cluster(tracking_uri(sweep.tracking.mlflow, state))
+        check_storage_for_cluster(sweep.storage is not None, storage_uri(sweep, state))
         yield
     finally:
         runner.stop_ray()
@@ -151,6 +156,7 @@ def _run_trials(
     """Every trial on the trial hosts, all LM calls through the sweep's gateway; each record is saved
     and tracked as it lands (off the driver's loop, see `TrialEnds`). `simulated` says, by spec,
     which models answer from the simulator (their records say so)."""
+    from dspy_sweeps.run.storage import clear_sweep
     from dspy_sweeps.run.worker import TrialContext
 
     sweep = prepared.sweep
@@ -158,7 +164,10 @@ def _run_trials(
     results = {r.trial_id: (r.status, r.val_score) for r in kept}
     study = SweepStudy.open(prepared, state, resume, results) if sweep.search or sweep.prune else None
     gateway = _start_gateway(prepared, state, endpoints)
-    ctx = TrialContext(sweep.name, prepared.data, gateway, {k: e.id for k, e in endpoints.items()}, str(state.root))
+    storage = storage_uri(sweep, state)
+    if not resume:  # a fresh run inherits no trial's checkpoints; --resume carries them on
+        clear_sweep(storage, sweep.name)
+    ctx = TrialContext(sweep.name, prepared.data, gateway, {k: e.id for k, e in endpoints.items()}, storage)
     loop = TrialLoop(prepared, state, trackers, hosts, gateway, study, simulated, kept)
     with LiveProgress(loop.board, console) as progress, progress_lines(loop.board, progress.console):
         loop.show(progress)
@@ -340,6 +349,17 @@ class TrialEnds:
 
 def _trial_id(trial: Trial) -> str:
     return trial.id
+
+
+def code_packages(sweep: Sweep) -> list[str]:
+    """The top-level packages the sweep imports by path (program, metric, custom optimizers)."""
+    paths = [sweep.program, sweep.metric, *(o.kind for o in sweep.optimizers if ":" in o.kind)]
+    return sorted({p.partition(":")[0].split(".")[0] for p in paths})
+
+
+def storage_uri(sweep: Sweep, state: State) -> str:
+    """Where the sweep's trial checkpoints live: its `storage:` (or --storage), else the state dir."""
+    return sweep.storage or str(state.root)
 
 
 def _ensemble(

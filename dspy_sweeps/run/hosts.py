@@ -7,6 +7,12 @@ than a process of its own: a host imports DSPy, the optimizers and the sweep's p
 forwards the trials' progress events, and when a host dies (SIGKILL, a lost node) re-runs that
 host's trials on a fresh host; other hosts' trials never notice.
 
+Every trial runs exactly once at a time and is reported once. A host is dead only when Ray says
+its actor died (`ActorDiedError`); the old actor is then killed before its trials run elsewhere.
+When Ray says the actor is only unavailable (`ActorUnavailableError`: a network blip, the task
+"may or may not have been executed"), the trial is not re-run: the driver asks the same host for
+the trial's outcome (`TrialHost.outcome`), which the host keeps until the driver has it.
+
 Like the rest of the Ray layer it knows trials only as work items, each with an id, and a function
 `fn(item, shared, channel) -> result`; a trial that raises is reported as failed with its reason
 and never stops the others. Items are drawn from an iterable only when a host has room, so a
@@ -79,6 +85,8 @@ class TrialHost:
         self.events: list[TrialEvent] = []
         self.stopped: set[str] = set()
         self._shared: dict[str, Any] = {}
+        self._ended = threading.Condition(self.lock)
+        self._outcomes: dict[str, Outcome] = {}  # kept until the driver has them (see `outcome`)
         if warm is not None:
             warm()
 
@@ -88,9 +96,25 @@ class TrialHost:
         if stopped:
             self.stop(trial_id)
         try:
-            return Outcome(trial_id, self.fn(item, self._load(shared[0]), Channel(trial_id, self)), None)
+            outcome = Outcome(trial_id, self.fn(item, self._load(shared[0]), Channel(trial_id, self)), None)
         except Exception as exc:
-            return Outcome(trial_id, None, f"{type(exc).__name__}: {exc}"[:1000])
+            outcome = Outcome(trial_id, None, f"{type(exc).__name__}: {exc}"[:1000])
+        with self._ended:
+            self._outcomes[trial_id] = outcome
+            self._ended.notify_all()
+        return outcome
+
+    def outcome(self, trial_id: str, wait_s: float) -> Outcome | None:
+        """The outcome of a trial this host ran, once it has ended (None if it has not within
+        `wait_s`); for a driver that lost contact with this host while the trial ran."""
+        with self._ended:
+            self._ended.wait_for(lambda: trial_id in self._outcomes, timeout=wait_s)
+            return self._outcomes.get(trial_id)
+
+    def forget(self, trial_id: str) -> None:
+        """The driver has the trial's outcome: the host need not keep it."""
+        with self.lock:
+            self._outcomes.pop(trial_id, None)
 
     def _load(self, ref: Any) -> Any:
         import ray
@@ -178,22 +202,34 @@ class HostPool:
         limit = parallelism or self.plan.hosts * self.plan.trials_per_host
         runs: dict[Any, tuple[_Host, str]] = {}
         outcomes: list[Outcome] = []
+        reported: set[str] = set()
         while work.retries or runs or work.more():
             self._submit(work, runs, shared_ref, limit, on_start)
             ready, _ = ray.wait(list(runs), num_returns=1, timeout=POLL_S)
             self._forward(on_event, block=False)
             for ref in ready:
                 host, trial_id = runs.pop(ref)
-                host.running.discard(trial_id)
                 try:
                     outcome = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
+                except ray.exceptions.ActorUnavailableError:  # not dead: ask the same host again
+                    runs[host.handle.outcome.remote(trial_id, POLL_S)] = (host, trial_id)
+                    continue
+                except ray.exceptions.RayActorError as exc:  # ActorDiedError (or its creation failed)
+                    host.running.discard(trial_id)
                     outcome = self._host_died(host, trial_id, exc, work.deaths)
                     if outcome is None:
                         work.retries.append(trial_id)
                         continue
                 else:
+                    if outcome is None:  # the host that lost contact is still running the trial
+                        runs[host.handle.outcome.remote(trial_id, POLL_S)] = (host, trial_id)
+                        continue
+                    host.running.discard(trial_id)
+                    host.handle.forget.remote(trial_id)
                     self._forward(on_event, block=True, only=host)
+                if trial_id in reported:  # a record is written once per trial, whatever happened
+                    continue
+                reported.add(trial_id)
                 outcomes.append(outcome)
                 on_outcome(outcome)
         return outcomes
@@ -221,8 +257,12 @@ class HostPool:
                 on_start(trial_id)
 
     def _host_died(self, host: _Host, trial_id: str, exc: Exception, deaths: dict[str, int]) -> Outcome | None:
-        """Replace a dead host (once) and say whether its trial runs again (None) or has failed."""
+        """Replace a dead host (once) and say whether its trial runs again (None) or has failed.
+        The old actor is killed first: no process of it may still write the trial's folder."""
+        import ray
+
         if host in self.hosts:
+            ray.kill(host.handle, no_restart=True)
             self.hosts[self.hosts.index(host)] = self._start()
         deaths[trial_id] = deaths.get(trial_id, 0) + 1
         if deaths[trial_id] <= HOST_RETRIES:

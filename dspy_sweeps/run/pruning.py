@@ -74,7 +74,7 @@ class SweepStudy:
         )
         if sweep.search:  # seeded past the trials a resumed study has, or it would draw the same points again
             study.sampler = search.sampler(sweep, started=len(study.trials))
-        planned = baselines(sweep) if sweep.search else prepared.trials
+        planned = baselines(sweep, prepared.basis) if sweep.search else prepared.trials
         total = search.trial_count(sweep) if sweep.search else sum(t.kind != "none" for t in planned)
         ended = dict(finished or {})
         queue = [t for t in planned if t.id not in ended]
@@ -105,7 +105,7 @@ class SweepStudy:
                 return trial
             while self.prepared.sweep.search is not None and self._asked() < self.total:
                 asked = self.study.ask()
-                trial = search.suggest(self.prepared.sweep, asked)
+                trial = search.suggest(self.prepared.sweep, asked, self.prepared.basis)
                 if trial.id in self.ended or trial.id in self.running:  # a point sampled again: its outcome stands
                     self._tell_known(asked, self.ended.get(trial.id))
                     continue

@@ -7,14 +7,21 @@ on trial hosts (hosts.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # dspy_sweeps itself, shipped as `sweep submit` ships it
 
-def start_ray(address: str | None, project_dir: Path) -> None:
-    """Join `address` or start a local Ray whose workers can import the project's `pipelines/`."""
+
+def start_ray(address: str | None, project_dir: Path, packages: Sequence[str] = ()) -> None:
+    """Join `address` or start a local Ray whose workers can import the project's `pipelines/`.
+
+    Joining a cluster, the project's `packages` (the sweep's program, metric and custom optimizers:
+    `pipelines`, ...) and this package travel as the driver's `py_modules`, so a host on a node that
+    has none of the driver's files imports them as `sweep submit`'s job would."""
     if ray.is_initialized():
         return
     pythonpath = os.pathsep.join(p for p in (str(project_dir), os.environ.get("PYTHONPATH")) if p)
@@ -29,9 +36,24 @@ def start_ray(address: str | None, project_dir: Path) -> None:
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
-        runtime_env={"env_vars": env_vars} if joining else None,
+        runtime_env=_cluster_env(env_vars, project_dir, packages) if joining else None,
     )
     _start_reaper()
+
+
+def _cluster_env(env_vars: dict[str, str], project_dir: Path, packages: Sequence[str]) -> dict[str, Any]:
+    """The driver's runtime_env on a cluster. Inside a `sweep submit` job, the job's own runtime_env
+    already ships the project (Ray refuses the same field twice)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ:
+        return {"env_vars": env_vars}
+    folders = [project_dir / p for p in dict.fromkeys(packages) if (project_dir / p / "__init__.py").is_file()]
+    return {
+        "env_vars": env_vars,
+        "py_modules": [str(f) for f in [*folders, PACKAGE_DIR]],
+        "excludes": ["__pycache__", "*.pyc", "job-secrets-*"],
+    }
 
 
 def _start_reaper() -> None:

@@ -10,18 +10,17 @@ import dataclasses
 import os
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.lm.engine import build_gateway_embedder, build_gateway_lm
 from dspy_sweeps.run.events import Pruned
 from dspy_sweeps.run.progress import TrialStream
+from dspy_sweeps.run.storage import TrialFolder, pushing
 from dspy_sweeps.run.trial import TrialLMs, TrialResult, run_trial
 from dspy_sweeps.spec.imports import load_object
 from dspy_sweeps.spec.optimizers import optimizer_class
 from dspy_sweeps.spec.plan import Trial
-from dspy_sweeps.state import State
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class TrialContext:
     data: Dataset
     gateway: Any  # the sweep's `Gateway` handle (lm/gateway.py)
     endpoint_ids: dict[str, str]  # ModelSpec JSON -> gateway endpoint id
-    state_root: str
+    storage: str  # the sweep's trial storage URI (run/storage.py), which every node reaches
 
 
 def warm(program: str, metric: str, kinds: tuple[str, ...]) -> None:
@@ -48,23 +47,28 @@ def warm(program: str, metric: str, kinds: tuple[str, ...]) -> None:
 
 def execute_trial(trial: Trial, ctx: TrialContext, channel: Any) -> TrialResult:
     """Run one trial on a host's thread; `channel` carries its events to the driver (see hosts.py)."""
+    import ray
+
     trial_id = trial.id
     if ctx.gateway.exhausted():
         return TrialResult(trial_id, "cut", error="not started: the sweep's budget is spent")
     student = _lm(ctx, trial.student, trial_id)
     teacher = _lm(ctx, trial.teacher, trial_id) if trial.teacher else student
-    workdir = State(Path(ctx.state_root)).trial_dir(ctx.sweep, trial_id)
-    workdir.mkdir(parents=True, exist_ok=True)
-    attempt = _next_attempt(workdir)
-    # Which process runs the trial (node and pid), for finding its logs or its host.
-    (workdir / "host").write_text(f"{platform.node()} {os.getpid()}\n")
+    # The trial's folder from storage into a working folder on this node (GEPA resumes from it).
+    folder = TrialFolder(ctx.storage, ctx.sweep, trial_id)
+    workdir = folder.restore()
+    attempt = folder.next_attempt()
+    # Which process runs the trial (machine, pid, Ray node address), for finding its logs or its host.
+    (workdir / "host").write_text(f"{platform.node()} {os.getpid()} {ray.util.get_node_ip_address()}\n")
     # The trial's spend and evaluations, as events through the host's channel (which raises Pruned
-    # once the driver has stopped the trial; see run/progress.py for how that stops the optimizer).
-    events = TrialStream(trial_id, send=channel.emit)
+    # once the driver has stopped the trial; see run/progress.py for how that stops the optimizer);
+    # after each, what changed in the trial's folder goes up to storage.
+    events = TrialStream(trial_id, send=pushing(folder, channel.emit))
     try:
         result = run_trial(trial, ctx.data, TrialLMs(student, teacher, _embedder(ctx, trial)), workdir, events)
     except Exception as exc:
         result = failed(trial_id, exc, budget_spent=ctx.gateway.exhausted())
+    folder.finish(result.program, result.val_scores, result.test_scores)
     stats = ctx.gateway.trial_stats(trial_id, done=True)
     return dataclasses.replace(with_spend(result, stats), attempts=attempt)
 
@@ -87,15 +91,6 @@ def with_spend(result: TrialResult, stats: Any) -> TrialResult:
         fell_back=stats.fell_back,
         calls_by_model=stats.by_model,
     )
-
-
-def _next_attempt(workdir: Path) -> int:
-    """Which run of this trial this is. A trial retried after its host died (or resumed after the
-    driver died) finds its folder used; GEPA, whose log_dir is in it, resumes from its saved state."""
-    counter = workdir / "attempts"
-    attempt = int(counter.read_text().strip() or 0) + 1 if counter.is_file() else 1
-    counter.write_text(str(attempt))
-    return attempt
 
 
 def failed(trial_id: str, exc: BaseException, budget_spent: bool) -> TrialResult:

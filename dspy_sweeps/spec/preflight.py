@@ -12,7 +12,7 @@ from dspy_sweeps.errors import SweepError
 from dspy_sweeps.lm.checks import check_keys
 from dspy_sweeps.spec.imports import build_program, load_object
 from dspy_sweeps.spec.optimizers import Signatures, bind_settings, check_program, check_sizes, estimate_calls
-from dspy_sweeps.spec.plan import Trial, baselines, expand_grid, plan_trials
+from dspy_sweeps.spec.plan import Trial, baselines, expand_grid, plan_trials, trial_basis
 from dspy_sweeps.spec.schema import Sweep
 
 
@@ -22,6 +22,7 @@ class Prepared:
     data: Dataset
     trials: list[Trial]
     ensemble_calls: int = 0  # the Ensemble trial after the others: its members scored on val and test
+    basis: str = ""  # spec/plan.py's trial_basis: part of every trial id, including a search's later ones
 
     @property
     def estimated_calls(self) -> int:
@@ -34,13 +35,14 @@ def prepare(sweep: Sweep) -> Prepared:
     program = build_program(sweep.program)
     predictors = len(program.predictors())
     _check_metric(sweep.metric)
-    trials = _check_space(sweep, program, len(data.train))
+    basis = trial_basis(sweep, data.fingerprint)
+    trials = _check_space(sweep, program, len(data.train), basis)
     sizes = (len(data.train), len(data.val), len(data.test))
     trials = [
         dataclasses.replace(t, estimated_calls=estimate_calls(t.kind, t.settings, sizes, predictors)) for t in trials
     ]
     top = sweep.ensemble.top if sweep.ensemble else 0
-    prepared = Prepared(sweep, data, trials, top * (len(data.val) + len(data.test)) * predictors)
+    prepared = Prepared(sweep, data, trials, top * (len(data.val) + len(data.test)) * predictors, basis)
     _check_ensemble(prepared)
     _check_budget(prepared)
     _check_tracking(sweep)
@@ -48,7 +50,7 @@ def prepare(sweep: Sweep) -> Prepared:
     return prepared
 
 
-def _check_space(sweep: Sweep, program: object, train: int) -> list[Trial]:
+def _check_space(sweep: Sweep, program: object, train: int, basis: str) -> list[Trial]:
     """The plan's trials: the grid, or for a search the baselines and a preview of its trials
     (sampled values bound to the real signatures as grid points are); the pruner is built once."""
     from dspy_sweeps.spec import search
@@ -59,7 +61,11 @@ def _check_space(sweep: Sweep, program: object, train: int) -> list[Trial]:
     for i, spec in enumerate(sweep.optimizers):  # a search's distributions are checked by check_space
         grid = {} if sweep.search is not None else spec.settings
         _check_optimizer(sweep, spec.kind, grid, program, train, f"optimizers.{i}")
-    trials = [*baselines(sweep), *search.preview(sweep)] if sweep.search is not None else plan_trials(sweep)
+    trials = (
+        [*baselines(sweep, basis), *search.preview(sweep, basis)]
+        if sweep.search is not None
+        else plan_trials(sweep, basis)
+    )
     for t in trials:
         bind_settings(t.kind, t.settings, where=f"optimizers ({t.label})")
     return trials

@@ -309,6 +309,10 @@ class Sweep(_Strict):
     hosts: Hosts = Hosts()
     gateway: GatewaySpec = GatewaySpec()
     sim: SimSpec = SimSpec()
+    storage: str | None = Field(
+        default=None,
+        description="where trial checkpoints live, reached by every node: a path or s3:// URI (default: the state dir)",
+    )
 
     @model_validator(mode="after")
     def _serving(self) -> Sweep:

@@ -237,15 +237,16 @@ def sampler(sweep: Sweep, started: int = 0) -> Any:
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def suggest(sweep: Sweep, trial: Any) -> Trial:
-    """The sweep's trial for an Optuna trial: the grid point it was given, or sampled define-by-run."""
+def suggest(sweep: Sweep, trial: Any, basis: str) -> Trial:
+    """The sweep's trial for an Optuna trial: the grid point it was given, or sampled define-by-run
+    (`basis`: the sweep's `plan.trial_basis`)."""
     assert sweep.search is not None
     if sweep.search.kind == "grid":
         point = grid_points(sweep)[trial.suggest_categorical("point", list(range(len(grid_points(sweep)))))]
     else:
         point = _sampled(sweep, trial)
     spec = sweep.optimizers[point.optimizer]
-    return make_trial(sweep, spec.kind, point.settings, point.student, point.teacher, point.seed)
+    return make_trial(sweep, spec.kind, point.settings, point.student, point.teacher, point.seed, basis)
 
 
 def _sampled(sweep: Sweep, trial: Any) -> Point:
@@ -292,7 +293,7 @@ def _value(trial: Any, name: str, value: Any) -> Any:
     return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
-def preview(sweep: Sweep) -> list[Trial]:
+def preview(sweep: Sweep, basis: str) -> list[Trial]:
     """The trials a search would start with, for `sweep plan` and call estimates: the grid's
     points, or the sweep's sampler run without results (TPE starts with random trials too)."""
     import optuna
@@ -301,14 +302,14 @@ def preview(sweep: Sweep) -> list[Trial]:
     if sweep.search is not None and sweep.search.kind == "grid":
         points = grid_points(sweep)
         return [
-            make_trial(sweep, sweep.optimizers[p.optimizer].kind, p.settings, p.student, p.teacher, p.seed)
+            make_trial(sweep, sweep.optimizers[p.optimizer].kind, p.settings, p.student, p.teacher, p.seed, basis)
             for p in points
         ][: trial_count(sweep)]
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=sweep.search.seed))
     trials = []
     for _ in range(trial_count(sweep)):
         asked = study.ask()
-        trials.append(suggest(sweep, asked))
+        trials.append(suggest(sweep, asked, basis))
         study.tell(asked, state=optuna.trial.TrialState.FAIL)  # a preview: nothing ran
     return trials
 

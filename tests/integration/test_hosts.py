@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -132,6 +132,86 @@ def test_a_trial_whose_host_keeps_dying_fails_after_bounded_retries(local_ray) -
     assert outcomes["dies"].result is None
     assert f"its host died {HOST_RETRIES + 1} times" in outcomes["dies"].error
     assert outcomes["lives"].error is None and outcomes["lives"].result in first_pids, "the other host was not replaced"
+
+
+def counted_trial(trial_id: str, folder: str, channel) -> int:
+    """A stand-in trial that counts its runs in `folder` (every host of this test is on this machine)."""
+    runs = Path(folder) / trial_id
+    with runs.open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    return os.getpid()
+
+
+def flaky_get(monkeypatch: pytest.MonkeyPatch, trial_id: str, error: Callable[[], Exception]) -> list[int]:
+    """`ray.get` in this driver raises `error()` once, for the run of `trial_id`, after the trial ran
+    (the host's answer lost on the way back, as a network blip or a partition loses it)."""
+    import ray
+
+    from dspy_sweeps.run.hosts import Outcome
+
+    real_get, hit = ray.get, []
+
+    def get(refs, *args, **kwargs):
+        value = real_get(refs, *args, **kwargs)
+        if isinstance(value, Outcome) and value.trial_id == trial_id and not hit:
+            hit.append(value.result)
+            raise error()
+        return value
+
+    monkeypatch.setattr(ray, "get", get)
+    return hit
+
+
+def test_an_unavailable_host_is_asked_again_and_its_trial_never_runs_twice(
+    local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+
+    pool = HostPool(counted_trial, None, HostPlan(hosts=1, trials_per_host=2, cpus=0.25))
+    hit = flaky_get(monkeypatch, "blip", lambda: ray.exceptions.ActorUnavailableError("connection reset", None))
+    reported: list[str] = []
+    try:
+        first_pids = pool.pids()
+        outcomes = pool.run(
+            ["blip", "calm"], str(tmp_path), parallelism=None, on_outcome=lambda o: reported.append(o.trial_id)
+        )
+        later_pids = pool.pids()
+    finally:
+        pool.close()
+    assert hit, "the injected ActorUnavailableError was raised"
+    assert sorted(reported) == ["blip", "calm"] and len(outcomes) == 2, "one record per trial"
+    assert (tmp_path / "blip").read_text().splitlines() == [str(hit[0])], "the trial ran once"
+    assert {o.trial_id: o.result for o in outcomes}["blip"] == hit[0], "its outcome came from the same host"
+    assert later_pids == first_pids, "an unavailable host is not a dead one: it was not replaced"
+
+
+def test_a_host_ray_declares_dead_is_killed_before_its_trial_runs_again(
+    local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray says the actor died while its process still runs (a partitioned node): the driver kills
+    it, and only then runs the trial again, on a fresh host."""
+    import psutil
+    import ray
+
+    pool = HostPool(counted_trial, None, HostPlan(hosts=1, trials_per_host=1, cpus=0.25))
+    hit = flaky_get(monkeypatch, "split", lambda: ray.exceptions.ActorDiedError())
+    reported: list[str] = []
+    held = pool.hosts[0].handle  # a live handle: without ray.kill, Ray would keep this actor running
+    try:
+        outcomes = pool.run(
+            ["split"], str(tmp_path), parallelism=None, on_outcome=lambda o: reported.append(o.trial_id)
+        )
+    finally:
+        pool.close()
+    assert hit, "the injected ActorDiedError was raised"
+    first, second = (int(pid) for pid in (tmp_path / "split").read_text().splitlines())
+    assert first == hit[0] and second != first and outcomes[0].result == second and reported == ["split"]
+    old = psutil.Process(first) if psutil.pid_exists(first) else None
+    deadline = time.monotonic() + 60  # ray.kill is asynchronous: the raylet kills the process
+    while old is not None and old.is_running() and old.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the host Ray declared dead was never killed"
+        time.sleep(0.2)
+    del held
 
 
 SIDE_BY_SIDE = (

@@ -44,7 +44,7 @@ def lms_for(sim: SimServer, student: str = "student") -> TrialLMs:
 
 def sweep_trials(overrides: list[str]):
     sweep = load_sweep(REPO / "sweeps/demo.yaml", ["data.split={train: 10, val: 10, test: 10, seed: 0}", *overrides])
-    return sweep, load_dataset(sweep.data), [t for t in plan_trials(sweep) if t.kind != "none"]
+    return sweep, load_dataset(sweep.data), [t for t in plan_trials(sweep, "") if t.kind != "none"]
 
 
 def test_mipro_and_gepa_trials_stream_events_at_increasing_steps(sim: SimServer, tmp_path: Path) -> None:

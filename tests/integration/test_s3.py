@@ -137,3 +137,16 @@ def test_a_promotion_logs_to_an_s3_artifact_store_and_pull_reads_it_back(s3: S3,
         assert MlflowClient(server.url).get_model_version_by_alias(model, "champion").tags["trial"] == "s3-trial"
     finally:
         server.stop()
+
+
+def test_trial_storage_on_s3_survives_a_node(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run/storage.py through pyarrow.fs on s3://: pushed from one node's working folder, restored
+    into another's, cleared by a fresh run."""
+    from tests.unit.test_storage import roundtrip
+
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    roundtrip(f"s3://{BUCKET}/storage", tmp_path)
+    listed = s3.client().list_objects_v2(Bucket=BUCKET, Prefix="storage/trials/sw/gepa-1/")
+    keys = [o["Key"] for o in listed.get("Contents", []) if not o["Key"].endswith("/")]  # "/": folder markers
+    assert keys == ["storage/trials/sw/gepa-1/attempts"]

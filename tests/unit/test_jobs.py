@@ -28,9 +28,43 @@ def test_entrypoint_is_a_shell_quoted_sweep_run_relative_to_the_project() -> Non
     req = request("optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]", "seeds=[0, 1]")
     assert req.entrypoint == (
         f"{jobs.WORKER_PYTHON} run sweeps/demo.yaml "
-        "--set 'optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]' --set 'seeds=[0, 1]'"
+        "--set 'optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]' --set 'seeds=[0, 1]' "
+        f"--state-dir {jobs.JOB_STATE_DIR}"
     )
     assert req.sweep == "demo" and req.project_dir == REPO
+
+
+def test_a_job_keeps_its_state_outside_rays_working_dir_and_can_resume_with_storage(tmp_path: Path) -> None:
+    """The job's state dir is a stable folder on the head ($DSPY_SWEEPS_STATE or ~/.dspy-sweeps, expanded
+    by the job's shell), not `.sweeps` in the working_dir Ray unpacks anew for every submission."""
+    import shlex
+    import subprocess
+
+    default = request().entrypoint.split(jobs.WORKER_PYTHON + " ")[1]
+    echoed = subprocess.run(
+        f"printf '%s\\n' {default}", shell=True, env={"HOME": str(tmp_path)}, capture_output=True, text=True
+    ).stdout.split()
+    assert echoed[-2:] == ["--state-dir", f"{tmp_path}/.dspy-sweeps"]
+    chosen = jobs.job_request(
+        REPO / "sweeps" / "demo.yaml",
+        (),
+        (),
+        project_dir=REPO,
+        environ={},
+        state_dir="/data/sweeps",
+        storage="s3://bucket/sweeps",
+        resume=True,
+    )
+    argv = shlex.split(chosen.entrypoint.split(jobs.WORKER_PYTHON + " ")[1])
+    assert argv == [
+        "run",
+        "sweeps/demo.yaml",
+        "--storage",
+        "s3://bucket/sweeps",
+        "--resume",
+        "--state-dir",
+        "/data/sweeps",
+    ]
 
 
 def test_entrypoint_runs_with_the_python_of_rays_workers_without_sweep_on_path(tmp_path: Path) -> None:

@@ -13,11 +13,13 @@ from pathlib import Path
 from dspy_sweeps.spec.plan import expand_grid, plan_trials
 from dspy_sweeps.spec.schema import load_sweep
 
+BASIS = "basis0"  # a stand-in for trial_basis (data fingerprint, threads, sources)
+
 SweepFile = Callable[..., Path]
 
 
 def test_demo_plan_is_a_baseline_then_each_optimizer(repo: Path) -> None:
-    trials = plan_trials(load_sweep(repo / "sweeps" / "demo.yaml"))
+    trials = plan_trials(load_sweep(repo / "sweeps" / "demo.yaml"), BASIS)
     assert [(t.kind, t.settings) for t in trials] == [
         ("none", {}),
         ("bootstrap_fewshot", {"max_bootstrapped_demos": 2}),
@@ -32,8 +34,8 @@ def test_demo_plan_is_a_baseline_then_each_optimizer(repo: Path) -> None:
 
 
 def test_trial_ids_are_unique_and_stable_across_loads(repo: Path) -> None:
-    first = [t.id for t in plan_trials(load_sweep(repo / "sweeps" / "demo.yaml"))]
-    second = [t.id for t in plan_trials(load_sweep(repo / "sweeps" / "demo.yaml"))]
+    first = [t.id for t in plan_trials(load_sweep(repo / "sweeps" / "demo.yaml"), BASIS)]
+    second = [t.id for t in plan_trials(load_sweep(repo / "sweeps" / "demo.yaml"), BASIS)]
     assert first == second
     assert len(set(first)) == len(first)
 
@@ -48,7 +50,7 @@ def test_grid_times_students_times_seeds(sweep_file: SweepFile) -> None:
             "seeds": [0, 1],
         }
     )
-    trials = plan_trials(load_sweep(path))
+    trials = plan_trials(load_sweep(path), BASIS)
     baselines, compiled = trials[:2], trials[2:]
     # One baseline per student (a baseline compiles nothing, so seeds do not multiply it).
     assert [(t.kind, t.student.name, t.seed) for t in baselines] == [("none", "small", 0), ("none", "tiny", 0)]
@@ -66,28 +68,28 @@ def test_every_teacher_is_crossed_with_every_student(sweep_file: SweepFile) -> N
             "optimizers": [{"kind": "mipro_v2", "auto": "light"}],
         }
     )
-    compiled = [t for t in plan_trials(load_sweep(path)) if t.kind != "none"]
+    compiled = [t for t in plan_trials(load_sweep(path), BASIS) if t.kind != "none"]
     assert Counter((t.student.name, t.teacher.name) for t in compiled) == Counter(
         {("a", "x"): 1, ("a", "y"): 1, ("b", "x"): 1, ("b", "y"): 1}
     )
 
 
 def test_without_teachers_the_student_teaches_itself(sweep_file: SweepFile) -> None:
-    trials = plan_trials(load_sweep(sweep_file({"teachers": []})))
+    trials = plan_trials(load_sweep(sweep_file({"teachers": []})), BASIS)
     assert len(trials) == 5
     assert all(t.teacher is None for t in trials)
 
 
 def test_none_in_optimizers_does_not_duplicate_baselines(sweep_file: SweepFile, sweep_dict: dict) -> None:
     path = sweep_file({"optimizers": [{"kind": "none"}, *sweep_dict["optimizers"], {"kind": "none"}]})
-    kinds = [t.kind for t in plan_trials(load_sweep(path))]
+    kinds = [t.kind for t in plan_trials(load_sweep(path), BASIS)]
     assert kinds.count("none") == 1
     assert len(kinds) == 5
 
 
 def test_changing_a_setting_changes_only_that_trials_id(sweep_file: SweepFile) -> None:
-    before = {t.label: t.id for t in plan_trials(load_sweep(sweep_file()))}
-    after = {t.label: t.id for t in plan_trials(load_sweep(sweep_file(), ["optimizers.1.auto=medium"]))}
+    before = {t.label: t.id for t in plan_trials(load_sweep(sweep_file()), BASIS)}
+    after = {t.label: t.id for t in plan_trials(load_sweep(sweep_file(), ["optimizers.1.auto=medium"]), BASIS)}
     assert "mipro_v2(auto=medium)" in after and "mipro_v2(auto=light)" not in after
     assert after["mipro_v2(auto=medium)"] != before["mipro_v2(auto=light)"]
     unchanged = {label: trial_id for label, trial_id in before.items() if not label.startswith("mipro_v2")}
@@ -95,9 +97,9 @@ def test_changing_a_setting_changes_only_that_trials_id(sweep_file: SweepFile) -
 
 
 def test_changing_a_model_or_seed_changes_the_ids(sweep_file: SweepFile) -> None:
-    base = [t.id for t in plan_trials(load_sweep(sweep_file()))]
-    hotter = [t.id for t in plan_trials(load_sweep(sweep_file(), ["students.0.temperature=0.9"]))]
-    reseeded = [t.id for t in plan_trials(load_sweep(sweep_file(), ["seeds=[5]"]))]
+    base = [t.id for t in plan_trials(load_sweep(sweep_file()), BASIS)]
+    hotter = [t.id for t in plan_trials(load_sweep(sweep_file(), ["students.0.temperature=0.9"]), BASIS)]
+    reseeded = [t.id for t in plan_trials(load_sweep(sweep_file(), ["seeds=[5]"]), BASIS)]
     assert not set(base) & set(hotter)
     assert not set(base) & set(reseeded)
     assert all("-s5-" in trial_id for trial_id in reseeded)
@@ -112,3 +114,27 @@ def test_expand_grid_keeps_scalars_and_crosses_lists() -> None:
         {"a": 2, "b": "x", "c": True},
         {"a": 2, "b": "x", "c": False},
     ]
+
+
+def test_every_input_of_the_result_is_part_of_the_trial_ids(sweep_file: SweepFile, tmp_path: Path, monkeypatch) -> None:
+    """The data (its fingerprint covers files, query and split), the thread count and the source of the
+    program's and the metric's modules: a change to any of them gives every trial a new id."""
+    from dspy_sweeps.spec.plan import trial_basis
+
+    sweep = load_sweep(sweep_file())
+    base = trial_basis(sweep, "fp-a")
+    assert trial_basis(sweep, "fp-a") == base
+    assert trial_basis(sweep, "fp-b") != base
+    assert trial_basis(load_sweep(sweep_file(), ["num_threads=3"]), "fp-a") != base
+    ids = {t.id for t in plan_trials(sweep, base)}
+    assert not ids & {t.id for t in plan_trials(sweep, trial_basis(sweep, "fp-b"))}
+
+    package = tmp_path / "edited_pipeline"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "prog.py").write_text("def metric(example, prediction, trace=None):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    edited = load_sweep(sweep_file(), ["metric=edited_pipeline.prog:metric"])
+    before = trial_basis(edited, "fp-a")
+    (package / "prog.py").write_text("def metric(example, prediction, trace=None):\n    return 0.0\n")
+    assert trial_basis(edited, "fp-a") != before

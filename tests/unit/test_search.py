@@ -95,7 +95,7 @@ def test_grid_search_visits_every_point_once(sweep_file) -> None:
 
     sweep = load_sweep(sweep_file({"search": {"kind": "grid"}, "seeds": [0, 1], "optimizers": [BOOTSTRAP]}))
     assert len(grid_points(sweep)) == trial_count(sweep) == 8  # demos 1..4 × seeds 0, 1
-    assert len({t.id for t in preview(sweep)}) == 8
+    assert len({t.id for t in preview(sweep, "")}) == 8
 
 
 def finish(study, trial, status: str = "ok", score: float = 0.5) -> None:

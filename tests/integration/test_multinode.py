@@ -1,0 +1,168 @@
+"""A real multi-node Ray cluster on one machine (issue 16): a head on 127.0.0.1 with no CPUs for trial
+hosts, and worker nodes on 127.0.0.2 and 127.0.0.3, each in its own mount namespace with a tmpfs over
+the project's `pipelines/`, the driver's state dir and the head's Ray temp folder, so a node shares the
+network with the driver but none of its files (tests/ray_head.py `start_node`). Trial checkpoints go
+to a storage path every node mounts (the stand-in for a shared filesystem or s3://).
+
+- `sweep run --address` ships the project: every trial runs on the second node, which cannot see
+  `pipelines/`; promotion and `sweep pull` work on the driver.
+- The node running GEPA is lost mid-run (its raylet's process group killed): the trial resumes on a
+  third node from storage, with attempts 2, spending fewer metric calls than GEPA's whole run.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from ray_head import RayHead, RayNode, own_ray, start_head, start_node
+from sweep_helpers import REPO, SWEEP, pointed_at, rows
+
+from dspy_sweeps.sim.launch import SimServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+# Node death noticed in seconds, not Ray's default half a minute (the GCS's health checks of raylets).
+FAST_HEALTH_CHECKS = {
+    "RAY_health_check_period_ms": "500",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "4",
+}
+
+
+@dataclass
+class Cluster:
+    head: RayHead
+    driver_dir: Path  # the driver's own files (state dirs): hidden from every worker node
+    storage: Path  # reached by every node
+    nodes: list[RayNode] = field(default_factory=list)
+
+    def add_node(self, ip: str) -> RayNode:
+        node = start_node(self.head, ip, num_cpus=2, hidden=[REPO / "pipelines", self.driver_dir])
+        self.nodes.append(node)
+        return node
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    head = start_head(dashboard=False, num_cpus=0, env={**own_ray(dict(os.environ)), **FAST_HEALTH_CHECKS})
+    running = Cluster(head, tmp_path_factory.mktemp("driver"), tmp_path_factory.mktemp("shared-storage"))
+    try:
+        running.add_node("127.0.0.2")
+        yield running
+    finally:
+        for node in running.nodes:
+            node.lose()
+        head.stop()
+
+
+def sweep_on(cluster: Cluster, state: Path, *args: str, mlflow: str) -> subprocess.Popen:
+    env = {**own_ray(dict(os.environ)), **cluster.head.env, "MLFLOW_TRACKING_URI": mlflow}
+    cmd = [str(SWEEP), *args, "--address", cluster.head.address, "--state-dir", str(state)]
+    cmd += ["--storage", str(cluster.storage / state.name)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def hosts_of(storage: Path) -> dict[str, str]:
+    """Trial id -> the Ray node address its (last) host ran on, from the trial folders in storage."""
+    return {p.parent.name: p.read_text().split()[2] for p in storage.glob("trials/demo/*/host")}
+
+
+def test_sweep_run_address_runs_every_trial_on_a_node_without_the_project(
+    cluster: Cluster, sim: SimServer, mlflow_server: str, tmp_path: Path
+) -> None:
+    state = cluster.driver_dir / "run-address"
+    grid = "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]"
+    names = ["--set", "promote.model=multinode", "--set", "tracking={wandb: null, mlflow: {experiment: multinode}}"]
+    run = sweep_on(
+        cluster, state, "run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, *names, mlflow=mlflow_server
+    )
+    out, err = run.communicate(timeout=900)
+    assert run.returncode == 0, err[-3000:]
+    records = rows(state)
+    assert sorted(r["kind"] for r in records) == ["bootstrap_fewshot", "none"]
+    assert all(r["status"] == "ok" and r["attempts"] == 1 for r in records), records
+    assert set(hosts_of(cluster.storage / state.name).values()) == {"127.0.0.2"}, "every trial ran on the second node"
+    assert "promoted" in out.lower(), out[-2000:]
+
+    env = {**own_ray(dict(os.environ)), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    pulled = subprocess.run(
+        [str(SWEEP), "pull", "multinode@champion", "-o", str(tmp_path / "pulled"), "--tracking-uri", mlflow_server],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    assert (tmp_path / "pulled" / "program.json").is_file()
+
+
+def gepa_evals(path: Path) -> int:
+    return pickle.loads(path.read_bytes())["total_num_evals"]
+
+
+def test_a_node_lost_mid_gepa_has_its_trial_resumed_on_another_node_from_storage(
+    cluster: Cluster, sim: SimServer, mlflow_server: str, reliability
+) -> None:
+    state = cluster.driver_dir / "node-loss"
+    storage = cluster.storage / state.name
+    second = cluster.nodes[0]
+    lost: dict[str, float] = {}
+    seen: list[int] = []  # GEPA's metric calls in the states the retry saved, as they landed
+
+    def lose_the_node_mid_gepa(run: subprocess.Popen) -> None:
+        """Lose the node once GEPA has saved state to storage; then watch the state the retry saves:
+        resumed, GEPA's count of metric calls never drops below what storage held at the loss (a
+        GEPA started again from nothing would save a smaller count at its first iteration)."""
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and run.poll() is None:
+            saved = list(storage.glob("trials/demo/gepa-*/gepa/gepa_state.bin"))
+            if "at" not in lost and saved and gepa_evals(saved[0]) > 0:
+                lost["evals"] = gepa_evals(saved[0])
+                second.lose()
+                lost["at"] = time.monotonic()
+                cluster.add_node("127.0.0.3")  # where the trial can run again
+            elif "at" in lost and saved and "127.0.0.3" in hosts_of(storage).get(saved[0].parents[1].name, ""):
+                seen.append(gepa_evals(saved[0]))
+            time.sleep(0.1)
+
+    grid = "optimizers=[{kind: gepa, max_metric_calls: 200}]"
+    args = ["run", "sweeps/demo.yaml", *pointed_at(sim), "--set", grid, "--set", "hosts={trials_per_host: 1}"]
+    args += ["--set", "tracking={wandb: null, mlflow: {experiment: multinode-loss}}", "--set", "promote=null"]
+    run = sweep_on(cluster, state, *args, mlflow=mlflow_server)
+    watcher = threading.Thread(target=lose_the_node_mid_gepa, args=(run,))
+    watcher.start()
+    out, err = run.communicate(timeout=1200)
+    watcher.join()
+    finished = time.monotonic()
+    records = {r["kind"]: r for r in rows(state)} if (state / "results" / "demo.parquet").exists() else {}
+    gepa = records.get("gepa", {})
+    final = list(storage.glob("trials/demo/gepa-*/gepa/gepa_state.bin"))
+    total = gepa_evals(final[0]) if final else 0
+    case = "a node lost mid-GEPA (raylet's process group killed), resumed on another node from storage"
+    reliability(
+        case,
+        runs=1,
+        faults_injected=int("at" in lost),
+        faults_survived=int(run.returncode == 0 and gepa.get("attempts") == 2),
+        trials_lost=len([r for r in records.values() if r["status"] != "ok"]),
+        records_lost=2 - len(records),
+        trials_retried=sum(r["attempts"] - 1 for r in records.values()),
+        metric_calls_spent_again=total - lost.get("evals", 0) if total else 0,
+        **({"recovery_s": finished - lost["at"]} if "at" in lost else {}),
+    )
+    assert "at" in lost, f"the node was not lost mid-GEPA: {err[-3000:]}"
+    assert run.returncode == 0, err[-3000:]
+    assert len(rows(state)) == 2 and all(r["status"] == "ok" for r in records.values()), records
+    assert gepa["attempts"] == 2, "retried once, after its node was lost"
+    assert hosts_of(storage)[gepa["trial_id"]] == "127.0.0.3", "the retry ran on the third node"
+    assert lost["evals"] < total <= 200 + 60, (lost, total)  # GEPA may end past its budget by one evaluation
+    assert seen and min(seen) >= lost["evals"], "GEPA resumed from the state in storage, not from nothing"
+    assert total - lost["evals"] < total, "so the resumed attempt spent fewer metric calls than a fresh run"
