@@ -7,7 +7,7 @@ LM accounting (calls, tokens, cost) is the gateway's, filled in by the worker.
 While it runs, every evaluation (the optimizer's and the platform's val and test) is reported
 to `events` with the trial's spend so far (see `run/progress.py`). A trial the driver prunes
 stops within one evaluation and comes back "pruned", with the best program its optimizer had
-scored on the whole validation set and that score as its val score (no test score: scoring a
+scored on the validation split (never one scored on train) and that score as its val score (no test score: scoring a
 loser on test would spend what pruning saved).
 """
 
@@ -72,7 +72,7 @@ def run_trial(
 ) -> TrialResult:
     import dspy
 
-    from dspy_sweeps.run.progress import Candidate, Stopped, TrialProgress, TrialStream, state_of
+    from dspy_sweeps.run.progress import Candidate, Splits, Stopped, TrialProgress, TrialStream, state_of
 
     start = time.monotonic()
     # No events (None): no hooks in DSPy at all, the baseline the events' overhead is measured from.
@@ -80,10 +80,10 @@ def run_trial(
     events = events or NoEvents()
     # A TrialStream carries the spend its events report; other sinks (NoEvents) get a meter of their own.
     spend = events.spend if isinstance(events, TrialStream) else TrialStream(trial.id, lambda e: None).spend
-    progress = TrialProgress(events, spend, len(data.val), _priced(trial))
-    hooks = {"callbacks": [progress], "usage_tracker": progress} if hooked else {}
     metric = load_object(trial.metric, "metric")
     trainset, valset, testset = (to_examples(rows, data.inputs) for rows in (data.train, data.val, data.test))
+    progress = TrialProgress(events, spend, Splits.of(trainset, valset), _priced(trial))
+    hooks = {"callbacks": [progress], "usage_tracker": progress} if hooked else {}
     with dspy.context(lm=lms.student, **hooks):
         try:
             program = compile_program(
@@ -112,7 +112,7 @@ def run_trial(
 
 
 def _pruned(trial: Trial, progress: Any, best: Any, start: float) -> TrialResult:
-    """A pruned trial keeps the best candidate scored on the whole val set so far, if any."""
+    """A pruned trial keeps the best candidate scored on the val split so far, if any."""
     return TrialResult(
         trial_id=trial.id,
         status="pruned",
