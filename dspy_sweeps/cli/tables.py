@@ -60,21 +60,29 @@ def _usd(value: float | None) -> str:
 
 
 def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard", confidence: float = 0.95) -> Table:
-    """Trials best first, each beside its own student's baseline (uncompiled) score. The val score
-    shows its bootstrap interval and the gain over the baseline a paired one (the same val
-    examples); SIMULATED marks scores that came from the simulated endpoint."""
+    """Trials best first, each beside its own student's baseline (uncompiled) score.
+
+    The val score is in-sample: MIPROv2, GEPA and the random searches chose their programs by it,
+    so its bootstrap interval says how noisy the figure is, not how the program will do. The gain
+    over the baseline is therefore measured on the held-out test split (a paired bootstrap over the
+    same test examples), as the promotion decision is. SIMULATED marks scores that came from the
+    simulated endpoint."""
     from dspy_sweeps.track.gate import mean_interval, paired_gain
 
     baselines = {r["student"]: r for r in rows if r["kind"] == "none" and r["status"] == "ok"}
     ordered = sorted(rows, key=lambda r: (r["status"] != "ok", -(r["val_score"] or 0), r["lm_calls"]))
-    table = Table(title=title, caption=f"val and gain: {confidence:.0%} bootstrap intervals over the val examples")
+    caption = (
+        f"val (in-sample: the split the optimizers tuned on): {confidence:.0%} bootstrap interval over its examples; "
+        f"test gain: paired {confidence:.0%} bootstrap interval over the held-out test examples against the baseline"
+    )
+    table = Table(title=title, caption=caption)
     for column in (
         "#",
         "trial",
-        "val",
-        "baseline",
-        "gain",
+        "val (in-sample)",
         "test",
+        "baseline test",
+        "test gain",
         "scores",
         "calls sent/asked",
         "tokens",
@@ -88,14 +96,14 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard", co
         ok = r["status"] == "ok"
         val = mean_interval(r.get("val_scores") or [], confidence) if ok else None
         compiled = ok and base is not None and r["kind"] != "none"
-        gain = paired_gain(r.get("val_scores") or [], base.get("val_scores") or [], confidence) if compiled else None
+        gain = paired_gain(r.get("test_scores") or [], base.get("test_scores") or [], confidence) if compiled else None
         table.add_row(
             str(rank),
             r["trial_id"],
             val.plain() if val else _score(r["val_score"]),
-            _score(base["val_score"] if base else None),
-            _gain(r, base, gain),
             _score(r["test_score"]),
+            _score(base["test_score"] if base else None),
+            _gain(r, base, gain),
             "[yellow]SIMULATED[/]" if _simulated(r) else "real",
             f"{r['lm_calls']:,}/{r['calls_requested']:,}",
             f"{(r['prompt_tokens'] or 0) + (r['completion_tokens'] or 0):,}",
@@ -125,9 +133,14 @@ def _simulated(row: dict[str, Any]) -> bool:
 def _gain(row: dict[str, Any], base: dict[str, Any] | None, gain: Any) -> str:
     if gain is not None:
         return gain.signed()
-    if row["status"] != "ok" or base is None or row["kind"] == "none":
+    if (
+        row["status"] != "ok"
+        or base is None
+        or row["kind"] == "none"
+        or None in (row["test_score"], base["test_score"])
+    ):
         return "-"
-    return f"{row['val_score'] - base['val_score']:+.3f}"
+    return f"{row['test_score'] - base['test_score']:+.3f}"  # no per-example scores (an older record)
 
 
 def decision_line(decision: Decision) -> str:

@@ -17,7 +17,7 @@ class TrialEvent:
     """One evaluation inside a running trial, with the trial's LM spend so far."""
 
     trial_id: str
-    phase: str  # "compile" (the optimizer's own evaluations), "val", "test"
+    phase: str  # "compile" (the optimizer's, on the val split), "train", "minibatch", "val", "test"
     step: int  # LM calls the trial has requested so far, bucketed so trials report at the same steps
     score: float | None
     best: float | None  # best score the trial has reached so far
@@ -26,6 +26,10 @@ class TrialEvent:
     cost_usd: float
     failed_calls: int
     elapsed_s: float
+
+
+# The phases whose score is a score on the val split: only these move a trial's best so far.
+VAL_PHASES = ("compile", "val")
 
 
 class Pruned(Exception):

@@ -18,8 +18,11 @@ installed: DSPy's callback wrapper then costs nothing on the ~six nested calls o
   context it hands the evaluation to that trial's `TrialProgress`. MIPROv2's minibatch and full
   evaluations, BootstrapFewShotWithRandomSearch's candidates and GEPA's (dspy's GEPA adapter scores every candidate and minibatch through
   `dspy.Evaluate`; gepa 0.1.4's own callbacks swallow exceptions, so they could not stop it and
-  add nothing the Evaluate hook lacks) each become an event. Only an evaluation over the whole
-  validation set moves the best score; a minibatch is reported as phase "minibatch".
+  add nothing the Evaluate hook lacks) each become an event. Only an evaluation of the validation
+  split moves the best score, and the split is known by its examples (`split_id`), not by its size:
+  COPRO scores its candidates on the train split, which is often larger than val, and a train score
+  must never reach the pruner or a pruned trial's record as a val score. An evaluation of the train
+  split is reported as phase "train", any other set (a minibatch) as "minibatch".
 - stopping: an optimizer that calls Evaluate may catch what the hook raises, so `Pruned` does
   not leave the hook (nor did it leave DSPy's callbacks, which swallow exceptions). The trial's metric (the platform supplies it to every optimizer) raises `Stopped` at its next
   call instead: a BaseException, so it passes the `except Exception` with which Evaluate,
@@ -37,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dspy_sweeps.run.events import Pruned, TrialEvent, TrialEvents
+from dspy_sweeps.run.events import VAL_PHASES, Pruned, TrialEvent, TrialEvents
 
 TRIAL_KEY = "dspy_sweeps_trial"  # the trial's TrialProgress in its DSPy context
 _hook_lock = threading.Lock()
@@ -87,7 +90,7 @@ class TrialStream:
 
     def report(self, phase: str, score: float | None) -> None:
         with self._lock:
-            if score is not None and phase != "minibatch":
+            if score is not None and phase in VAL_PHASES:
                 self.best = score if self.best is None else max(self.best, score)
             spend = Spend(**vars(self.spend))
             event = TrialEvent(
@@ -109,7 +112,7 @@ class TrialStream:
 
 @dataclass
 class Candidate:
-    """The best program an optimizer has scored on the whole validation set so far."""
+    """The best program an optimizer has scored on the validation split so far."""
 
     score: float
     program: str  # DSPy's JSON state, taken when it was scored
@@ -118,11 +121,11 @@ class Candidate:
 class TrialProgress:
     """Installed in a trial's DSPy context: counts its spend, reports its evaluations, stops it."""
 
-    def __init__(self, events: TrialEvents, spend: Spend, valset_size: int, priced: frozenset[str]) -> None:
-        self.events, self.spend, self.valset_size, self.priced = events, spend, valset_size, priced
+    def __init__(self, events: TrialEvents, spend: Spend, splits: Splits, priced: frozenset[str]) -> None:
+        self.events, self.spend, self.splits, self.priced = events, spend, splits, priced
         self.best: Candidate | None = None
         self.pruned: Pruned | None = None
-        self._programs: dict[str, tuple[Any, int]] = {}
+        self._programs: dict[str, tuple[Any, str]] = {}
         self._lock = threading.Lock()
 
     # ParallelExecutor deep-copies the usage tracker into each worker so per-call usage stays
@@ -148,18 +151,17 @@ class TrialProgress:
     def on_evaluate_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
         devset = inputs.get("devset") or instance.devset
         with self._lock:
-            self._programs[call_id] = (inputs.get("program"), len(devset))
+            self._programs[call_id] = (inputs.get("program"), self.splits.phase_of(devset))
 
     def on_evaluate_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
         with self._lock:
-            program, size = self._programs.pop(call_id, (None, 0))
+            program, phase = self._programs.pop(call_id, (None, "minibatch"))
         if exception is not None or outputs is None:
             return
         score = float(outputs.score) / 100  # Evaluate reports a percentage; the platform's scores are 0-1
-        whole = size >= self.valset_size
-        if whole and program is not None and (self.best is None or score > self.best.score):
+        if phase == "compile" and program is not None and (self.best is None or score > self.best.score):
             self.best = Candidate(score, state_of(program))
-        self.report("compile" if whole else "minibatch", score)
+        self.report(phase, score)
 
     def report(self, phase: str, score: float | None) -> None:
         """Report to the trial's events; a prune is kept for the metric to act on (see the module doc)."""
@@ -210,6 +212,36 @@ def hook_evaluate() -> None:
 
         evaluate._trial_hook = True  # type: ignore[attr-defined]
         dspy.Evaluate.__call__ = evaluate
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The trial's train and val splits, known by their examples (`split_id`)."""
+
+    train: tuple[int, str]  # (size, split_id)
+    val: tuple[int, str]
+
+    @classmethod
+    def of(cls, trainset: list, valset: list) -> Splits:
+        return cls((len(trainset), split_id(trainset)), (len(valset), split_id(valset)))
+
+    def phase_of(self, devset: Any) -> str:
+        """ "compile" for the val split, "train" for the train split, "minibatch" for any other set."""
+        examples = list(devset)
+        for phase, (size, digest) in (("compile", self.val), ("train", self.train)):
+            if len(examples) == size and split_id(examples) == digest:  # the size first: digests cost a pass
+                return phase
+        return "minibatch"
+
+
+def split_id(examples: list) -> str:
+    """Which examples a set holds, in any order (an optimizer may shuffle it): a digest of each
+    example's fields, so two splits of one size, or a subset, never pass for each other."""
+    import hashlib
+    import json
+
+    rows = sorted(json.dumps(example.toDict(), sort_keys=True, default=str) for example in examples)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
 def state_of(program: Any) -> str:

@@ -7,7 +7,7 @@ LM accounting (calls, tokens, cost) is the gateway's, filled in by the worker.
 While it runs, every evaluation (the optimizer's and the platform's val and test) is reported
 to `events` with the trial's spend so far (see `run/progress.py`). A trial the driver prunes
 stops within one evaluation and comes back "pruned", with the best program its optimizer had
-scored on the whole validation set and that score as its val score (no test score: scoring a
+scored on the validation split (never one scored on train) and that score as its val score (no test score: scoring a
 loser on test would spend what pruning saved).
 """
 
@@ -75,6 +75,7 @@ def run_trial(
     from dspy_sweeps.run.progress import (
         TRIAL_KEY,
         Candidate,
+        Splits,
         Stopped,
         TrialProgress,
         TrialStream,
@@ -88,13 +89,13 @@ def run_trial(
     events = events or NoEvents()
     # A TrialStream carries the spend its events report; other sinks (NoEvents) get a meter of their own.
     spend = events.spend if isinstance(events, TrialStream) else TrialStream(trial.id, lambda e: None).spend
-    progress = TrialProgress(events, spend, len(data.val), _priced(trial))
+    metric = load_object(trial.metric, "metric")
+    trainset, valset, testset = (to_examples(rows, data.inputs) for rows in (data.train, data.val, data.test))
+    progress = TrialProgress(events, spend, Splits.of(trainset, valset), _priced(trial))
     if hooked:
         hook_evaluate()
     # DSPy's history is off: a host keeps up to 10,000 entries per LM and module otherwise, per trial.
     hooks = {"usage_tracker": progress, TRIAL_KEY: progress} if hooked else {}
-    metric = load_object(trial.metric, "metric")
-    trainset, valset, testset = (to_examples(rows, data.inputs) for rows in (data.train, data.val, data.test))
     with dspy.context(lm=lms.student, disable_history=True, **hooks):
         try:
             program = compile_program(
@@ -123,7 +124,7 @@ def run_trial(
 
 
 def _pruned(trial: Trial, progress: Any, best: Any, start: float) -> TrialResult:
-    """A pruned trial keeps the best candidate scored on the whole val set so far, if any."""
+    """A pruned trial keeps the best candidate scored on the val split so far, if any."""
     return TrialResult(
         trial_id=trial.id,
         status="pruned",

@@ -172,3 +172,36 @@ def test_a_gepa_trial_told_to_stop_ends_at_its_next_evaluation(sim: SimServer, t
     assert result.status == "pruned", result
     assert len(seen) == 3, [(e.phase, e.score) for e in seen]  # nothing evaluated after the stop reported
     assert result.test_score is None
+
+
+def test_copro_scores_on_train_never_pass_as_val_scores(sim: SimServer, tmp_path: Path) -> None:
+    """COPRO scores its candidates on the train split; here train (20) is larger than val (10), so
+    a split told by its size would take every COPRO score for a val score. The events say "train",
+    the best so far stays empty until the platform's own val score, and a COPRO trial pruned before
+    that keeps no train-scored candidate as its val score."""
+    _, data, trials = sweep_trials(
+        ["data.split={train: 20, val: 10, test: 10, seed: 0}", "optimizers=[{kind: copro, breadth: 2, depth: 1}]"]
+    )
+    assert len(data.train) > len(data.val)
+    seen: list[TrialEvent] = []
+    result = run_trial(trials[0], data, lms_for(sim), tmp_path / "copro", TrialStream(trials[0].id, seen.append))
+    assert result.status == "ok", result.error
+    compiling = [e for e in seen if e.phase not in ("val", "test")]
+    assert compiling and {e.phase for e in compiling} == {"train"}, [(e.phase, e.score) for e in seen]
+    assert all(e.best is None for e in compiling)
+    val = next(e for e in seen if e.phase == "val")
+    assert val.best == val.score == result.val_score
+
+    pruned_seen: list[TrialEvent] = []
+    stream: TrialStream
+
+    def send(event: TrialEvent) -> None:
+        pruned_seen.append(event)
+        if len(pruned_seen) == 1:  # the driver's answer to COPRO's first train score: stop
+            stream.stop()
+
+    stream = TrialStream(trials[0].id, send)
+    pruned = run_trial(trials[0], data, lms_for(sim), tmp_path / "copro-pruned", stream)
+    assert pruned.status == "pruned", pruned
+    assert [e.phase for e in pruned_seen] == ["train"]  # stopped in COPRO's search, before any val score
+    assert pruned.val_score is None and pruned.program is None  # no val-scored candidate existed yet

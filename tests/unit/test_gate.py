@@ -161,17 +161,30 @@ def rendered(rows: list[TrialRecord]) -> str:
 
 
 def test_two_students_with_one_model_string_get_their_own_baselines() -> None:
+    """Each trial's gain is over its own student's baseline, on the held-out test examples; the val
+    column, the split the optimizers tuned on, is labelled in-sample and never feeds the gain."""
     rows = [
-        record("none-a", "a", [0.0] * 10, kind="none"),
-        record("none-b", "b", [1.0] * 5 + [0.0] * 5, kind="none", student_simulated=True),
-        record("fewshot-a", "a", [1.0] * 4 + [0.0] * 6),
-        record("fewshot-b", "b", [1.0] * 6 + [0.0] * 4, student_simulated=True),
+        record("none-a", "a", [0.0] * 10, kind="none", test_scores=[0.0] * 10, test_score=0.0),
+        record(
+            "none-b",
+            "b",
+            [1.0] * 5 + [0.0] * 5,
+            kind="none",
+            student_simulated=True,
+            test_scores=[1.0] * 5 + [0.0] * 5,
+            test_score=0.5,
+        ),
+        # a val score far above its test score: an overfit to val must not show as gain
+        record("fewshot-a", "a", [1.0] * 10, test_scores=[1.0] * 4 + [0.0] * 6, test_score=0.4),
+        record("fewshot-b", "b", [1.0] * 10, student_simulated=True, test_scores=[1.0] * 6 + [0.0] * 4, test_score=0.6),
     ]
-    lines = {line.split("│")[2].strip(): line for line in rendered(rows).splitlines() if "│" in line}
-    assert "0.000" in lines["fewshot-a"].split("│")[4] and "+0.400 [" in lines["fewshot-a"]
-    assert "0.500" in lines["fewshot-b"].split("│")[4] and "+0.100 [" in lines["fewshot-b"]
+    text = rendered(rows)
+    assert "val (in-sample)" in text and "over the held-out test examples" in " ".join(text.split())
+    lines = {line.split("│")[2].strip(): line for line in text.splitlines() if "│" in line}
+    assert "0.000" in lines["fewshot-a"].split("│")[5] and "+0.400 [" in lines["fewshot-a"].split("│")[6]
+    assert "0.500" in lines["fewshot-b"].split("│")[5] and "+0.100 [" in lines["fewshot-b"].split("│")[6]
     assert "SIMULATED" in lines["fewshot-b"] and "SIMULATED" not in lines["fewshot-a"]
-    assert "0.600 [" in lines["fewshot-b"].split("│")[3], "the val score shows its interval"
+    assert "1.000 [" in lines["fewshot-b"].split("│")[3], "the val score shows its interval"
 
 
 def test_a_record_is_keyed_by_the_student_name_and_says_what_was_simulated() -> None:
