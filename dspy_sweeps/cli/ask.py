@@ -16,7 +16,7 @@ from typing import Any
 from dspy_sweeps.errors import SweepError
 from dspy_sweeps.state import State
 from dspy_sweeps.track.registry import load_pulled, pull
-from dspy_sweeps.track.tracking import tracking_uri as default_uri
+from dspy_sweeps.track.uri import tracking_uri as default_uri
 
 
 def ask_program(

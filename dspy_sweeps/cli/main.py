@@ -180,7 +180,7 @@ def pull(
     """Write a registered program as DSPy JSON state plus its metadata (never unpickles)."""
     from dspy_sweeps.state import State
     from dspy_sweeps.track.registry import pull as pull_program
-    from dspy_sweeps.track.tracking import tracking_uri as default_uri
+    from dspy_sweeps.track.uri import tracking_uri as default_uri
 
     folder = pull_program(ref, out, tracking_uri or default_uri(None, State.at(state_dir)))
     print(f"{ref} -> {folder}/program.json, {folder}/metadata.json")

@@ -40,7 +40,7 @@ def serve_program(
     from dspy_sweeps.cli.ask import student_endpoint
     from dspy_sweeps.state import State
     from dspy_sweeps.track.registry import parse_ref
-    from dspy_sweeps.track.tracking import tracking_uri as default_uri
+    from dspy_sweeps.track.uri import tracking_uri as default_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a service's log is lines, not bars
     state = State.at(state_dir)
@@ -84,7 +84,7 @@ def _serve_here(config: ServiceConfig, sock: socket.socket) -> None:
 
 
 def _check_registry(ref: str, uri: str) -> None:
-    from dspy_sweeps.track.tracking import check_mlflow_server
+    from dspy_sweeps.track.uri import check_mlflow_server
 
     try:
         check_mlflow_server(uri, timeout_s=5)

@@ -34,7 +34,8 @@ from dspy_sweeps.state import State
 from dspy_sweeps.track.live import LiveProgress, RunningTrials, progress_lines
 from dspy_sweeps.track.registry import Decision, best, promote
 from dspy_sweeps.track.results import TrialRecord, read_records, write_records
-from dspy_sweeps.track.tracking import Trackers, check_mlflow_server, check_tracking_for_cluster, tracking_uri
+from dspy_sweeps.track.tracking import Trackers
+from dspy_sweeps.track.uri import check_mlflow_server, check_tracking_for_cluster, tracking_uri
 
 if TYPE_CHECKING:
     from dspy_sweeps.run.hosts import HostPool

@@ -278,7 +278,7 @@ def project_code(program_path: str) -> list[str] | None:
 def _version_tags(registration: Registration, gate: str, promotion_id: str) -> dict[str, str]:
     from importlib.metadata import version
 
-    from dspy_sweeps.track.tracking import simulation_tags
+    from dspy_sweeps.track.figures import simulation_tags
 
     winner, gain = registration.winner, registration.gain
     gained = {"gain": gain.signed(), "gain_low": str(gain.low), "gain_confidence": str(gain.confidence)} if gain else {}
@@ -421,7 +421,7 @@ def load(
 ) -> Any:
     """`dspy_sweeps.load("demo@champion")`: the registered program, ready to call."""
     from dspy_sweeps.state import State
-    from dspy_sweeps.track.tracking import tracking_uri as default_uri
+    from dspy_sweeps.track.uri import tracking_uri as default_uri
 
     uri = tracking_uri or default_uri(None, State.at())
     with tempfile.TemporaryDirectory() as tmp:

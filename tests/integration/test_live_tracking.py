@@ -20,8 +20,10 @@ from dspy_sweeps.run.trial import TrialResult
 from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.spec.schema import ModelSpec, load_sweep
 from dspy_sweeps.state import State
+from dspy_sweeps.track.mlflow_runs import MlflowLogger
 from dspy_sweeps.track.results import TrialRecord, write_records
-from dspy_sweeps.track.tracking import MlflowLogger, NullLogger, Trackers, WandbLogger
+from dspy_sweeps.track.tracking import NullLogger, Trackers
+from dspy_sweeps.track.wandb_runs import WandbLogger
 
 REPO = Path(__file__).resolve().parents[2]
 STUDENT = ModelSpec(name="small", model="sim/student")

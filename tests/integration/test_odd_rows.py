@@ -14,8 +14,9 @@ from dspy_sweeps.run.trial import TrialResult
 from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.spec.schema import DataSpec, MlflowSpec, ModelSpec, Sweep, WandbSpec
 from dspy_sweeps.state import State
+from dspy_sweeps.track.mlflow_runs import MlflowLogger
 from dspy_sweeps.track.results import TrialRecord
-from dspy_sweeps.track.tracking import MlflowLogger, WandbLogger
+from dspy_sweeps.track.wandb_runs import WandbLogger
 
 pytestmark = pytest.mark.reliability
 

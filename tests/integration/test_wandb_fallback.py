@@ -11,7 +11,7 @@ from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.spec.schema import ModelSpec, WandbSpec
 from dspy_sweeps.state import State
 from dspy_sweeps.track.results import TrialRecord
-from dspy_sweeps.track.tracking import WandbLogger
+from dspy_sweeps.track.wandb_runs import WandbLogger
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 

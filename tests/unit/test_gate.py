@@ -208,7 +208,7 @@ def test_a_record_is_keyed_by_the_student_name_and_says_what_was_simulated() -> 
 def test_w_and_b_and_mlflow_are_told_what_was_simulated() -> None:
     """The trial's config names its student and model from its start; whether they were simulated is
     known once its endpoints answered, and goes on the run at its end (W&B config, MLflow tags)."""
-    from dspy_sweeps.track.tracking import simulation_flags, simulation_tags, trial_config
+    from dspy_sweeps.track.figures import simulation_flags, simulation_tags, trial_config
 
     student = ModelSpec(name="small", model="openai/student", api_base="http://127.0.0.1:1/v1")
     trial = Trial("t", "p:P", "m:f", "none", student, None, 0)

@@ -14,7 +14,7 @@ import pytest
 from dspy_sweeps.errors import SweepError
 from dspy_sweeps.jobs import client as jobs
 from dspy_sweeps.jobs import secrets as job_secrets
-from dspy_sweeps.track import tracking
+from dspy_sweeps.track.uri import check_tracking_for_cluster, is_local_tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
 CLOUD_TEACHER = "teachers.0.model=openai/gpt-4o-mini"
@@ -215,7 +215,7 @@ def test_the_address_comes_from_the_flag_or_ray_address(monkeypatch: pytest.Monk
     ],
 )
 def test_which_tracking_uris_only_one_machine_can_use(uri: str, local: bool) -> None:
-    assert tracking.is_local_tracking_uri(uri) is local
+    assert is_local_tracking_uri(uri) is local
 
 
 def fake_ray(monkeypatch: pytest.MonkeyPatch, alive: int, dead: int = 0) -> None:
@@ -226,13 +226,13 @@ def fake_ray(monkeypatch: pytest.MonkeyPatch, alive: int, dead: int = 0) -> None
 def test_a_local_store_is_refused_on_more_than_one_alive_node(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_ray(monkeypatch, alive=2)
     with pytest.raises(SweepError, match=r"cannot be shared by a multi-node cluster \(2 nodes\); run an MLflow server"):
-        tracking.check_tracking_for_cluster("sqlite:///.sweeps/mlflow.db")
-    tracking.check_tracking_for_cluster("http://mlflow:5000")
+        check_tracking_for_cluster("sqlite:///.sweeps/mlflow.db")
+    check_tracking_for_cluster("http://mlflow:5000")
 
 
 def test_a_local_store_is_fine_on_one_node(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_ray(monkeypatch, alive=1, dead=3)
-    tracking.check_tracking_for_cluster("sqlite:///.sweeps/mlflow.db")
+    check_tracking_for_cluster("sqlite:///.sweeps/mlflow.db")
 
 
 def test_keys_in_the_projects_dotenv_travel_as_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
