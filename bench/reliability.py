@@ -1,7 +1,8 @@
 """`make reliability`: run the fault, bad-input and security tests several times and write
 RELIABILITY.md from the figures each case records (see the `reliability` fixture in tests/conftest.py).
 
-Run: `make reliability` (or `.venv/bin/python bench/reliability.py --repeat 3`).
+Run: `make reliability` (or `.venv/bin/python bench/reliability.py --repeat 3`); `--tests PATH --out FILE`
+runs only the reliability tests under PATH and writes their table to FILE.
 """
 
 from __future__ import annotations
@@ -32,10 +33,19 @@ FIGURES = (
     "calls_retried",
     "calls_fell_back",
     "trials_retried",
+    "metric_calls_spent_again",
     "promotions",
     "versions_created",
 )
-MEASURED = ("records_lost", "calls_retried", "calls_fell_back", "trials_retried", "promotions", "versions_created")
+MEASURED = (
+    "records_lost",
+    "calls_retried",
+    "calls_fell_back",
+    "trials_retried",
+    "metric_calls_spent_again",
+    "promotions",
+    "versions_created",
+)
 SLOWEST = ("recovery_s",)  # seconds from a fault to recovery: the slowest run is reported
 GOALS = {
     "trials_lost": 0,
@@ -58,12 +68,13 @@ HEADINGS = {
 }
 
 
-def run_tests(repeat: int, log: Path) -> list[int]:
+def run_tests(repeat: int, log: Path, tests: str | None = None) -> list[int]:
     env = {**os.environ, "DSPY_SWEEPS_RELIABILITY_LOG": str(log), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     codes = []
     for i in range(repeat):
         print(f"reliability run {i + 1}/{repeat}", flush=True)
-        command = [sys.executable, "-m", "pytest", "-q", "-m", "reliability", "-n", "2", "--dist", "loadfile"]
+        command = [sys.executable, "-m", "pytest", "-q", "-m", "reliability"]
+        command += [tests] if tests else ["-n", "2", "--dist", "loadfile"]
         codes.append(subprocess.run(command, cwd=REPO, env=env).returncode)
     return codes
 
@@ -103,7 +114,8 @@ def render(cases: dict[str, dict[str, float]], tests: dict[str, set[str]], repea
         "executed and sandbox escapes are 0, and a promotion creates at most one version. A figure that misses "
         "its goal is marked **bold**.\n"
         "Measured in the faults: calls retried (resends by the LM gateway), calls that fell back to another "
-        "model, trials retried (a trial run again after its worker died), the seconds from a fault to recovery "
+        "model, trials retried (a trial run again after its worker died), metric calls spent again (by GEPA's "
+        "count: the resumed attempt's, which a fresh run would have spent in full), the seconds from a fault to recovery "
         "(the slowest run), and versions created per promotion; '-' where a case does not measure it.\n\n"
         + "\n".join(rows)
         + "\n"
@@ -127,13 +139,15 @@ def _cell(column: str, figures: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tests", help="only the reliability tests under this path (serially)")
+    parser.add_argument("--out", type=Path, default=REPO / "RELIABILITY.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "reliability.jsonl"
         log.touch()
-        codes = run_tests(args.repeat, log)
+        codes = run_tests(args.repeat, log, args.tests)
         report = render(*aggregate(log), args.repeat, codes)
-    (REPO / "RELIABILITY.md").write_text(report)
+    args.out.write_text(report)
     print(report)
     sys.exit(0 if all(code == 0 for code in codes) else 1)
 
