@@ -166,7 +166,6 @@ def _run_trials(
     loop = TrialLoop(prepared, state, trackers, hosts, gateway, study, simulated, kept)
     with LiveProgress(loop.board, console) as progress, progress_lines(loop.board, progress.console):
         loop.show(progress)
-        failed = True
         try:
             hosts.run(
                 loop.to_run(),
@@ -177,10 +176,10 @@ def _run_trials(
                 on_start=loop.on_start,
                 id_of=_trial_id,
             )
-            failed = False
-        finally:
-            records = loop.ends.close(raise_error=not failed)  # every finished trial saved and tracked
-    return records
+        except BaseException:
+            loop.ends.close(raise_error=False)  # the trials that finished are saved and tracked still
+            raise
+        return loop.ends.close()
 
 
 def _start_gateway(prepared: Prepared, state: State, endpoints: dict[str, Any]) -> Any:
