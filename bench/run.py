@@ -7,6 +7,9 @@
   halving, calls to the best validation score for grid, random and TPE, events on against off.
 - Serving (issue 11, `bench/serving.py`): `sweep serve` against the loaded program in-process at
   1, 16 and 64 clients, and the alias moving twice under load.
+- Scale (issue 17, `bench/scale.py`): the gateway's CPU per call at 16 and 1,000 trials, calls/s
+  through 1 and 4 gateway shards, sent/unique with shards, event overhead, and the driver's time
+  per trial end in 100- and 1,000-trial sweeps.
 - Throughput (issue 4, `bench/throughput.py`): the platform's sweep against the same trials as
   a sequential loop of plain DSPy and the physical limit; per-call overhead of the gateway;
   1, 2 and 4 endpoints with more and more trials; the issue's goals beside the numbers.
@@ -81,6 +84,7 @@ def startup_table() -> str:
 def main() -> None:
     from pruning import pruning_markdown
     from report import throughput_markdown
+    from scale import scale_markdown
     from serving import ServingSizes, run_serving, serving_markdown
     from throughput import Sizes, run_throughput
 
@@ -98,6 +102,8 @@ def main() -> None:
     print(pruning)
     serving = serving_markdown(run_serving(ServingSizes.pick(), progress=progress))
     print(serving)
+    scale = scale_markdown(progress)
+    print(scale)
     minutes = (time.monotonic() - started) / 60
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()} "
@@ -119,6 +125,8 @@ def main() -> None:
         f"{pruning}\n\n"
         "## Serving (issue 11)\n\n"
         f"{serving}\n\n"
+        "## Scale (issue 17)\n\n"
+        f"{scale}\n\n"
         f"{NOTES}"
     )
 

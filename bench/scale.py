@@ -41,7 +41,7 @@ ANSWER = {
     "usage": {"prompt_tokens": 30, "completion_tokens": 5},
 }
 
-from dspy_sweeps.lm.gateway import Budget, Endpoint, GatewayCore, make_request, shard_of  # noqa: E402
+from dspy_sweeps.lm.gateway import Budget, Endpoint, GatewayCore, make_request, route_of  # noqa: E402
 
 
 class Instant(GatewayCore):
@@ -137,14 +137,15 @@ def pump_class() -> Any:
     class Pump:
         """A client keeping `inflight` calls in flight through the shards, as trial threads would."""
 
-        async def run(self, shards: tuple, first: int, n: int, inflight: int, trials: int, ends: int, askers: int):
+        async def run(self, gateway: Any, first: int, n: int, inflight: int, trials: int, ends: int, askers: int):
+            shards = gateway.shards
             gate = asyncio.Semaphore(inflight)
 
             async def one(i: int) -> None:
                 async with gate:
                     # consecutive calls ask the same request from `askers` different trials
                     request = make_request(f"t{i % trials}", (f"e{(i // askers) % ends}",), body(i // askers))
-                    await shards[shard_of(request.digest, len(shards))].call.remote(request)
+                    await shards[route_of(request, len(shards), gateway.owners)].call.remote(request)
 
             start = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(first, first + n)))
@@ -163,11 +164,11 @@ def shard_run(shards: int, calls: int, askers: int = 1) -> tuple[float, int, int
     gateway = runner.start_gateway(endpoints(64), Path(tempfile.mkdtemp()) / "cache", Budget(), shards, core=Instant)
     try:
         pumps = [pump_class().remote() for _ in range(PUMPS)]
-        warm = [p.run.remote(gateway.shards, 10**8 + k * 1000, 200, 50, 1000, 64, 1) for k, p in enumerate(pumps)]
+        warm = [p.run.remote(gateway, 10**8 + k * 1000, 200, 50, 1000, 64, 1) for k, p in enumerate(pumps)]
         ray.get(warm)
         per = calls // PUMPS
         start = time.perf_counter()
-        ray.get([p.run.remote(gateway.shards, k * per, per, 256, 1000, 64, askers) for k, p in enumerate(pumps)])
+        ray.get([p.run.remote(gateway, k * per, per, 256, 1000, 64, askers) for k, p in enumerate(pumps)])
         wall = time.perf_counter() - start
         sent = gateway.totals().sent - 200 * PUMPS
         return calls / wall, sent, calls // askers

@@ -195,7 +195,9 @@ def overhead_child(args: argparse.Namespace) -> dict[str, Any]:
         try:
             endpoint = endpoint_for(spec, spec)
             gateway = runner.start_gateway([endpoint], state / "gateway_cache", Budget())
-            gateway_proc = psutil_module().Process(runner.ray.get(gateway.shards[0].__ray_call__.remote(lambda _: os.getpid())))
+            gateway_proc = psutil_module().Process(
+                runner.ray.get(gateway.shards[0].__ray_call__.remote(lambda _: os.getpid()))
+            )
             routed = build_gateway_lm(spec, gateway, (endpoint.id,), "overhead")
             return _time_paths({"dspy.LM direct": direct, "gateway": routed}, messages, args.calls, gateway_proc)
         finally:

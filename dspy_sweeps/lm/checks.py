@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from dspy_sweeps.errors import SweepError
@@ -43,19 +46,71 @@ def check_endpoints(specs: list[tuple[str, ModelSpec]], timeout: float = 5.0) ->
                 served_models(base, f"{where} ({spec.name})", timeout)
 
 
+@dataclass(frozen=True)
+class Listing:
+    """One GET {base}/models: the status, whether it said it is the simulator, the models by id."""
+
+    status: int | None  # None: unreachable
+    simulated: bool = False
+    models: dict[str, Any] | None = None  # None: not a JSON listing
+    reason: str = ""
+
+
+_listings: dict[str, Listing] | None = None  # within `one_listing_per_endpoint`: listings by URL
+
+
+@contextlib.contextmanager
+def one_listing_per_endpoint() -> Iterator[None]:
+    """Within the block, each endpoint's GET /models is made once and its answer reused (a sweep's
+    start-up asks it of every endpoint three times: reachable, which checkpoint, simulated?)."""
+    global _listings
+    outer, _listings = _listings, {} if _listings is None else _listings
+    try:
+        yield
+    finally:
+        _listings = outer
+
+
+def listing(base: str, timeout: float = 5.0) -> Listing:
+    url = base.rstrip("/") + "/models"
+    if _listings is not None and url in _listings:
+        return _listings[url]
+    result = _list(url, timeout)
+    if _listings is not None and result.status is not None:
+        _listings[url] = result
+    return result
+
+
+def _list(url: str, timeout: float) -> Listing:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            simulated = response.headers.get("x-simulated", "").lower() == "true"
+            try:
+                data = json.load(response).get("data", [])
+                models = {m.get("id"): m for m in data}
+            except (ValueError, AttributeError):
+                return Listing(response.status, simulated, None, "not a JSON model listing")
+            simulated = simulated or any(m.get("owned_by") == SIMULATOR_OWNER for m in data)
+            return Listing(response.status, simulated, models)
+    except urllib.error.HTTPError as exc:
+        return Listing(exc.code, exc.headers.get("x-simulated", "").lower() == "true")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return Listing(None, reason=str(getattr(exc, "reason", exc)))
+
+
 def served_models(base: str, where: str, timeout: float = 5.0) -> dict[str, Any]:
     """GET {base}/models: the served models by id, or {} when the endpoint wants a key to list them."""
     url = base.rstrip("/") + "/models"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return {m.get("id"): m for m in json.load(response).get("data", [])}
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):  # an endpoint that asks for a key is there
-            return {}
-        raise SweepError(f"{where}: endpoint {url} answered HTTP {exc.code}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise SweepError(f"{where}: endpoint {base} is unreachable ({reason})") from None
+    found = listing(base, timeout)
+    if found.status is None:
+        raise SweepError(f"{where}: endpoint {base} is unreachable ({found.reason})")
+    if found.status in (401, 403):  # an endpoint that asks for a key is there
+        return {}
+    if found.status != 200:
+        raise SweepError(f"{where}: endpoint {url} answered HTTP {found.status}")
+    if found.models is None:
+        raise SweepError(f"{where}: endpoint {base} is unreachable ({found.reason})")
+    return found.models
 
 
 SIMULATOR_OWNER = "dspy-sweeps-simulator"  # what `sweep sim` lists as its models' owner
@@ -64,16 +119,7 @@ SIMULATOR_OWNER = "dspy-sweeps-simulator"  # what `sweep sim` lists as its model
 def answers_simulated(base: str, timeout: float = 5.0) -> bool:
     """Whether the endpoint at `base` says it is the simulator: the `x-simulated: true` header it puts
     on every response, or its models' owner. An unreachable endpoint is `check_endpoints`' to report."""
-    url = base.rstrip("/") + "/models"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            if response.headers.get("x-simulated", "").lower() == "true":
-                return True
-            return any(m.get("owned_by") == SIMULATOR_OWNER for m in json.load(response).get("data", []))
-    except urllib.error.HTTPError as exc:
-        return exc.headers.get("x-simulated", "").lower() == "true"
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    return listing(base, timeout).simulated
 
 
 def is_simulated(spec: ModelSpec, resolved: ModelSpec) -> bool:

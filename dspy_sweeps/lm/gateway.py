@@ -24,12 +24,14 @@ never misses it); reads stay on the loop (see `_read`). The trial side serialise
 `Request`); its digest is the cache key's body part and picks the shard.
 
 Shards: at scale one event loop is the ceiling, so the gateway is N actors (`Gateway`, the
-picklable handle trials hold, routes each call). A call goes to the shard its body's digest
-picks, so identical requests (any trial, any endpoint of a chain) meet in one shard and
-merging, caching and draw counting stay exact there. Limits belong to endpoints, not to
-requests, so each endpoint has **one owner shard** that holds its slots, rpm/tpm windows,
-Retry-After pause, replicas and busy time, and does its sends; a shard forwards a miss for an
-endpoint it does not own to the owner (one more actor hop, paid only by calls actually sent).
+picklable handle trials hold, routes each call). Limits belong to endpoints, so each endpoint has
+**one owner shard** that holds its slots, rpm/tpm windows, Retry-After pause, replicas and busy
+time, and does its sends. When every shard owns an endpoint (endpoints ≥ shards), a call goes
+to its endpoint's owner, which also merges, caches and counts it: identical requests meet
+there, and no call takes a second hop (a fallback continues on the fallback's owner). With
+fewer endpoints than shards, a call goes to the shard its body's digest picks (identical
+requests still meet), which forwards a miss to the endpoint's owner to send: one more actor
+hop, paid only by calls actually sent.
 Why an owner rather than splitting each endpoint's limits N ways: a split strands capacity
 whenever the load per shard is uneven, cannot express `max_concurrency` below N, and a 429's
 pause would have to be broadcast; a shared store (Redis) would be one more server to run.
@@ -138,6 +140,17 @@ def shard_of(digest: str, shards: int) -> int:
     return int(digest[:8], 16) % shards
 
 
+def owners_of(endpoint_ids: list[str], shards: int) -> dict[str, int]:
+    """Each endpoint's owner shard: the one that holds its limits and sends its calls."""
+    return {eid: i % shards for i, eid in enumerate(endpoint_ids)}
+
+
+def route_of(request: Request, shards: int, owners: dict[str, int] | None) -> int:
+    """The shard a call goes to: its endpoint's owner when every shard owns an endpoint (`owners`
+    given), so no call needs a second hop; else the one its body's digest picks."""
+    return owners[request.chain[0]] if owners else shard_of(request.digest, shards)
+
+
 @dataclass(frozen=True)
 class Sent:
     """What an endpoint's owner shard sends back for one logical call: the answer or the error,
@@ -198,7 +211,8 @@ class GatewayCore:
         import diskcache
 
         self.shard, self.peers = shard, [self]  # every shard by index, this one included (see `connect`)
-        self.owners = {e.id: i % shards for i, e in enumerate(endpoints)}  # endpoint -> the shard that sends
+        self.owners = owners_of([e.id for e in endpoints], shards)  # endpoint -> the shard that sends
+        self.by_endpoint = len(endpoints) >= shards > 1  # calls arrive at their endpoint's owner (`route`)
         self.endpoints = {e.id: _EndpointState(e, asyncio.Semaphore(e.max_concurrency)) for e in endpoints}
         for state in self.endpoints.values():
             state.in_flight = {base: 0 for base in state.endpoint.api_bases}
@@ -240,7 +254,24 @@ class GatewayCore:
         """`complete` for a request the trial side serialised (what `Gateway` sends)."""
         stats = self.stats.setdefault(request.trial_id, CallStats())
         stats.requested += 1
-        for position, current in enumerate(request.chain):
+        return await self._chain(request, 0, stats)
+
+    async def follow(self, request: Request, position: int) -> tuple[Body | None, GatewayError | None]:
+        """The rest of a call's chain from `position`, on the owner of that endpoint (another shard
+        fell back to it); the error is returned, not raised, so it reaches that shard unwrapped."""
+        try:
+            return await self._chain(request, position, self.stats.setdefault(request.trial_id, CallStats())), None
+        except GatewayError as exc:
+            return None, exc
+
+    async def _chain(self, request: Request, first: int, stats: CallStats) -> Body:
+        for position in range(first, len(request.chain)):
+            current = request.chain[position]
+            if self.by_endpoint and self.owners[current] != self.shard:  # its owner merges and sends it
+                response, error = await self.peers[self.owners[current]].follow.remote(request, position)
+                if error is not None:
+                    raise error  # counted where it failed
+                return response
             try:
                 response = await self._complete_on(request, current, stats)
             except GatewayError as exc:
@@ -611,10 +642,11 @@ class Gateway:
     its request's digest picks. Blocking calls, for a trial's threads."""
 
     shards: tuple[Any, ...]  # Ray actor handles of GatewayCore shards, by index
+    owners: dict[str, int] | None = None  # endpoint -> owner shard, when calls are routed by endpoint
 
     def complete(self, trial_id: str, chain: tuple[str, ...], body: Body, route: str = CHAT) -> Body:
         request = make_request(trial_id, chain, body, route)
-        return self._get(self.shards[shard_of(request.digest, len(self.shards))].call.remote(request))
+        return self._get(self.shards[route_of(request, len(self.shards), self.owners)].call.remote(request))
 
     def exhausted(self) -> bool:
         return self._get(self.shards[0].exhausted.remote())

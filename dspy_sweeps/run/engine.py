@@ -21,7 +21,7 @@ from rich.console import Console
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.errors import SweepError, first_line
 from dspy_sweeps.lm.build import endpoint_for, resolve
-from dspy_sweeps.lm.checks import check_endpoints, is_simulated, served_models
+from dspy_sweeps.lm.checks import check_endpoints, is_simulated, one_listing_per_endpoint, served_models
 from dspy_sweeps.lm.served import served_students
 from dspy_sweeps.run.events import TrialEvent
 from dspy_sweeps.run.pruning import SweepStudy
@@ -64,7 +64,11 @@ def run_sweep(
         check_mlflow_server(tracking_uri(sweep.tracking.mlflow, state))
     check_storage(storage_uri(sweep, state))
     key = _answer_key(prepared, state)
-    with simulator(sweep, key, state, console) as sim_url, ThreadPoolExecutor(1) as background:
+    with (
+        one_listing_per_endpoint(),  # one GET /models per endpoint at start-up, however many ask it
+        simulator(sweep, key, state, console) as sim_url,
+        ThreadPoolExecutor(1) as background,
+    ):
         # Outside endpoints first: a typo in an api_base costs seconds, not a Ray start-up.
         check_endpoints([(role, resolve(s, sim_url)) for role, s in sweep.roles() if s.serve is None])
         # Importing MLflow and creating its store takes seconds: done while Ray starts.
@@ -172,7 +176,6 @@ def _run_trials(
     loop = TrialLoop(prepared, state, trackers, hosts, gateway, study, simulated, kept)
     with LiveProgress(loop.board, console) as progress, progress_lines(loop.board, progress.console):
         loop.show(progress)
-        failed = True
         try:
             hosts.run(
                 loop.to_run(),
@@ -183,10 +186,10 @@ def _run_trials(
                 on_start=loop.on_start,
                 id_of=_trial_id,
             )
-            failed = False
-        finally:
-            records = loop.ends.close(raise_error=not failed)  # every finished trial saved and tracked
-    return records
+        except BaseException:
+            loop.ends.close(raise_error=False)  # the trials that finished are saved and tracked still
+            raise
+        return loop.ends.close()
 
 
 def _start_gateway(prepared: Prepared, state: State, endpoints: dict[str, Any]) -> Any:

@@ -83,7 +83,7 @@ def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any, shards: in
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from dspy_sweeps.jobs.secrets import holding_secrets, worker_secrets
-    from dspy_sweeps.lm.gateway import Gateway, GatewayCore
+    from dspy_sweeps.lm.gateway import Gateway, GatewayCore, owners_of
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(num_cpus=0, max_concurrency=100_000, max_restarts=0)(holding_secrets(core or GatewayCore))
@@ -95,7 +95,8 @@ def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any, shards: in
     ]
     # worker_secrets(): a submitted job's LM keys, by object reference (see jobs.py)
     ray.get([h.connect.remote(handles) for h in handles])
-    return Gateway(tuple(handles))
+    by_endpoint = len(endpoints) >= shards > 1  # as GatewayCore decides it
+    return Gateway(tuple(handles), owners_of([e.id for e in endpoints], shards) if by_endpoint else None)
 
 
 def gateway_shards(setting: int | None, running: int, endpoints: int) -> int:

@@ -17,7 +17,8 @@ from dspy_sweeps.lm.gateway import (
     GatewayError,
     _with_model,
     make_request,
-    shard_of,
+    owners_of,
+    route_of,
 )
 
 ANSWER = {"choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
@@ -74,8 +75,10 @@ def sharded(n: int, budget: Budget | None = None, cache: str | None = None, ends
 
 async def ask(shards: list[GatewayCore], trial: str, endpoint: str, payload: dict) -> Any:
     request = make_request(trial, (endpoint,), payload)
+    ids = list(shards[0].endpoints)
+    owners = owners_of(ids, len(shards)) if len(ids) >= len(shards) > 1 else None  # as start_gateway routes
     try:
-        return await shards[shard_of(request.digest, len(shards))].call(request)
+        return await shards[route_of(request, len(shards), owners)].call(request)
     except GatewayError as exc:
         return exc
 
@@ -151,3 +154,29 @@ def test_the_body_is_posted_as_sent_with_the_served_model_name() -> None:
 
     posted = [json.loads(b) for b in asyncio.run(scenario()).posted]
     assert posted == [{"model": "m0", **body("hello", max_tokens=5)}, {"model": "m0"}]
+
+
+def test_a_fallback_continues_on_its_endpoints_owner_shard() -> None:
+    from dspy_sweeps.lm.gateway import Request
+
+    class Down(Instant):  # e0 answers 503, the others at once
+        async def _http_call(self, endpoint: Endpoint, base: str, body: bytes, timeout_s: float, route: str = CHAT):
+            if endpoint.id == "e0":
+                raise GatewayError("server", "e0: HTTP 503", 503)
+            return await super()._http_call(endpoint, base, body, timeout_s, route)
+
+    async def scenario() -> tuple[list[Instant], list[Any]]:
+        ends = [Endpoint(id=f"e{i}", model=f"m{i}", api_bases=(f"http://e{i}",), retries=0) for i in range(4)]
+        shards = [Down(ends, None, None, shard=i, shards=4) for i in range(4)]
+        for shard in shards:
+            shard.connect([Local(s) for s in shards])
+        requests: list[Request] = [make_request(f"t{i}", ("e0", "e1"), body("same")) for i in range(3)]
+        answers = await asyncio.gather(*(shards[0].call(r) for r in requests))  # e0's owner is shard 0
+        return shards, answers
+
+    shards, answers = asyncio.run(scenario())
+    assert answers == [ANSWER] * 3
+    assert [len(s.posted) for s in shards] == [0, 1, 0, 0], "e1's owner sent the fallback once for all three"
+    stats = [s.trial_stats(f"t{i}") for s in shards for i in range(3)]
+    assert sum(x.requested for x in stats) == 3 and sum(x.fell_back for x in stats) == 3
+    assert sum(x.by_model.get("m1", 0) for x in stats) == 3 and sum(x.failed for x in stats) == 0
