@@ -57,9 +57,9 @@ def execute_trial(trial: Trial, ctx: TrialContext, channel: Any) -> TrialResult:
     # The trial's folder from storage into a working folder on this node (GEPA resumes from it).
     folder = TrialFolder(ctx.storage, ctx.sweep, trial_id)
     workdir = folder.restore()
-    attempt = folder.next_attempt()
     # Which process runs the trial (machine, pid, Ray node address), for finding its logs or its host.
     (workdir / "host").write_text(f"{platform.node()} {os.getpid()} {ray.util.get_node_ip_address()}\n")
+    attempt = folder.next_attempt()  # counted, and pushed with the host file, before the trial starts
     # The trial's spend and evaluations, as events through the host's channel (which raises Pruned
     # once the driver has stopped the trial; see run/progress.py for how that stops the optimizer);
     # after each, what changed in the trial's folder goes up to storage.

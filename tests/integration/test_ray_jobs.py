@@ -89,7 +89,7 @@ def test_a_client_without_the_token_gets_one_line_naming_it(ray_head: RayHead, t
 
 @pytest.mark.reliability
 def test_submit_follow_runs_the_sweep_as_a_ray_job(
-    ray_head: RayHead, mlflow_server: str, reliability, monkeypatch: pytest.MonkeyPatch
+    ray_head: RayHead, mlflow_server: str, reliability, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # Ray's client below would take it over its address
     canary = "sk-canary-" + os.urandom(8).hex()
@@ -105,6 +105,10 @@ def test_submit_follow_runs_the_sweep_as_a_ray_job(
             *(arg for o in OVERRIDES for arg in ("--set", o)),
             "--secret",
             "SWEEP_CANARY",
+            "--state-dir",
+            str(tmp_path / "job-state"),
+            "--storage",
+            str(tmp_path / "storage"),
             "--follow",
         ],
         cwd=REPO,
@@ -126,7 +130,16 @@ def test_submit_follow_runs_the_sweep_as_a_ray_job(
     info = client.get_job_info(job_id)
     assert info.status.value == "SUCCEEDED"
     assert info.driver_info is not None  # `sweep run` joined this cluster (it did not start a Ray of its own)
-    run_args = shlex.join(["run", "sweeps/demo.yaml", *(a for o in OVERRIDES for a in ("--set", o))])
+    run_args = shlex.join(
+        [
+            "run",
+            "sweeps/demo.yaml",
+            *(a for o in OVERRIDES for a in ("--set", o)),
+            "--storage",
+            str(tmp_path / "storage"),
+        ]
+    )
+    run_args += f" --state-dir {shlex.quote(str(tmp_path / 'job-state'))}"  # outside Ray's unpacked working_dir
     assert info.entrypoint.endswith(f"-P -m dspy_sweeps.cli.main {run_args}")  # not `sweep`: not on the head's PATH
     assert info.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == mlflow_server
     assert info.runtime_env["working_dir"].startswith("gcs://") and len(info.runtime_env["py_modules"]) == 1
@@ -172,6 +185,42 @@ def test_submit_follow_runs_the_sweep_as_a_ray_job(
         assert pull.returncode == 0, pull.stderr[-2000:]
         meta = json.loads((Path(pulled) / "metadata.json").read_text())
     assert meta["trial_id"] == champion.tags["trial"] and meta["registry"]["tracking_uri"] == mlflow_server
+
+    # After the job: its results from storage, on the laptop; then a resubmission resumes it (the state dir
+    # stays put across submissions, so its finished trials are kept and nothing runs again).
+    results = subprocess.run(
+        [str(BIN / "sweep"), "results", "demo", "--storage", str(tmp_path / "storage")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert results.returncode == 0, results.stderr[-2000:]
+    assert champion.tags["trial"] in results.stdout and "promoted" in results.stdout, results.stdout
+    resumed = subprocess.run(
+        [
+            str(BIN / "sweep"),
+            "submit",
+            "sweeps/demo.yaml",
+            "--address",
+            ray_head.dashboard,
+            *(arg for o in OVERRIDES for arg in ("--set", o)),
+            "--state-dir",
+            str(tmp_path / "job-state"),
+            "--storage",
+            str(tmp_path / "storage"),
+            "--resume",
+            "--follow",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert "resuming: 2 finished trials kept, 0 to run" in resumed.stdout, resumed.stdout[-3000:]
 
     commands = [["status", job_id], ["logs", job_id], ["stop", job_id]]  # --address from $RAY_ADDRESS
     status, logs, stop = sweep_in_parallel(commands, {**env, "RAY_ADDRESS": ray_head.dashboard})
