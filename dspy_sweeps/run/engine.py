@@ -33,7 +33,7 @@ from dspy_sweeps.spec.schema import ModelSpec, Sweep
 from dspy_sweeps.state import State
 from dspy_sweeps.track.live import LiveProgress, RunningTrials, progress_lines
 from dspy_sweeps.track.registry import Decision, best, promote
-from dspy_sweeps.track.results import TrialRecord, read_records, write_records
+from dspy_sweeps.track.results import TrialRecord, read_records, records_table, write_records, write_tables
 from dspy_sweeps.track.tracking import Trackers
 from dspy_sweeps.track.uri import check_mlflow_server, check_tracking_for_cluster, tracking_uri
 
@@ -285,7 +285,8 @@ class TrialEnds:
 
     The thread takes every end queued (waiting `BATCH_S` for more), writes the results file once
     for all of them (before tracking, which may fail), tracks each, and writes the file again
-    with their MLflow run ids: two writes per batch, not two per trial. The backlog is bounded
+    with their MLflow run ids: two writes per batch, not two per trial, each converting only the
+    batch's rows (earlier batches stay Arrow tables), so the Python work per end stays flat. The backlog is bounded
     (`put` waits when `BACKLOG` ends are queued); a tracking error stops the sweep at the next
     end, naming the trial; `close` flushes and returns every record."""
 
@@ -297,6 +298,7 @@ class TrialEnds:
         import threading
 
         self.path, self.trackers, self.records = path, trackers, list(records)
+        self.tables = [records_table(self.records)] if self.records else []  # the file's rows so far
         self.error: SweepError | None = None
         self._queue: queue.Queue = queue.Queue(self.BACKLOG)
         self._thread = threading.Thread(target=self._loop, name="trial-ends", daemon=True)
@@ -333,22 +335,24 @@ class TrialEnds:
                 return
 
     def _save(self, ends: list[tuple[Trial, TrialRecord, TrialResult]]) -> None:
-        first = len(self.records)
-        self.records += [record for _, record, _ in ends]
-        write_records(self.path, self.records)  # saved before tracking, which may fail
-        if self.error is not None:
-            return
-        for i, (trial, record, result) in enumerate(ends, start=first):
-            try:
-                run_id = self.trackers.log_trial(trial, record, result)
-            except Exception as exc:
-                self.error = SweepError(
-                    f"tracking failed for trial {trial.id} ({type(exc).__name__}: {first_line(exc)}); "
-                    f"finished trials are saved in {self.path}: fix it, then --resume"
-                )
-                break
-            self.records[i] = dataclasses.replace(record, mlflow_run_id=run_id, tracked=True)
-        write_records(self.path, self.records)
+        batch = [record for _, record, _ in ends]
+        # Saved before tracking, which may fail; the rows of earlier batches are converted once.
+        write_tables(self.path, [*self.tables, records_table(batch)])
+        self.records += batch
+        if self.error is None:
+            for i, (trial, record, result) in enumerate(ends):
+                try:
+                    run_id = self.trackers.log_trial(trial, record, result)
+                except Exception as exc:
+                    self.error = SweepError(
+                        f"tracking failed for trial {trial.id} ({type(exc).__name__}: {first_line(exc)}); "
+                        f"finished trials are saved in {self.path}: fix it, then --resume"
+                    )
+                    break
+                batch[i] = dataclasses.replace(record, mlflow_run_id=run_id, tracked=True)
+        self.records[len(self.records) - len(batch) :] = batch
+        self.tables.append(records_table(batch))
+        write_tables(self.path, self.tables)
 
 
 def _trial_id(trial: Trial) -> str:

@@ -121,13 +121,26 @@ class TrialRecord:
 
 def write_records(path: Path, records: list[TrialRecord]) -> None:
     """Rewrite the sweep's file atomically: a crash mid-write leaves the previous file intact."""
+    write_tables(path, [records_table(records)])
+
+
+def records_table(records: list[TrialRecord]) -> Any:
+    """The records as an Arrow table (the results file's rows)."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([asdict(r) for r in records])
+
+
+def write_tables(path: Path, tables: list[Any]) -> None:
+    """`write_records` for records already made into tables, in order (a column all None in one
+    table takes the others' type), so a writer that adds rows converts only the new ones."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
     try:
-        pq.write_table(pa.Table.from_pylist([asdict(r) for r in records]), tmp)
+        pq.write_table(pa.concat_tables(tables, promote_options="permissive"), tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: no half-written file is left beside the results
         raise
