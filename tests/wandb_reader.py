@@ -23,6 +23,19 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 @dataclass
+class OfflineArtifact:
+    """An artifact a run logged (`used`: with `use_artifact`, as an input) and its files' local copies."""
+
+    name: str
+    type: str
+    digest: str
+    aliases: list[str]
+    used: bool
+    files: dict[str, Path]  # path in the artifact -> the staged copy W&B uploads at `wandb sync`
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class OfflineRun:
     run_id: str
     name: str
@@ -31,6 +44,7 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
+    artifacts: list[OfflineArtifact] = field(default_factory=list)
 
 
 def records(path: Path) -> list[Any]:
@@ -88,6 +102,13 @@ def read_run(run_dir: Path) -> OfflineRun:
             run.summary.update(_item(i) for i in record.summary.update)
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
+        elif kind == "artifact":
+            a = record.artifact
+            files = {e.path: Path(e.local_path) for e in a.manifest.contents}
+            meta = json.loads(a.metadata) if a.metadata else {}
+            run.artifacts.append(
+                OfflineArtifact(a.name, a.type, a.digest, list(a.aliases), a.use_after_commit, files, meta)
+            )
     return run
 
 

@@ -87,6 +87,8 @@ def run_sweep(
             records = _run_trials(prepared, state, endpoints, trackers, console, resume, hosts, simulated)
             records += _ensemble(prepared, state, endpoints, trackers, records, console, simulated)
             decision = _promote(prepared, records, trackers, state, resolved) if sweep.promote else None
+            if decision is not None:
+                trackers.promoted(decision, best(records))
             trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")
     return SweepOutcome(records, decision)
 

@@ -22,6 +22,7 @@ from typing import Any
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.run.events import NoEvents, TrialEvents
 from dspy_sweeps.run.optimize import Supplies, compile_with
+from dspy_sweeps.run.traces import ExampleTrace
 from dspy_sweeps.spec.imports import build_program, load_object
 from dspy_sweeps.spec.kinds import BASELINE
 from dspy_sweeps.spec.plan import Trial
@@ -65,6 +66,7 @@ class TrialResult:
     # Per-example scores in split order (None: not scored), for the bootstrap intervals of track/gate.py.
     val_scores: list[float | None] = field(default_factory=list)
     test_scores: list[float | None] = field(default_factory=list)
+    test_traces: list[ExampleTrace] = field(default_factory=list)  # the first test examples, LM calls and all
 
 
 def run_trial(
@@ -107,7 +109,7 @@ def run_trial(
         progress.report("val", val.score)
         if progress.pruned is not None:  # pruned on its final val score: the compiled program is its best
             return _pruned(trial, progress, Candidate(val.score, state_of(program)), start)
-        test = evaluate(program, testset, metric, trial.num_threads)
+        test = evaluate(program, testset, metric, trial.num_threads, trace=trial.trace_examples, priced=_priced(trial))
         progress.report("test", test.score)  # the trial is done: a prune now has nothing left to stop
     return TrialResult(
         trial_id=trial.id,
@@ -120,6 +122,7 @@ def run_trial(
         predictions=val.records,
         val_scores=val.scores,
         test_scores=test.scores,
+        test_traces=test.traces,
     )
 
 
@@ -189,11 +192,21 @@ class Evaluation:
     records: list[dict[str, Any]]
     failed: int  # examples whose LM calls failed: counted apart, never scored 0
     scores: list[float | None] = field(default_factory=list)  # per example, in order; None: not scored
+    traces: list[ExampleTrace] = field(default_factory=list)
 
 
-def evaluate(program: Any, examples: list, metric: Callable, num_threads: int, max_failed: float = 0.1) -> Evaluation:
+def evaluate(
+    program: Any,
+    examples: list,
+    metric: Callable,
+    num_threads: int,
+    max_failed: float = 0.1,
+    trace: int = 0,
+    priced: frozenset[str] = frozenset(),
+) -> Evaluation:
     """Score `program` on `examples`. An example whose LM call failed is not a wrong answer: it
-    is counted apart, and past `max_failed` of them the trial fails with reason "endpoint"."""
+    is counted apart, and past `max_failed` of them the trial fails with reason "endpoint".
+    The first `trace` examples are recorded with their LM calls (`run/traces.py`)."""
     import dspy
     from dspy.utils.exceptions import AdapterParseError
     from dspy.utils.parallelizer import ParallelExecutor
@@ -202,8 +215,38 @@ def evaluate(program: Any, examples: list, metric: Callable, num_threads: int, m
 
     failed_so_far: list[BaseException] = []
     give_up_after = max_failed * len(examples)
+    traced = {id(e): i for i, e in enumerate(examples[:trace])}
+    traces: list[ExampleTrace] = []
 
     def score(example: Any) -> tuple[Any, Any, float | None, BaseException | None] | None:
+        if id(example) not in traced:
+            return scored_one(example)
+        return recorded_one(example, traced[id(example)])
+
+    def recorded_one(example: Any, index: int) -> tuple[Any, Any, float | None, BaseException | None] | None:
+        from dspy_sweeps.run.recorder import ExampleRecorder, recorded
+
+        recorder, start = ExampleRecorder(dspy.settings.usage_tracker, priced), time.time_ns()
+        outcome = recorded(lambda: scored_one(example), recorder)
+        prediction, value, exc = (outcome[1], outcome[2], outcome[3]) if outcome else (None, None, None)
+        gold = {k: v for k, v in example.items() if k not in example.inputs().keys()}
+        error = f"{type(exc).__name__}: {exc}" if exc is not None else None
+        traces.append(
+            ExampleTrace(
+                index,
+                dict(example.inputs()),
+                dict(prediction.items()) if prediction is not None else None,
+                gold,
+                value,
+                error,
+                start,
+                time.time_ns(),
+                recorder.calls,
+            )
+        )
+        return outcome
+
+    def scored_one(example: Any) -> tuple[Any, Any, float | None, BaseException | None] | None:
         if len(failed_so_far) > give_up_after:  # the endpoint is down: stop spending calls on it
             return example, None, None, failed_so_far[0]
         try:
@@ -240,7 +283,8 @@ def evaluate(program: Any, examples: list, metric: Callable, num_threads: int, m
         for example, prediction, value, _ in scored
     ]
     scores = [r[2] if r[3] is None else None for r in results]
-    return Evaluation(sum(r["score"] for r in records) / max(len(records), 1), records, len(failed), scores)
+    mean = sum(r["score"] for r in records) / max(len(records), 1)
+    return Evaluation(mean, records, len(failed), scores, sorted(traces, key=lambda t: t.index))
 
 
 def to_examples(rows: list[dict[str, Any]], inputs: tuple[str, ...]) -> list[Any]:

@@ -33,6 +33,7 @@ class Trial:
     num_threads: int = 8
     estimated_calls: int = 0
     embedder: ModelSpec | None = None  # the sweep's embedder, for optimizers that take one
+    trace_examples: int = 0  # test examples whose evaluation is logged as an MLflow trace (not identity)
 
     @property
     def label(self) -> str:
@@ -110,6 +111,18 @@ def make_trial(
     teacher_name = f"-{teacher.name}" if teacher and kind != "none" else ""
     name = kind.rpartition(":")[2]  # a teleprompter by import path is named by its class: ids are file names
     trial_id = f"{name}-{student.name}{teacher_name}-s{seed}-{digest}"
+    traced = sweep.tracking.mlflow.traces if sweep.tracking.mlflow else 0
     return Trial(
-        trial_id, sweep.program, sweep.metric, kind, student, teacher, seed, settings, sweep.num_threads, 0, embedder
+        trial_id,
+        sweep.program,
+        sweep.metric,
+        kind,
+        student,
+        teacher,
+        seed,
+        settings,
+        sweep.num_threads,
+        0,
+        embedder,
+        traced,
     )

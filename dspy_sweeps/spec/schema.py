@@ -249,6 +249,8 @@ class WandbSpec(_Strict):
 class MlflowSpec(_Strict):
     experiment: str | None = None
     tracking_uri: str | None = None
+    # Test examples per trial whose evaluation (with its LM calls) is logged as a trace; 0: none.
+    traces: int = Field(default=3, ge=0)
 
 
 class Tracking(_Strict):

@@ -104,7 +104,24 @@ def promote(
             simulated=simulated,
             gain=gain,
         )
+    _register_prompts(client, promote, program_json, version, registration)
     return Decision(True, why, version, promote.alias, simulated, gain)
+
+
+def _register_prompts(client: Any, promote: Promote, program_json: str, version: str, reg: Registration) -> None:
+    from dspy_sweeps.track.prompts import register_prompts
+
+    tags = {"sweep": reg.winner.sweep, "trial": reg.winner.trial_id, "program_sha": reg.sha}
+    register_prompts(
+        client, promote.model, promote.alias, program_json, version, logged_model_id(client, reg.run_id), tags
+    )
+
+
+def logged_model_id(client: Any, run_id: str) -> str | None:
+    """The trial's LoggedModel (`track/mlflow_runs.py`); None for a run tracked before there was one."""
+    from dspy_sweeps.track.mlflow_runs import MODEL_ID_TAG
+
+    return client.get_run(run_id).data.tags.get(MODEL_ID_TAG)
 
 
 def _judge(promote: Promote, winner: TrialRecord, champion: Any, gain: Interval | None) -> tuple[bool, str]:
@@ -214,9 +231,11 @@ def _kept_scores(client: Any, run_id: str, tmp: Path) -> list[float | None] | No
 
 
 def _register(name: str, registration: Registration, program: Any, uri: str, gate: str) -> str:
-    """Save the program with `mlflow.dspy` into the trial's run (so `mlflow.dspy.load_model` works),
-    with its per-example test scores (the next challenger is compared on them), and register it,
-    through a client for `uri`: MLflow's global URI is left alone.
+    """Save the program with `mlflow.dspy` into the trial's LoggedModel (so `mlflow.dspy.load_model`
+    works), with its per-example test scores in the run (the next challenger is compared on them),
+    and register the LoggedModel (`models:/m-...`, so the version's `model_id` leads to the trial,
+    its data and metrics), through a client for `uri`: MLflow's global URI is left alone. A run
+    tracked before trials had LoggedModels registers its run's `model` folder instead.
 
     Idempotent: a promotion retried after a tracking-server outage finds the version it
     already registered (by its promotion id) instead of creating a second one."""
@@ -241,8 +260,12 @@ def _register(name: str, registration: Registration, program: Any, uri: str, gat
         # sweep compiled for: its model and endpoint, never a key (see `portable_lm`).
         with dspy.context(lm=portable_lm(ModelSpec(**meta["student"]))):
             mlflow.dspy.save_model(program, f"{tmp}/model", code_paths=project_code(meta["program"]))
+        model_id = logged_model_id(client, run_id)
         try:
-            client.log_artifacts(run_id, f"{tmp}/model", "model")
+            if model_id:
+                client.log_model_artifacts(model_id, f"{tmp}/model")
+            else:
+                client.log_artifacts(run_id, f"{tmp}/model", "model")
             scores = {"data_fingerprint": winner.data_fingerprint, "test_scores": registration.test_scores}
             client.log_dict(run_id, scores, SCORES_ARTIFACT)
         except (MlflowException, OSError) as exc:
@@ -252,9 +275,35 @@ def _register(name: str, registration: Registration, program: Any, uri: str, gat
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another sweep registered it first: fine
             raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    tags = _version_tags(registration, gate, promotion_id)
-    return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
+    tags = {**_version_tags(registration, gate, promotion_id), **({"model_id": model_id} if model_id else {})}
+    source = _source(client, uri, run_id, model_id)
+    version = str(client.create_model_version(name, source, run_id=run_id, tags=tags, model_id=model_id).version)
+    if model_id:
+        _link_version(client, model_id, name, version)
+    return version
+
+
+def _source(client: Any, uri: str, run_id: str, model_id: str | None) -> str:
+    """`models:/m-...` (the LoggedModel), which an `mlflow server` resolves itself. A local store's
+    registry resolves such a source through MLflow's process-wide tracking URI (MLflow 3.17,
+    `SqlAlchemyStore.create_model_version`), which the platform never sets: there the source is the
+    LoggedModel's artifact location, the same files."""
+    if not model_id:
+        return f"{client.get_run(run_id).info.artifact_uri}/model"
+    if uri.startswith(("http://", "https://")):
+        return f"models:/{model_id}"
+    return client.get_logged_model(model_id).artifact_location
+
+
+def _link_version(client: Any, model_id: str, name: str, version: str) -> None:
+    """The LoggedModel lists its registered versions, as `mlflow.register_model` records them (the
+    OSS registry keeps no `model_id` on a version; the UI and `search_logged_models` read this tag)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if not any(v.get("name") == name and str(v.get("version")) == version for v in listed):  # a server adds it
+        listed.append({"name": name, "version": int(version)})
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
 
 
 def _store_refused(exc: Exception) -> SweepError:

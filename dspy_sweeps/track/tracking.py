@@ -21,6 +21,7 @@ from dspy_sweeps.spec.schema import Sweep
 from dspy_sweeps.state import State
 from dspy_sweeps.track.background import TrackingThread
 from dspy_sweeps.track.mlflow_runs import MlflowLogger
+from dspy_sweeps.track.registry import Decision
 from dspy_sweeps.track.results import TrialRecord, read_records
 from dspy_sweeps.track.wandb_runs import WandbLogger
 
@@ -30,6 +31,7 @@ class TrialLogger(Protocol):
     def trial_events(self, trial: Trial, events: list[TrialEvent]) -> None: ...
     def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None: ...
     def log_sweep(self, records: list[TrialRecord]) -> None: ...
+    def promoted(self, record: TrialRecord, alias: str, version: str) -> None: ...
     def close(self, status: str) -> None: ...
 
 
@@ -44,6 +46,9 @@ class NullLogger:
         return None
 
     def log_sweep(self, records: list[TrialRecord]) -> None:
+        pass
+
+    def promoted(self, record: TrialRecord, alias: str, version: str) -> None:
         pass
 
     def close(self, status: str) -> None:
@@ -67,7 +72,7 @@ class Trackers:
     def open(cls, sweep: Sweep, state: State, fingerprint: str, resume: bool = False) -> Trackers:
         spec = sweep.tracking
         wandb = (
-            WandbLogger(spec.wandb, sweep.name, state, fingerprint)
+            WandbLogger(spec.wandb, sweep.name, state, fingerprint, sweep.data)
             if spec.wandb and spec.wandb.mode != "disabled"
             else NullLogger()
         )
@@ -84,6 +89,13 @@ class Trackers:
         """The trial's end: close its runs with their summary and update the sweep's leaderboard.
         Returns the trial's MLflow run id (promotion registers from it)."""
         return self.work.call(lambda: self._ended(trial, record, result))
+
+    def promoted(self, decision: Decision, winner: TrialRecord | None) -> None:
+        """After promotion: the champion's W&B program artifact takes the alias, its LoggedModel says so."""
+        if not decision.promoted or winner is None or decision.alias is None or decision.version is None:
+            return
+        alias, version = decision.alias, decision.version
+        self.work.call(lambda: [lg.promoted(winner, alias, version) for lg in (self.mlflow, self.wandb)])
 
     def close(self, status: str) -> None:
         try:

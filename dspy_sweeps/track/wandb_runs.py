@@ -1,16 +1,23 @@
-"""W&B: one run per trial (job type = its optimizer) and one run for the sweep (job type `sweep`)."""
+"""W&B: one run per trial (job type = its optimizer) and one run for the sweep (job type `sweep`).
+
+Lineage as W&B users read it: every trial run uses the sweep's data artifact (type `dataset`,
+`track/datasets.py`) and logs its compiled program as a version of the `SWEEP-program` artifact
+(type `dspy-program`, aliased with its trial id); the promoted program is logged again by the
+sweep run with the registered model's alias (`champion`), which lands on the same version."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.run.events import TrialEvent
 from dspy_sweeps.run.trial import TrialResult
 from dspy_sweeps.spec.plan import Trial
-from dspy_sweeps.spec.schema import WandbSpec
+from dspy_sweeps.spec.schema import DataSpec, WandbSpec
 from dspy_sweeps.state import State
+from dspy_sweeps.track.datasets import wandb_artifact
 from dspy_sweeps.track.figures import (
     ENDED_WELL,
     LEADERBOARD_COLUMNS,
@@ -36,13 +43,17 @@ class WandbLogger:
 
     ONLINE_TIMEOUT_S = 20
 
-    def __init__(self, spec: WandbSpec, sweep: str, state: State, fingerprint: str = "") -> None:
-        self.spec, self.sweep, self.state, self.fingerprint = spec, sweep, state, fingerprint
+    def __init__(
+        self, spec: WandbSpec, sweep: str, state: State, fingerprint: str = "", data: DataSpec | None = None
+    ) -> None:
+        self.spec, self.sweep, self.state, self.fingerprint, self.data = spec, sweep, state, fingerprint, data
         self.mode = spec.mode
         self.runs: dict[str, Any] = {}  # trial id -> its open run
         self.steps: dict[str, int] = {}
         self.sweep_run: Any = None
         os.environ.setdefault("WANDB_SILENT", "true")
+        # Artifacts' files are staged here until `wandb sync` uploads them: in the state dir, not ~/.local.
+        os.environ.setdefault("WANDB_DATA_DIR", str(state.wandb / "data"))
         state.wandb.mkdir(parents=True, exist_ok=True)
 
     def trial_started(self, trial: Trial) -> None:
@@ -51,7 +62,17 @@ class WandbLogger:
         run = self._init(job_type=trial.kind, name=trial.id, config=trial_config(trial, self.fingerprint))
         run.define_metric(STEP)
         run.define_metric("*", step_metric=STEP)
+        if self.data is not None:
+            self._use(run, wandb_artifact(self.sweep, self.data, self.fingerprint))
         self.runs[trial.id] = run
+
+    def _use(self, run: Any, artifact: Any) -> None:
+        """The run's input. Offline, `use_artifact` refuses; what it does for a new artifact online
+        (log it, marked to be used once committed) is then done directly, and `wandb sync` replays it."""
+        if self.mode == "online":
+            run.use_artifact(artifact)
+        else:
+            run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
 
     def trial_events(self, trial: Trial, events: list[TrialEvent]) -> None:
         self.trial_started(trial)
@@ -76,8 +97,40 @@ class WandbLogger:
                     *(json.dumps(p[k], ensure_ascii=False) for k in ("inputs", "prediction", "gold")), p["score"]
                 )
             run.log({"val_predictions": table})
+        if result.program:
+            run.log_artifact(self._program_artifact(record, result.program), aliases=[trial.id])
         run.finish(exit_code=0 if record.status in ENDED_WELL else 1)
         return None
+
+    def promoted(self, record: TrialRecord, alias: str, version: str) -> None:
+        """The champion's program artifact, logged again (same files, so the same version) with `alias`."""
+        if self.sweep_run is None:
+            self.sweep_run = self._init(job_type="sweep", name=f"{self.sweep}-sweep")
+        program = Path(record.program_path).read_text() if record.program_path else ""
+        artifact = self._program_artifact(record, program)
+        artifact.metadata.update({"registered_version": version})
+        self.sweep_run.log_artifact(artifact, aliases=[alias, record.trial_id])
+
+    def _program_artifact(self, record: TrialRecord, program: str) -> Any:
+        """A trial's compiled program (DSPy JSON state) and what it is, as a `dspy-program` artifact."""
+        import wandb
+
+        about = {
+            "trial_id": record.trial_id,
+            "optimizer": record.kind,
+            "student": record.student_model or record.student,
+            "teacher": record.teacher_model or record.teacher or "",
+            "val_score": record.val_score,
+            "test_score": record.test_score,
+            "data_fingerprint": record.data_fingerprint,
+            **simulation_flags(record),
+        }
+        artifact = wandb.Artifact(f"{self.sweep}-program", type="dspy-program", metadata=dict(about))
+        with artifact.new_file("program.json") as f:
+            f.write(program)
+        with artifact.new_file("about.json") as f:
+            f.write(json.dumps(about, indent=2, sort_keys=True))
+        return artifact
 
     def log_sweep(self, records: list[TrialRecord]) -> None:
         """The sweep run's leaderboard and Pareto plot, logged again (a new history row) as each trial ends."""
