@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from dspy_sweeps.errors import BudgetSpent
 from dspy_sweeps.spec.schema import ModelSpec
 
 
@@ -90,10 +91,6 @@ class GatewayEngine:
 
     def close(self) -> None:
         pass
-
-
-class BudgetSpent(Exception):
-    """The sweep's budget is spent: not retried, and the trial is marked as cut short."""
 
 
 def lm_error(cause: BaseException | None) -> Exception:

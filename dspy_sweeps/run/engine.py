@@ -25,6 +25,7 @@ from dspy_sweeps.lm.checks import check_endpoints, is_simulated, served_models
 from dspy_sweeps.lm.served import served_students
 from dspy_sweeps.run.events import TrialEvent
 from dspy_sweeps.run.pruning import SweepStudy
+from dspy_sweeps.run.spend import PROMOTION, SpendLog, remaining
 from dspy_sweeps.run.trial import TrialResult
 from dspy_sweeps.spec.imports import restore_program
 from dspy_sweeps.spec.plan import Trial
@@ -76,11 +77,36 @@ def run_sweep(
             endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
             simulated = {k: is_simulated(s, resolved[k]) for k, s in specs.items()}
             trackers = opening.result()
-            records = _run_trials(prepared, state, endpoints, trackers, console, resume, hosts, simulated)
-            records += _ensemble(prepared, state, endpoints, trackers, records, console, simulated)
-            decision = _promote(prepared, records, trackers, state, resolved) if sweep.promote else None
+            # One gateway and one budget for every LM call of the sweep: trials, the Ensemble, promotion's
+            # re-scoring, and the runs before a --resume (what they spent is in the spend log).
+            from dspy_sweeps.run import runner
+
+            spend = SpendLog(state.spend(sweep.name))
+            budget = remaining(sweep.budget, spend.start(resume))
+            gateway = runner.start_gateway(list({e.id: e for e in endpoints.values()}.values()), state.cache, budget)
+            gw = SweepGateway(gateway, {key: e.id for key, e in endpoints.items()}, spend)
+            records = _run_trials(prepared, state, gw, trackers, console, resume, hosts, simulated)
+            records += _ensemble(prepared, state, gw, trackers, records, console, simulated)
+            decision = _promote(prepared, records, trackers, state, gw) if sweep.promote else None
             trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")
     return SweepOutcome(records, decision)
+
+
+@dataclass(frozen=True)
+class SweepGateway:
+    """The sweep's gateway as the driver passes it on: its handle, the endpoint id of each model
+    (by spec JSON), and the log each trial's spend is added to as it ends."""
+
+    handle: Any
+    endpoint_ids: dict[str, str]
+    spend: SpendLog
+
+    def chain(self, spec: ModelSpec) -> tuple[str, ...]:
+        """The gateway endpoints of a model and its fallbacks, in order."""
+        return tuple(self.endpoint_ids[s.model_dump_json()] for s in (spec, *spec.fallbacks))
+
+    def log(self, trial_id: str, calls: int, usd: float) -> None:
+        self.spend.add(trial_id, calls, usd)
 
 
 @contextlib.contextmanager
@@ -89,7 +115,7 @@ def _ray(sweep: Sweep, state: State, address: str | None) -> Iterator[None]:
 
     runner.start_ray(address, Path.cwd())
     try:
-        check_tracking_for_cluster(tracking_uri(sweep.tracking.mlflow, state))
+        check_tracking_for_cluster(tracking_uri(sweep.tracking.mlflow, state), runner.alive_nodes())
         yield
     finally:
         runner.stop_ray()
@@ -141,18 +167,16 @@ def _check_served(sweep: Sweep, resolved: dict[str, ModelSpec]) -> None:
 def _run_trials(
     prepared: Prepared,
     state: State,
-    endpoints: dict[str, Any],
+    gateway: SweepGateway,
     trackers: Trackers,
     console: Console,
     resume: bool,
     hosts: HostPool,
     simulated: dict[str, bool],
 ) -> list[TrialRecord]:
-    """Every trial on the trial hosts, all LM calls through one gateway; each record is saved and
-    tracked as it lands. `simulated` says, by spec, which models answer from the simulator (their
-    records say so)."""
-    from dspy_sweeps.lm.gateway import Budget
-    from dspy_sweeps.run import runner
+    """Every trial on the trial hosts, all LM calls through the sweep's gateway; each record is saved,
+    its spend logged and tracked as it lands. `simulated` says, by spec, which models answer from
+    the simulator (their records say so)."""
     from dspy_sweeps.run.hosts import Outcome
     from dspy_sweeps.run.worker import TrialContext
 
@@ -169,10 +193,7 @@ def _run_trials(
             trials[trial.id] = trial
             yield trial
 
-    budget = Budget(sweep.budget.max_lm_calls, sweep.budget.max_usd)
-    gateway = runner.start_gateway(list({e.id: e for e in endpoints.values()}.values()), state.cache, budget)
-    endpoint_ids = {key: e.id for key, e in endpoints.items()}
-    ctx = TrialContext(sweep.name, prepared.data, gateway, endpoint_ids, str(state.root))
+    ctx = TrialContext(sweep.name, prepared.data, gateway.handle, gateway.endpoint_ids, str(state.root))
     total = len(done) + (study.remaining() if study else len(prepared.trials) - len(done))
     board = RunningTrials(total, done=len(records))
     with LiveProgress(board, console) as progress, progress_lines(board, progress.console):
@@ -198,6 +219,7 @@ def _run_trials(
             program_path = _save_program(state, sweep.name, trial.id, result)
             record = TrialRecord.of(sweep.name, trial, result, program_path, prepared.data.fingerprint, simulated)
             records.append(record)
+            gateway.log(trial.id, record.lm_calls, record.cost_usd)
             board.finish(trial.id)
             write_records(state.results(sweep.name), records)  # saved before tracking, which may fail
             try:
@@ -237,7 +259,7 @@ def _trial_id(trial: Trial) -> str:
 def _ensemble(
     prepared: Prepared,
     state: State,
-    endpoints: dict[str, Any],
+    gateway: SweepGateway,
     trackers: Trackers,
     records: list,
     console: Console,
@@ -250,7 +272,8 @@ def _ensemble(
     if planned is None:
         return []
     trial, members = planned
-    result = run_ensemble(prepared, trial, members, sum(r.lm_calls for r in records), endpoints, state)
+    result = run_ensemble(prepared, trial, members, gateway.handle, gateway.chain)
+    gateway.log(trial.id, result.lm_calls, result.cost_usd)
     path = _save_program(state, prepared.sweep.name, trial.id, result)
     record = TrialRecord.of(prepared.sweep.name, trial, result, path, prepared.data.fingerprint, simulated)
     write_records(state.results(prepared.sweep.name), [*records, record])
@@ -293,7 +316,7 @@ def _save_program(state: State, sweep: str, trial_id: str, result: TrialResult) 
 
 
 def _promote(
-    prepared: Prepared, records: list[TrialRecord], trackers: Trackers, state: State, resolved: dict[str, ModelSpec]
+    prepared: Prepared, records: list[TrialRecord], trackers: Trackers, state: State, gateway: SweepGateway
 ) -> Decision:
     sweep = prepared.sweep
     winner = best(records)
@@ -301,23 +324,35 @@ def _promote(
         return Decision(False, "no trial finished, so there is nothing to promote")
     program = restore_program(sweep.program, Path(winner.program_path).read_text())
     # The winner's own student, by name (a record resumed from before names were kept holds the model string).
-    student = resolved[next(s for s in sweep.students if winner.student in (s.name, s.model)).model_dump_json()]
+    student = next(s for s in sweep.students if winner.student in (s.name, s.model))
 
     def rescore(program_json: str) -> list[float | None]:
-        from dspy_sweeps.lm.build import build_embedder, build_lm
+        """The champion's scores on this sweep's test split, its LM calls through the sweep's gateway."""
+        from dspy_sweeps.lm.engine import build_gateway_embedder, build_gateway_lm
         from dspy_sweeps.run.trial import evaluate, to_examples
         from dspy_sweeps.spec.imports import load_object
 
-        embedder = build_embedder(resolved[sweep.embedder.model_dump_json()]) if sweep.embedder else None
+        embedder = None
+        if sweep.embedder is not None:
+            embedder = build_gateway_embedder(
+                sweep.embedder, gateway.handle, gateway.chain(sweep.embedder)[0], PROMOTION
+            )
         champion = restore_program(sweep.program, program_json, embedder)
-        champion.set_lm(build_lm(student))
+        champion.set_lm(build_gateway_lm(student, gateway.handle, gateway.chain(student), PROMOTION))
         metric = load_object(sweep.metric, "metric")
         return evaluate(
             champion, to_examples(prepared.data.test, prepared.data.inputs), metric, sweep.num_threads
         ).scores
 
     uri = tracking_uri(sweep.tracking.mlflow, state)
-    return promote(sweep.promote, winner, winner.mlflow_run_id, program, uri, rescore)
+    try:
+        return promote(sweep.promote, winner, winner.mlflow_run_id, program, uri, rescore)
+    finally:
+        import ray
+
+        stats = ray.get(gateway.handle.trial_stats.remote(PROMOTION))
+        if stats.requested:
+            gateway.log(PROMOTION, stats.sent, stats.cost_usd)
 
 
 def _answer_key(prepared: Prepared, state: State) -> Path | None:

@@ -19,6 +19,8 @@ def start_ray(address: str | None, project_dir: Path) -> None:
         return
     pythonpath = os.pathsep.join(p for p in (str(project_dir), os.environ.get("PYTHONPATH")) if p)
     env_vars = {"PYTHONPATH": pythonpath}
+    if "DSPY_CACHEDIR" in os.environ:  # set by `sweep run`: DSPy's own cache stays in the state directory
+        env_vars["DSPY_CACHEDIR"] = os.environ["DSPY_CACHEDIR"]
     joining = address is not None or "RAY_ADDRESS" in os.environ
     if not joining:
         # A local Ray's workers inherit this process's environment; a runtime_env would route every
@@ -60,6 +62,11 @@ def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any) -> Any:
     actor = ray.remote(num_cpus=0, max_concurrency=100_000, max_restarts=-1)(holding_secrets(GatewayCore))
     # worker_secrets(): a submitted job's LM keys, by object reference (see jobs.py)
     return actor.remote(worker_secrets(), endpoints, str(cache_dir), budget)
+
+
+def alive_nodes() -> int:
+    """How many nodes of the cluster this driver joined are alive."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def stop_ray() -> None:
