@@ -1,6 +1,6 @@
 # make demo   set up (idempotent) and run the offline demo sweep end to end
 # make test   set up and run the whole test suite (what CI runs, after make lint)
-# make lint   ruff check and ruff format --check
+# make lint   ruff check, ruff format --check, and the layer contracts (lint-imports, pyproject.toml)
 # make bench  CLI start-up, the demo's wall time and throughput (issue 4) into BENCHMARKS.md:
 #             about 25 minutes on 2 quiet cores; BENCH_QUICK=1 make bench checks the bench itself (~9)
 # make reliability  repeat the fault, bad-input and security tests into RELIABILITY.md
@@ -42,6 +42,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache --no-logo
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -1,5 +1,6 @@
-"""The one exception type for bad input (the CLI prints it as one line and exits 2), and the
-one-line form of another library's error that goes into such a message."""
+"""The one exception type for bad input (the CLI prints it as one line and exits 2), the one-line
+form of another library's error that goes into such a message, and `BudgetSpent`, which the
+gateway's engine raises and the trial recognises without knowing the gateway."""
 
 import re
 
@@ -9,6 +10,10 @@ class SweepError(Exception):
 
     The message is complete on its own and names the file, field or row at fault.
     """
+
+
+class BudgetSpent(Exception):
+    """The sweep's budget is spent: not retried, and the trial is marked as cut short."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -27,6 +27,15 @@ class State:
     def trial_dir(self, sweep: str, trial_id: str) -> Path:
         return self.root / "trials" / sweep / trial_id
 
+    def spend(self, sweep: str) -> Path:
+        """The sweep's LM spend across its runs (run/spend.py)."""
+        return self.root / "spend" / f"{sweep}.jsonl"
+
+    @property
+    def dspy_cache(self) -> Path:
+        """DSPy's own disk cache (`DSPY_CACHEDIR`): kept here, never in the home directory."""
+        return self.root / "dspy_cache"
+
     @property
     def cache(self) -> Path:
         return self.root / "cache"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -109,11 +110,14 @@ def run(
     # traceback over the one-line error the sweep gives: Python's logging then drops it silently.
     logging.raiseExceptions = False
     console = _console()
+    state = State.at(state_dir)
+    # DSPy's own disk cache (a library's LM built outside the gateway would use it) stays in the state
+    # directory: set before DSPy is first imported, and inherited by the trial hosts (run/runner.py).
+    os.environ["DSPY_CACHEDIR"] = str(state.dspy_cache)
     prepared = _prepare(sweep_file, [*(set_ or []), *([f"storage={storage}"] if storage else [])])
     console.print(
         f"[bold]{prepared.sweep.name}[/]: {len(prepared.trials)} trials, about {prepared.estimated_calls:,} LM calls"
     )
-    state = State.at(state_dir)
     results = state.results(prepared.sweep.name)
     try:
         outcome = run_sweep(prepared, state, address, console, resume=resume)

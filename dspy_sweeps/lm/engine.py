@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dspy_sweeps.errors import BudgetSpent
 from dspy_sweeps.spec.schema import ModelSpec
 
 
@@ -82,10 +83,6 @@ def _report_failure() -> None:
     tracker = getattr(dspy.settings, "usage_tracker", None)
     if hasattr(tracker, "add_failure"):
         tracker.add_failure()
-
-
-class BudgetSpent(Exception):
-    """The sweep's budget is spent: not retried, and the trial is marked as cut short."""
 
 
 def lm_error(cause: BaseException | None) -> Exception:

@@ -25,6 +25,7 @@ from dspy_sweeps.lm.checks import check_endpoints, is_simulated, one_listing_per
 from dspy_sweeps.lm.served import served_students
 from dspy_sweeps.run.events import TrialEvent
 from dspy_sweeps.run.pruning import SweepStudy
+from dspy_sweeps.run.spend import PROMOTION, SpendLog, remaining
 from dspy_sweeps.run.trial import TrialResult
 from dspy_sweeps.spec.imports import restore_program
 from dspy_sweeps.spec.plan import Trial
@@ -38,6 +39,7 @@ from dspy_sweeps.track.tracking import Trackers
 from dspy_sweeps.track.uri import check_mlflow_server, check_tracking_for_cluster, tracking_uri
 
 if TYPE_CHECKING:
+    from dspy_sweeps.lm.gateway import Budget
     from dspy_sweeps.run.hosts import HostPool
 
 
@@ -84,13 +86,35 @@ def run_sweep(
             endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
             simulated = {k: is_simulated(s, resolved[k]) for k, s in specs.items()}
             trackers = opening.result()
-            records = _run_trials(prepared, state, endpoints, trackers, console, resume, hosts, simulated)
-            records += _ensemble(prepared, state, endpoints, trackers, records, console, simulated)
-            decision = _promote(prepared, records, trackers, state, resolved) if sweep.promote else None
+            # One gateway and one budget for every LM call of the sweep: trials, the Ensemble, promotion's
+            # re-scoring, and the runs before a --resume (what they spent is in the spend log).
+            spend = SpendLog(state.spend(sweep.name))
+            gateway = _start_gateway(prepared, state, endpoints, remaining(sweep.budget, spend.start(resume)))
+            gw = SweepGateway(gateway, {key: e.id for key, e in endpoints.items()}, spend)
+            records = _run_trials(prepared, state, gw, trackers, console, resume, hosts, simulated)
+            records += _ensemble(prepared, state, gw, trackers, records, console, simulated)
+            decision = _promote(prepared, records, trackers, state, gw) if sweep.promote else None
             if decision is not None:
                 trackers.promoted(decision, best(records))
             trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")
     return SweepOutcome(records, decision)
+
+
+@dataclass(frozen=True)
+class SweepGateway:
+    """The sweep's gateway as the driver passes it on: its handle, the endpoint id of each model
+    (by spec JSON), and the log each trial's spend is added to as it ends."""
+
+    handle: Any
+    endpoint_ids: dict[str, str]
+    spend: SpendLog
+
+    def chain(self, spec: ModelSpec) -> tuple[str, ...]:
+        """The gateway endpoints of a model and its fallbacks, in order."""
+        return tuple(self.endpoint_ids[s.model_dump_json()] for s in (spec, *spec.fallbacks))
+
+    def log(self, trial_id: str, calls: int, usd: float) -> None:
+        self.spend.add(trial_id, calls, usd)
 
 
 @contextlib.contextmanager
@@ -100,7 +124,7 @@ def _ray(sweep: Sweep, state: State, address: str | None) -> Iterator[None]:
 
     runner.start_ray(address, Path.cwd(), code_packages(sweep))
     try:
-        check_tracking_for_cluster(tracking_uri(sweep.tracking.mlflow, state))
+        check_tracking_for_cluster(tracking_uri(sweep.tracking.mlflow, state), runner.alive_nodes())
         check_storage_for_cluster(sweep.storage is not None, storage_uri(sweep, state))
         yield
     finally:
@@ -153,16 +177,16 @@ def _check_served(sweep: Sweep, resolved: dict[str, ModelSpec]) -> None:
 def _run_trials(
     prepared: Prepared,
     state: State,
-    endpoints: dict[str, Any],
+    gateway: SweepGateway,
     trackers: Trackers,
     console: Console,
     resume: bool,
     hosts: HostPool,
     simulated: dict[str, bool],
 ) -> list[TrialRecord]:
-    """Every trial on the trial hosts, all LM calls through the sweep's gateway; each record is saved
-    and tracked as it lands (off the driver's loop, see `TrialEnds`). `simulated` says, by spec,
-    which models answer from the simulator (their records say so)."""
+    """Every trial on the trial hosts, all LM calls through the sweep's gateway; each record is saved,
+    its spend logged and tracked as it lands (off the driver's loop, see `TrialEnds`). `simulated`
+    says, by spec, which models answer from the simulator (their records say so)."""
     from dspy_sweeps.run.storage import clear_sweep
     from dspy_sweeps.run.worker import TrialContext
 
@@ -170,11 +194,10 @@ def _run_trials(
     kept = _finished(state, prepared) if resume else []
     results = {r.trial_id: (r.status, r.val_score) for r in kept}
     study = SweepStudy.open(prepared, state, resume, results) if sweep.search or sweep.prune else None
-    gateway = _start_gateway(prepared, state, endpoints)
     storage = storage_uri(sweep, state)
     if not resume:  # a fresh run inherits no trial's checkpoints; --resume carries them on
         clear_sweep(storage, sweep.name)
-    ctx = TrialContext(sweep.name, prepared.data, gateway, {k: e.id for k, e in endpoints.items()}, storage)
+    ctx = TrialContext(sweep.name, prepared.data, gateway.handle, gateway.endpoint_ids, storage)
     loop = TrialLoop(prepared, state, trackers, hosts, gateway, study, simulated, kept)
     with LiveProgress(loop.board, console) as progress, progress_lines(loop.board, progress.console):
         loop.show(progress)
@@ -194,15 +217,13 @@ def _run_trials(
         return loop.ends.close()
 
 
-def _start_gateway(prepared: Prepared, state: State, endpoints: dict[str, Any]) -> Any:
+def _start_gateway(prepared: Prepared, state: State, endpoints: dict[str, Any], budget: Budget) -> Any:
     """The sweep's gateway shards, as many as `gateway.shards` says or the sweep's size needs."""
-    from dspy_sweeps.lm.gateway import Budget
     from dspy_sweeps.run import runner
 
     sweep, total = prepared.sweep, len(prepared.trials)
     distinct = list({e.id: e for e in endpoints.values()}.values())
     shards = runner.gateway_shards(sweep.gateway.shards, min(sweep.parallelism or total, total), len(distinct))
-    budget = Budget(sweep.budget.max_lm_calls, sweep.budget.max_usd)
     return runner.start_gateway(distinct, state.cache, budget, shards)
 
 
@@ -216,7 +237,7 @@ class TrialLoop:
         state: State,
         trackers: Trackers,
         hosts: HostPool,
-        gateway: Any,
+        gateway: SweepGateway,
         study: SweepStudy | None,
         simulated: dict[str, bool],
         kept: list[TrialRecord],
@@ -263,13 +284,14 @@ class TrialLoop:
             self.study.trial_finished(trial.id, result)
         path = _save_program(self.state, sweep.name, trial.id, result)
         record = TrialRecord.of(sweep.name, trial, result, path, self.prepared.data.fingerprint, self.simulated)
+        self.gateway.log(trial.id, record.lm_calls, record.cost_usd)
         self.ends.put(trial, record, result)
         self.board.finish(trial.id)
         self.progress.advance(self.task)
         self.progress.console.print(f"  {trial.id}  val {_status(record)}")
         if record.reason == "auth":  # a refused key fails every trial that uses it: stop now
             raise SweepError(f"{record.error}; sweep stopped (finished trials are kept: fix the key, then --resume)")
-        if record.status != "ok" and (dead := self.gateway.dead_shard()) is not None:
+        if record.status != "ok" and (dead := self.gateway.handle.dead_shard()) is not None:
             raise SweepError(
                 f"the LM gateway's shard {dead} died, and with it the sweep's counts and budget; sweep stopped "
                 "(finished trials are kept: --resume)"
@@ -375,7 +397,7 @@ def storage_uri(sweep: Sweep, state: State) -> str:
 def _ensemble(
     prepared: Prepared,
     state: State,
-    endpoints: dict[str, Any],
+    gateway: SweepGateway,
     trackers: Trackers,
     records: list,
     console: Console,
@@ -388,7 +410,8 @@ def _ensemble(
     if planned is None:
         return []
     trial, members = planned
-    result = run_ensemble(prepared, trial, members, sum(r.lm_calls for r in records), endpoints, state)
+    result = run_ensemble(prepared, trial, members, gateway.handle, gateway.chain)
+    gateway.log(trial.id, result.lm_calls, result.cost_usd)
     path = _save_program(state, prepared.sweep.name, trial.id, result)
     record = TrialRecord.of(prepared.sweep.name, trial, result, path, prepared.data.fingerprint, simulated)
     write_records(state.results(prepared.sweep.name), [*records, record])
@@ -431,7 +454,7 @@ def _save_program(state: State, sweep: str, trial_id: str, result: TrialResult) 
 
 
 def _promote(
-    prepared: Prepared, records: list[TrialRecord], trackers: Trackers, state: State, resolved: dict[str, ModelSpec]
+    prepared: Prepared, records: list[TrialRecord], trackers: Trackers, state: State, gateway: SweepGateway
 ) -> Decision:
     sweep = prepared.sweep
     winner = best(records)
@@ -439,23 +462,33 @@ def _promote(
         return Decision(False, "no trial finished, so there is nothing to promote")
     program = restore_program(sweep.program, Path(winner.program_path).read_text())
     # The winner's own student, by name (a record resumed from before names were kept holds the model string).
-    student = resolved[next(s for s in sweep.students if winner.student in (s.name, s.model)).model_dump_json()]
+    student = next(s for s in sweep.students if winner.student in (s.name, s.model))
 
     def rescore(program_json: str) -> list[float | None]:
-        from dspy_sweeps.lm.build import build_embedder, build_lm
+        """The champion's scores on this sweep's test split, its LM calls through the sweep's gateway."""
+        from dspy_sweeps.lm.engine import build_gateway_embedder, build_gateway_lm
         from dspy_sweeps.run.trial import evaluate, to_examples
         from dspy_sweeps.spec.imports import load_object
 
-        embedder = build_embedder(resolved[sweep.embedder.model_dump_json()]) if sweep.embedder else None
+        embedder = None
+        if sweep.embedder is not None:
+            embedder = build_gateway_embedder(
+                sweep.embedder, gateway.handle, gateway.chain(sweep.embedder)[0], PROMOTION
+            )
         champion = restore_program(sweep.program, program_json, embedder)
-        champion.set_lm(build_lm(student))
+        champion.set_lm(build_gateway_lm(student, gateway.handle, gateway.chain(student), PROMOTION))
         metric = load_object(sweep.metric, "metric")
         return evaluate(
             champion, to_examples(prepared.data.test, prepared.data.inputs), metric, sweep.num_threads
         ).scores
 
     uri = tracking_uri(sweep.tracking.mlflow, state)
-    return promote(sweep.promote, winner, winner.mlflow_run_id, program, uri, rescore)
+    try:
+        return promote(sweep.promote, winner, winner.mlflow_run_id, program, uri, rescore)
+    finally:
+        stats = gateway.handle.trial_stats(PROMOTION, done=True)
+        if stats.requested:
+            gateway.log(PROMOTION, stats.sent, stats.cost_usd)
 
 
 def _answer_key(prepared: Prepared, state: State) -> Path | None:

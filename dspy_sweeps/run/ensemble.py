@@ -1,10 +1,10 @@
 """The Ensemble trial: after the others, the `ensemble.top` best compiled programs combined by DSPy's Ensemble.
 
-`run_ensemble(prepared, records, endpoints, state)` picks the best finished programs (of the
-best trial's student, so the ensemble runs on one model), rebuilds them from their saved JSON
-states, combines them with `dspy.Ensemble(reduce_fn=dspy.majority)` and scores the result on
-val and test like any trial, with its LM calls through a gateway of its own (same cache, the
-sweep's remaining budget). The result is saved, tracked and promoted like any trial's; its
+`ensemble_trial(prepared, records)` picks the best finished programs (of the best trial's
+student, so the ensemble runs on one model); `run_ensemble(prepared, trial, members, gateway,
+chain)` rebuilds them from their saved JSON states, combines them with
+`dspy.Ensemble(reduce_fn=dspy.majority)` and scores the result on val and test like any trial,
+with its LM calls through the sweep's gateway (its cache, its one budget, its accounting). The result is saved, tracked and promoted like any trial's; its
 program is saved as its members' JSON states (spec/composite.py), never pickled.
 """
 
@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.run.trial import TrialResult
 from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.spec.preflight import Prepared
-from dspy_sweeps.state import State
+from dspy_sweeps.spec.schema import ModelSpec
 from dspy_sweeps.track.results import TrialRecord
 
 KIND = "ensemble"
@@ -58,27 +59,30 @@ def ensemble_trial(prepared: Prepared, records: list[TrialRecord]) -> tuple[Tria
 
 
 def run_ensemble(
-    prepared: Prepared, trial: Trial, members: list[TrialRecord], spent: int, endpoints: dict[str, Any], state: State
+    prepared: Prepared,
+    trial: Trial,
+    members: list[TrialRecord],
+    gateway: Any,
+    chain: Callable[[ModelSpec], tuple[str, ...]],
 ) -> TrialResult:
-    """Build the ensemble from its members' saved programs and score it; failures are its result, not the sweep's."""
-    from dspy_sweeps.lm.gateway import Budget
-    from dspy_sweeps.run import runner
+    """Build the ensemble from its members' saved programs and score it; failures are its result, not
+    the sweep's. `gateway` is the sweep's gateway actor, `chain` the gateway endpoints of a model."""
     from dspy_sweeps.run.worker import failed
 
-    sweep = prepared.sweep
-    limit = sweep.budget.max_lm_calls
-    budget = Budget(None if limit is None else max(limit - spent, 0), sweep.budget.max_usd)
-    gateway = runner.start_gateway(list({e.id: e for e in endpoints.values()}.values()), state.cache, budget)
     start = time.monotonic()
     try:
-        result = _score(prepared, trial, members, gateway, {k: e.id for k, e in endpoints.items()})
+        result = _score(prepared, trial, members, gateway, chain)
     except Exception as exc:
         result = failed(trial.id, exc, budget_spent=gateway.exhausted())
     return _accounted(result, gateway, trial.id, time.monotonic() - start)
 
 
 def _score(
-    prepared: Prepared, trial: Trial, members: list[TrialRecord], gateway: Any, endpoint_ids: dict[str, str]
+    prepared: Prepared,
+    trial: Trial,
+    members: list[TrialRecord],
+    gateway: Any,
+    chain: Callable[[ModelSpec], tuple[str, ...]],
 ) -> TrialResult:
     import json
 
@@ -89,12 +93,10 @@ def _score(
     from dspy_sweeps.spec.composite import EnsembleProgram
     from dspy_sweeps.spec.imports import load_object, restore_program
 
-    chain = tuple(endpoint_ids[s.model_dump_json()] for s in (trial.student, *trial.student.fallbacks))
-    student = build_gateway_lm(trial.student, gateway, chain, trial.id)
+    student = build_gateway_lm(trial.student, gateway, chain(trial.student), trial.id)
     embedder = None
     if trial.embedder is not None:
-        embedder_id = endpoint_ids[trial.embedder.model_dump_json()]
-        embedder = build_gateway_embedder(trial.embedder, gateway, embedder_id, trial.id)
+        embedder = build_gateway_embedder(trial.embedder, gateway, chain(trial.embedder)[0], trial.id)
     programs = [restore_program(trial.program, Path(m.program_path).read_text(), embedder) for m in members]
     program = EnsembleProgram(programs, trial.settings["reduce"])
     metric, data = load_object(trial.metric, "metric"), prepared.data

@@ -8,24 +8,11 @@ prunes a trial, the trial's next `report` raises `Pruned`, so it stops within on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
+from dspy_sweeps.records import TrialEvent
 
-@dataclass(frozen=True)
-class TrialEvent:
-    """One evaluation inside a running trial, with the trial's LM spend so far."""
-
-    trial_id: str
-    phase: str  # "compile" (the optimizer's, on the val split), "train", "minibatch", "val", "test"
-    step: int  # LM calls the trial has requested so far, bucketed so trials report at the same steps
-    score: float | None
-    best: float | None  # best score the trial has reached so far
-    calls: int
-    tokens: int
-    cost_usd: float
-    failed_calls: int
-    elapsed_s: float
+__all__ = ["VAL_PHASES", "NoEvents", "Pruned", "TrialEvent", "TrialEvents"]
 
 
 # The phases whose score is a score on the val split: only these move a trial's best so far.

@@ -1,4 +1,4 @@
-"""Records the LM calls of one evaluated example, for its trace (`run/traces.py`).
+"""Records the LM calls of one evaluated example, for its trace (`records.py`).
 
 Trial side only (DSPy, no MLflow: hosts never import a tracking library). `evaluate` runs the
 first `Trial.trace_examples` test examples each under an `ExampleRecorder` installed in that
@@ -15,7 +15,7 @@ from typing import Any
 
 from dspy.utils.callback import BaseCallback
 
-from dspy_sweeps.run.traces import LMCallRecord
+from dspy_sweeps.records import LMCallRecord
 
 
 class ExampleRecorder(BaseCallback):

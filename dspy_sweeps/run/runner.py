@@ -26,6 +26,8 @@ def start_ray(address: str | None, project_dir: Path, packages: Sequence[str] = 
         return
     pythonpath = os.pathsep.join(p for p in (str(project_dir), os.environ.get("PYTHONPATH")) if p)
     env_vars = {"PYTHONPATH": pythonpath}
+    if "DSPY_CACHEDIR" in os.environ:  # set by `sweep run`: DSPy's own cache stays in the state directory
+        env_vars["DSPY_CACHEDIR"] = os.environ["DSPY_CACHEDIR"]
     joining = address is not None or "RAY_ADDRESS" in os.environ
     if not joining:
         # A local Ray's workers inherit this process's environment; a runtime_env would route every
@@ -107,6 +109,11 @@ def gateway_shards(setting: int | None, running: int, endpoints: int) -> int:
         return setting
     need = max(1, -(-running // 250), -(-endpoints // 16))
     return min(need, os.cpu_count() or 1)
+
+
+def alive_nodes() -> int:
+    """How many nodes of the cluster this driver joined are alive."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def stop_ray() -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.data import Dataset
+from dspy_sweeps.records import ExampleTrace, TrialResult
 from dspy_sweeps.run.events import NoEvents, TrialEvents
 from dspy_sweeps.run.optimize import Supplies, compile_with
-from dspy_sweeps.run.traces import ExampleTrace
 from dspy_sweeps.spec.imports import build_program, load_object
 from dspy_sweeps.spec.kinds import BASELINE
 from dspy_sweeps.spec.plan import Trial
@@ -33,40 +33,6 @@ class TrialLMs:
     student: Any
     teacher: Any
     embedder: Any = None  # a dspy.Embedder on the sweep's embedder model, for kinds that take one
-
-
-@dataclass
-class TrialResult:
-    """What a trial produced; `program` is DSPy's JSON state of the compiled program."""
-
-    trial_id: str
-    status: str  # "ok" | "failed" | "cut" (stopped by the sweep's budget) | "pruned" (stopped by the pruner)
-    error: str | None = None
-    reason: str | None = None  # why it failed: "endpoint", "auth", "budget", "error"; or "pruned"
-    val_score: float | None = None
-    test_score: float | None = None
-    lm_calls: int = 0  # calls sent to an endpoint
-    calls_requested: int = 0
-    cache_hits: int = 0
-    merged_calls: int = 0
-    failed_calls: int = 0
-    failed_examples: int = 0  # examples not scored because their LM calls failed
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_s: float = 0.0
-    cost_usd: float = 0.0
-    duration_s: float = 0.0
-    attempts: int = 1  # more than 1: the trial was retried after its host died, or resumed
-    retries: int = 0  # LM calls resent after a 429, 5xx, timeout or lost connection
-    gave_up: int = 0  # LM calls whose retries on one model ran out
-    fell_back: int = 0  # LM calls passed on to a fallback model
-    calls_by_model: dict[str, int] = field(default_factory=dict)  # answered LM calls per model
-    program: str | None = None
-    predictions: list[dict[str, Any]] = field(default_factory=list)
-    # Per-example scores in split order (None: not scored), for the bootstrap intervals of track/gate.py.
-    val_scores: list[float | None] = field(default_factory=list)
-    test_scores: list[float | None] = field(default_factory=list)
-    test_traces: list[ExampleTrace] = field(default_factory=list)  # the first test examples, LM calls and all
 
 
 def run_trial(
@@ -181,7 +147,7 @@ def lm_call_errors() -> tuple[type[Exception], ...]:
     """Errors that mean the LM call failed, as opposed to the program or its answer."""
     from dspy.utils.exceptions import LMAuthError, LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError
 
-    from dspy_sweeps.lm.engine import BudgetSpent
+    from dspy_sweeps.errors import BudgetSpent
 
     return (LMTransportError, LMRateLimitError, LMTimeoutError, LMServerError, LMAuthError, BudgetSpent)
 
@@ -206,7 +172,7 @@ def evaluate(
 ) -> Evaluation:
     """Score `program` on `examples`. An example whose LM call failed is not a wrong answer: it
     is counted apart, and past `max_failed` of them the trial fails with reason "endpoint".
-    The first `trace` examples are recorded with their LM calls (`run/traces.py`)."""
+    The first `trace` examples are recorded with their LM calls (`records.py`)."""
     import dspy
     from dspy.utils.exceptions import AdapterParseError
     from dspy.utils.parallelizer import ParallelExecutor

@@ -1,6 +1,6 @@
 """The HTTP service: a FastAPI app generated from the served program's signature.
 
-    POST /predict   input fields -> output fields, the served version, the LM calls it took
+    POST /predict   input fields -> output fields, the served version, the replica that answered, the LM calls it took
     GET  /health    the process is up
     GET  /ready     a program is loaded and its student endpoint answers
     GET  /metrics   Prometheus text (prometheus_client)
@@ -126,7 +126,12 @@ class MetricsMiddleware:
             self.metrics.request(route, status[0], time.perf_counter() - start)
 
 
-def create_app(service: Service) -> Any:
+def create_app(service: Service, replica: str | None = None) -> Any:
+    """The service's FastAPI app; `replica` names the process that answers (each answer and /ready
+    say it): Ray Serve's replica id under `--ray`, else host:pid."""
+    import os
+    import socket
+
     import anyio
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
@@ -141,11 +146,13 @@ def create_app(service: Service) -> Any:
         "PredictResponse",
         outputs=(outputs_model, ...),
         version=(str, ...),
+        replica=(str, ...),
         lm_calls=(int, ...),
         prompt_tokens=(int, ...),
         completion_tokens=(int, ...),
         cost_usd=(float, ...),
     )
+    replica = replica or f"{socket.gethostname()}:{os.getpid()}"
     limiter = anyio.CapacityLimiter(service.config.concurrency)
     metrics = service.metrics
     app = FastAPI(
@@ -175,7 +182,7 @@ def create_app(service: Service) -> Any:
         finally:
             metrics.in_flight.dec()
         metrics.answered(served.version, answer.usage)
-        return {"outputs": answer.outputs, "version": served.version, **answer.usage.__dict__}
+        return {"outputs": answer.outputs, "version": served.version, "replica": replica, **answer.usage.__dict__}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -185,7 +192,7 @@ def create_app(service: Service) -> Any:
     async def ready() -> Any:
         served = service.current
         problem = await anyio.to_thread.run_sync(endpoint_problem, served)
-        body = {"ready": problem is None, "model": served.name, "version": served.version}
+        body = {"ready": problem is None, "model": served.name, "version": served.version, "replica": replica}
         return JSONResponse({**body, "reason": problem}, status_code=503) if problem else body
 
     @app.get("/metrics")

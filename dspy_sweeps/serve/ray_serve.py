@@ -56,7 +56,7 @@ def application(config: ServiceConfig, replicas: Replicas | None = None) -> Any:
         def __serve_build_asgi_app__(self) -> Any:
             from dspy_sweeps.serve.app import create_app
 
-            return create_app(self.service)
+            return create_app(self.service, serve.get_replica_context().replica_id.unique_id)
 
     options = {"name": DEPLOYMENT, "max_ongoing_requests": config.concurrency, **(replicas or Replicas()).options()}
     return serve.deployment(ProgramService).options(**options).bind(config.model_dump())

@@ -311,13 +311,23 @@ def _gepa_calls(settings: dict[str, Any], s: Sizes) -> int:
     elif settings.get("max_full_evals"):
         metric_calls = settings["max_full_evals"] * (s.train + s.val)
     else:
-        import dspy
-
         n = AUTO_RUN_SETTINGS[settings.get("auto", "light")]["n"]
-        # GEPA's own budget rule; it reads only its arguments, so no GEPA (and no LM) is built.
-        metric_calls = dspy.GEPA.auto_budget(None, num_preds=s.predictors, num_candidates=n, valset_size=s.val)
+        metric_calls = gepa_auto_budget(num_preds=s.predictors, num_candidates=n, valset_size=s.val)
     reflections = metric_calls // max(settings.get("reflection_minibatch_size", 3), 1) // 2
     return metric_calls * s.predictors + reflections
+
+
+def gepa_auto_budget(num_preds: int, num_candidates: int, valset_size: int) -> int:
+    """GEPA's own budget rule for `auto`, asked of a GEPA instance (its public method); building one
+    makes no LM call. AUTO_RUN_SETTINGS, which has no public form, is pinned by tests/unit/test_private_apis.py."""
+    import dspy
+
+    gepa = dspy.GEPA(metric=_no_metric, auto="light", reflection_lm=dspy.LM("openai/unused"))
+    return gepa.auto_budget(num_preds=num_preds, num_candidates=num_candidates, valset_size=valset_size)
+
+
+def _no_metric(gold: Any, pred: Any, trace: Any = None, pred_name: Any = None, pred_trace: Any = None) -> float:
+    return 0.0
 
 
 ESTIMATES: dict[str, Callable[[dict[str, Any], Sizes], int]] = {

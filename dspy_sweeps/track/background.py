@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from dspy_sweeps.run.events import TrialEvent
+from dspy_sweeps.records import TrialEvent
 from dspy_sweeps.spec.plan import Trial
 
 

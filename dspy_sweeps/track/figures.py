@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from dspy_sweeps.run.events import TrialEvent
+from dspy_sweeps.records import TrialEvent
 from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.track.pareto import pareto_front, ranked
 from dspy_sweeps.track.results import TrialRecord

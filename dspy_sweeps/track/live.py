@@ -21,7 +21,7 @@ from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dspy_sweeps.run.events import TrialEvent
+from dspy_sweeps.records import TrialEvent
 from dspy_sweeps.spec.plan import Trial
 
 MARK = "dspy-sweeps progress: "  # a progress line in a job's log starts with this

@@ -7,8 +7,7 @@ import json
 import time
 from typing import Any
 
-from dspy_sweeps.run.events import TrialEvent
-from dspy_sweeps.run.trial import TrialResult
+from dspy_sweeps.records import TrialEvent, TrialResult
 from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.spec.schema import MlflowSpec, Sweep
 from dspy_sweeps.state import State

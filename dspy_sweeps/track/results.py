@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dspy_sweeps.run.trial import TrialResult
+from dspy_sweeps.records import TrialResult
 from dspy_sweeps.spec.plan import Trial
 
 

@@ -1,4 +1,4 @@
-"""MLflow traces of a trial's test evaluation: one trace per recorded example (`run/traces.py`),
+"""MLflow traces of a trial's test evaluation: one trace per recorded example (`records.py`),
 a root span for the example (inputs, prediction, gold, score) and an LLM span per LM call
 (messages, answer, tokens, cost), linked to the trial's run and its LoggedModel.
 
@@ -14,7 +14,7 @@ import json
 import random
 from typing import Any
 
-from dspy_sweeps.run.traces import ExampleTrace, LMCallRecord
+from dspy_sweeps.records import ExampleTrace, LMCallRecord
 
 PREVIEW_CHARS = 1000
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from dspy_sweeps.run.events import TrialEvent
-from dspy_sweeps.run.trial import TrialResult
+from dspy_sweeps.records import TrialEvent, TrialResult
 from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.spec.schema import Sweep
 from dspy_sweeps.state import State

@@ -53,19 +53,17 @@ def is_local_tracking_uri(uri: str) -> bool:
     return scheme in ("sqlite", "file") or len(scheme) <= 1  # "" is a plain path, "c" a Windows drive
 
 
-def check_tracking_for_cluster(tracking_uri: str) -> None:
-    """Refuse a machine-local MLflow store when Ray has more than one alive node.
+def check_tracking_for_cluster(tracking_uri: str, alive_nodes: int) -> None:
+    """Refuse a machine-local MLflow store when the cluster has more than one alive node.
 
-    Call after Ray is initialised: the trials run on other nodes, and the job's driver
-    (which logs to MLflow) runs on a node whose disk the user never sees.
+    The engine calls it once Ray is up, with Ray's count of alive nodes (tracking knows no Ray):
+    the trials run on other nodes, and the job's driver (which logs to MLflow) runs on a node
+    whose disk the user never sees.
     """
     if not is_local_tracking_uri(tracking_uri):
         return
-    import ray
-
-    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
-    if alive > 1:
+    if alive_nodes > 1:
         raise SweepError(
             f"MLflow tracking URI {tracking_uri}: a sqlite:/// or file MLflow URI cannot be shared by a "
-            f"multi-node cluster ({alive} nodes); run an MLflow server (cluster/mlflow) and set MLFLOW_TRACKING_URI"
+            f"multi-node cluster ({alive_nodes} nodes); run an MLflow server (cluster/mlflow) and set MLFLOW_TRACKING_URI"
         )

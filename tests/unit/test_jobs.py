@@ -6,7 +6,6 @@ import json
 import os
 import stat
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -218,21 +217,22 @@ def test_which_tracking_uris_only_one_machine_can_use(uri: str, local: bool) -> 
     assert is_local_tracking_uri(uri) is local
 
 
-def fake_ray(monkeypatch: pytest.MonkeyPatch, alive: int, dead: int = 0) -> None:
-    nodes = [{"Alive": True}] * alive + [{"Alive": False}] * dead
-    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(nodes=lambda: nodes))
-
-
-def test_a_local_store_is_refused_on_more_than_one_alive_node(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_ray(monkeypatch, alive=2)
+def test_a_local_store_is_refused_on_more_than_one_alive_node() -> None:
     with pytest.raises(SweepError, match=r"cannot be shared by a multi-node cluster \(2 nodes\); run an MLflow server"):
-        check_tracking_for_cluster("sqlite:///.sweeps/mlflow.db")
-    check_tracking_for_cluster("http://mlflow:5000")
+        check_tracking_for_cluster("sqlite:///.sweeps/mlflow.db", alive_nodes=2)
+    check_tracking_for_cluster("http://mlflow:5000", alive_nodes=2)
 
 
-def test_a_local_store_is_fine_on_one_node(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_ray(monkeypatch, alive=1, dead=3)
-    check_tracking_for_cluster("sqlite:///.sweeps/mlflow.db")
+def test_a_local_store_is_fine_on_one_node() -> None:
+    check_tracking_for_cluster("sqlite:///.sweeps/mlflow.db", alive_nodes=1)
+
+
+def test_only_alive_nodes_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dspy_sweeps.run import runner
+
+    nodes = [{"Alive": True}] + [{"Alive": False}] * 3
+    monkeypatch.setattr(runner.ray, "nodes", lambda: nodes)
+    assert runner.alive_nodes() == 1
 
 
 def test_keys_in_the_projects_dotenv_travel_as_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

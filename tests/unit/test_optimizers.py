@@ -125,9 +125,9 @@ def test_baseline_estimate_is_scoring_val_and_test() -> None:
 @pytest.mark.parametrize("auto", ["light", "medium", "heavy"])
 @pytest.mark.parametrize(("val", "predictors"), [(10, 1), (50, 1), (50, 3), (200, 2)])
 def test_gepa_auto_estimate_covers_gepas_own_budget(auto: str, val: int, predictors: int) -> None:
-    budget = dspy.GEPA.auto_budget(
-        None, num_preds=predictors, num_candidates=GEPA_AUTO[auto]["n"], valset_size=val
-    )  # the metric-call budget GEPA itself sets for `auto`
+    gepa = dspy.GEPA(metric=lambda *args: 0.0, auto=auto, reflection_lm=dspy.LM("openai/unused"))
+    # the metric-call budget GEPA itself sets for `auto` (its compile calls this with these arguments)
+    budget = gepa.auto_budget(num_preds=predictors, num_candidates=GEPA_AUTO[auto]["n"], valset_size=val)
     estimate = estimate_calls("gepa", {"auto": auto}, (50, val, 20), predictors)
     # Each metric call runs the program once: one LM call per predictor.
     assert budget * predictors <= estimate < 2 * budget * predictors

@@ -1,0 +1,75 @@
+"""A sweep's LM spend across its runs, so one budget covers the whole sweep, `--resume` included.
+
+Every LM call of a sweep goes through its gateway, which counts it under a trial id: the trials,
+the Ensemble, promotion's re-scoring (`PROMOTION`). As each of them ends, the driver appends what
+the gateway counted for it to `spend/<sweep>.jsonl` in the state directory; a resumed run starts
+its gateway with the sweep's budget minus that sum, and a fresh run (no `--resume`) starts the log
+again. A trial still running when the driver was killed is not in the log; its answered calls are
+in the LM cache, so running it again does not pay for them twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+PROMOTION = "promotion"  # the gateway's trial id for promotion's re-scoring
+
+
+@dataclass(frozen=True)
+class Spent:
+    """LM calls sent to an endpoint (cache hits and merged calls cost nothing) and their dollars."""
+
+    calls: int = 0
+    usd: float = 0.0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of the log: what one trial (or the promotion) spent."""
+
+    id: str
+    calls: int
+    usd: float
+
+
+class SpendLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def start(self, resume: bool) -> Spent:
+        """What earlier runs of the sweep spent (nothing, and a new log, unless resuming)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self.path.unlink(missing_ok=True)
+        return self.total()
+
+    def add(self, entry_id: str, calls: int, usd: float) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(asdict(Entry(entry_id, calls, usd))) + "\n")
+
+    def total(self) -> Spent:
+        entries = self.entries()
+        return Spent(sum(e.calls for e in entries), sum(e.usd for e in entries))
+
+    def entries(self) -> list[Entry]:
+        if not self.path.is_file():
+            return []
+        entries = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entries.append(Entry(**json.loads(line)))
+            except (ValueError, TypeError):  # a line cut short by a killed driver
+                continue
+        return entries
+
+
+def remaining(budget: Any, spent: Spent) -> Any:
+    """The gateway's `Budget` for this run: the sweep's budget (spec/schema.py) less what it spent."""
+    from dspy_sweeps.lm.gateway import Budget
+
+    calls = None if budget.max_lm_calls is None else max(budget.max_lm_calls - spent.calls, 0)
+    usd = None if budget.max_usd is None else max(budget.max_usd - spent.usd, 0.0)
+    return Budget(calls, usd)
