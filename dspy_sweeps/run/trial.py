@@ -21,6 +21,7 @@ from typing import Any
 
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.run.events import NoEvents, TrialEvents
+from dspy_sweeps.run.formats import FormatCounts, format_adapter
 from dspy_sweeps.run.optimize import Supplies, compile_with
 from dspy_sweeps.spec.imports import build_program, load_object
 from dspy_sweeps.spec.kinds import BASELINE
@@ -50,6 +51,9 @@ class TrialResult:
     merged_calls: int = 0
     failed_calls: int = 0
     failed_examples: int = 0  # examples not scored because their LM calls failed
+    format_failures: int = 0  # answers no adapter could parse: the model's failures, scored as wrong
+    adapter_fallbacks: int = 0  # extra LM calls DSPy's JSON fallback made after a chat-format answer failed
+    teacher_retries: int = 0  # teacher calls resampled after a malformed answer (run/formats.py)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0
@@ -68,8 +72,15 @@ class TrialResult:
 
 
 def run_trial(
-    trial: Trial, data: Dataset, lms: TrialLMs, workdir: Path, events: TrialEvents | None = None
+    trial: Trial,
+    data: Dataset,
+    lms: TrialLMs,
+    workdir: Path,
+    events: TrialEvents | None = None,
+    formats: FormatCounts | None = None,
 ) -> TrialResult:
+    """`formats` collects the trial's malformed answers (the caller keeps it, so a trial that raises
+    still has its counts); see run/formats.py."""
     import dspy
 
     from dspy_sweeps.run.progress import Candidate, Stopped, TrialProgress, TrialStream, state_of
@@ -84,7 +95,13 @@ def run_trial(
     hooks = {"callbacks": [progress], "usage_tracker": progress} if hooked else {}
     metric = load_object(trial.metric, "metric")
     trainset, valset, testset = (to_examples(rows, data.inputs) for rows in (data.train, data.val, data.test))
-    with dspy.context(lm=lms.student, **hooks):
+    formats = formats if formats is not None else FormatCounts()
+    adapter = format_adapter(formats, lms.teacher if lms.teacher is not lms.student else None)
+    # A malformed answer is an exception inside DSPy's evaluations: with DSPy's default limit (10 per
+    # evaluation) a small model's wrong format would cancel an optimizer's whole evaluation. Failed
+    # LM calls are bounded by the gateway's retries and the trial's own evaluation (`evaluate`).
+    max_errors = len(trainset) + len(valset) + len(testset) + 1
+    with dspy.context(lm=lms.student, adapter=adapter, max_errors=max_errors, **hooks):
         try:
             program = compile_program(
                 trial, build_program(trial.program), metric, lms, trainset, valset, workdir, progress.guard
@@ -103,12 +120,22 @@ def run_trial(
         val_score=val.score,
         test_score=test.score,
         failed_examples=val.failed + test.failed,
+        **format_fields(formats),
         duration_s=round(time.monotonic() - start, 3),
         program=state_of(program),
         predictions=val.records,
         val_scores=val.scores,
         test_scores=test.scores,
     )
+
+
+def format_fields(formats: FormatCounts) -> dict[str, int]:
+    """A trial result's format counts."""
+    return {
+        "format_failures": formats.failures,
+        "adapter_fallbacks": formats.fallback_calls,
+        "teacher_retries": formats.teacher_retries,
+    }
 
 
 def _pruned(trial: Trial, progress: Any, best: Any, start: float) -> TrialResult:
@@ -163,12 +190,29 @@ class EndpointFailure(Exception):
 
 
 def lm_call_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean the LM call failed, as opposed to the program or its answer."""
-    from dspy.utils.exceptions import LMAuthError, LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError
+    """Errors that mean the LM call failed, as opposed to the program or its answer. A request the
+    server refuses (HTTP 400, e.g. a prompt over a llama.cpp slot's context) is one: counted per
+    call, never retried (the gateway passes a 400 straight on)."""
+    from dspy.utils.exceptions import (
+        LMAuthError,
+        LMInvalidRequestError,
+        LMRateLimitError,
+        LMServerError,
+        LMTimeoutError,
+        LMTransportError,
+    )
 
     from dspy_sweeps.lm.engine import BudgetSpent
 
-    return (LMTransportError, LMRateLimitError, LMTimeoutError, LMServerError, LMAuthError, BudgetSpent)
+    return (
+        LMTransportError,
+        LMRateLimitError,
+        LMTimeoutError,
+        LMServerError,
+        LMAuthError,
+        LMInvalidRequestError,
+        BudgetSpent,
+    )
 
 
 @dataclass
