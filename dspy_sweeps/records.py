@@ -73,6 +73,9 @@ class TrialResult:
     merged_calls: int = 0
     failed_calls: int = 0
     failed_examples: int = 0  # examples not scored because their LM calls failed
+    format_failures: int = 0  # answers no adapter could parse: the model's failures, scored as wrong
+    adapter_fallbacks: int = 0  # extra LM calls DSPy's JSON fallback made after a chat-format answer failed
+    teacher_retries: int = 0  # teacher calls resampled after a malformed answer (run/formats.py)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0

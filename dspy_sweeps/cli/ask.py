@@ -1,6 +1,7 @@
 """`sweep ask`: load a registered program in this process and ask it one question.
 
-A simulated student gets a fresh simulator over the answer key its sweep wrote.
+A simulated student gets a fresh simulator over the answer key its sweep wrote; a student the
+sweep served on llama.cpp gets a fresh `llama-server` for the same GGUF file (`sweep serve` too).
 """
 
 from __future__ import annotations
@@ -39,7 +40,16 @@ def ask_program(
 @contextlib.contextmanager
 def student_endpoint(meta: dict[str, Any], state: State, api_base: str | None) -> Iterator[str | None]:
     """The student endpoint to call: `api_base` if given; for a simulated student without one, a fresh
-    simulator over its sweep's answer key, stopped on exit; otherwise None (the sweep's own spec)."""
+    simulator over its sweep's answer key, and for a student its sweep served on llama.cpp a fresh
+    llama-server, each stopped on exit; otherwise None (the sweep's own spec)."""
+    serve = meta["student"].get("serve") or {}
+    if not api_base and serve.get("engine") == "llama_cpp":
+        from dspy_sweeps.lm.served import local_server
+        from dspy_sweeps.spec.schema import ServeSpec
+
+        with local_server(ServeSpec(**serve), state.root / "serve" / meta["sweep"]) as base:
+            yield base
+        return
     if api_base or not meta["student"]["model"].startswith("sim/"):
         yield api_base
         return

@@ -95,6 +95,8 @@ def lm_error(cause: BaseException | None) -> Exception:
         return RuntimeError(f"LM gateway failed: {cause!r}")
     if cause.kind == "budget":
         return BudgetSpent(str(cause))
+    if cause.kind == "invalid" and "context" in str(cause).lower():  # llama.cpp: a prompt over its slot's -c
+        return lm15.ContextLengthError(str(cause), status=cause.status)
     classes = {
         "rate_limit": lm15.RateLimitError,
         "server": lm15.ServerError,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -483,12 +484,27 @@ def _promote(
         ).scores
 
     uri = tracking_uri(sweep.tracking.mlflow, state)
+    baseline = functools.partial(_baseline_scores, prepared, records, winner, rescore)
     try:
-        return promote(sweep.promote, winner, winner.mlflow_run_id, program, uri, rescore)
+        return promote(sweep.promote, winner, winner.mlflow_run_id, program, uri, rescore, baseline)
     finally:
         stats = gateway.handle.trial_stats(PROMOTION, done=True)
         if stats.requested:
             gateway.log(PROMOTION, stats.sent, stats.cost_usd)
+
+
+def _baseline_scores(prepared: Prepared, records: list[TrialRecord], winner: TrialRecord, rescore: Any) -> list:
+    """The winner's student uncompiled, per test example: its baseline trial's, else scored now (the
+    gate a first version must pass when there is no champion)."""
+    from dspy_sweeps.run.progress import state_of
+    from dspy_sweeps.spec.imports import build_program
+    from dspy_sweeps.spec.kinds import BASELINE
+
+    same = winner.student, "ok", winner.data_fingerprint
+    for r in records:
+        if r.kind == BASELINE and (r.student, r.status, r.data_fingerprint) == same and r.test_scores:
+            return list(r.test_scores)
+    return rescore(state_of(build_program(prepared.sweep.program)))
 
 
 def _answer_key(prepared: Prepared, state: State) -> Path | None:

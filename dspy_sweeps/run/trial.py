@@ -22,6 +22,7 @@ from typing import Any
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.records import ExampleTrace, TrialResult
 from dspy_sweeps.run.events import NoEvents, TrialEvents
+from dspy_sweeps.run.formats import FormatCounts, format_adapter
 from dspy_sweeps.run.optimize import Supplies, compile_with
 from dspy_sweeps.spec.imports import build_program, load_object
 from dspy_sweeps.spec.kinds import BASELINE
@@ -36,8 +37,15 @@ class TrialLMs:
 
 
 def run_trial(
-    trial: Trial, data: Dataset, lms: TrialLMs, workdir: Path, events: TrialEvents | None = None
+    trial: Trial,
+    data: Dataset,
+    lms: TrialLMs,
+    workdir: Path,
+    events: TrialEvents | None = None,
+    formats: FormatCounts | None = None,
 ) -> TrialResult:
+    """`formats` collects the trial's malformed answers (the caller keeps it, so a trial that raises
+    still has its counts); see run/formats.py."""
     import dspy
 
     from dspy_sweeps.run.progress import (
@@ -64,7 +72,13 @@ def run_trial(
         hook_evaluate()
     # DSPy's history is off: a host keeps up to 10,000 entries per LM and module otherwise, per trial.
     hooks = {"usage_tracker": progress, TRIAL_KEY: progress} if hooked else {}
-    with dspy.context(lm=lms.student, disable_history=True, **hooks):
+    formats = formats if formats is not None else FormatCounts()
+    adapter = format_adapter(formats, lms.teacher if lms.teacher is not lms.student else None)
+    # A malformed answer is an exception inside DSPy's evaluations: with DSPy's default limit (10 per
+    # evaluation) a small model's wrong format would cancel an optimizer's whole evaluation. Failed
+    # LM calls are bounded by the gateway's retries and the trial's own evaluation (`evaluate`).
+    max_errors = len(trainset) + len(valset) + len(testset) + 1
+    with dspy.context(lm=lms.student, adapter=adapter, max_errors=max_errors, disable_history=True, **hooks):
         try:
             program = compile_program(
                 trial, build_program(trial.program), metric, lms, trainset, valset, workdir, progress.guard
@@ -83,6 +97,7 @@ def run_trial(
         val_score=val.score,
         test_score=test.score,
         failed_examples=val.failed + test.failed,
+        **format_fields(formats),
         duration_s=round(time.monotonic() - start, 3),
         program=state_of(program),
         predictions=val.records,
@@ -90,6 +105,15 @@ def run_trial(
         test_scores=test.scores,
         test_traces=test.traces,
     )
+
+
+def format_fields(formats: FormatCounts) -> dict[str, int]:
+    """A trial result's format counts."""
+    return {
+        "format_failures": formats.failures,
+        "adapter_fallbacks": formats.fallback_calls,
+        "teacher_retries": formats.teacher_retries,
+    }
 
 
 def _pruned(trial: Trial, progress: Any, best: Any, start: float) -> TrialResult:
@@ -144,12 +168,29 @@ class EndpointFailure(Exception):
 
 
 def lm_call_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean the LM call failed, as opposed to the program or its answer."""
-    from dspy.utils.exceptions import LMAuthError, LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError
+    """Errors that mean the LM call failed, as opposed to the program or its answer. A request the
+    server refuses (HTTP 400, e.g. a prompt over a llama.cpp slot's context) is one: counted per
+    call, never retried (the gateway passes a 400 straight on)."""
+    from dspy.utils.exceptions import (
+        LMAuthError,
+        LMInvalidRequestError,
+        LMRateLimitError,
+        LMServerError,
+        LMTimeoutError,
+        LMTransportError,
+    )
 
     from dspy_sweeps.errors import BudgetSpent
 
-    return (LMTransportError, LMRateLimitError, LMTimeoutError, LMServerError, LMAuthError, BudgetSpent)
+    return (
+        LMTransportError,
+        LMRateLimitError,
+        LMTimeoutError,
+        LMServerError,
+        LMAuthError,
+        LMInvalidRequestError,
+        BudgetSpent,
+    )
 
 
 @dataclass

@@ -10,14 +10,16 @@ import dataclasses
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.lm.engine import build_gateway_embedder, build_gateway_lm
 from dspy_sweeps.run.events import Pruned
+from dspy_sweeps.run.formats import FormatCounts
 from dspy_sweeps.run.progress import TrialStream
 from dspy_sweeps.run.storage import TrialFolder, pushing
-from dspy_sweeps.run.trial import TrialLMs, TrialResult, run_trial
+from dspy_sweeps.run.trial import TrialLMs, TrialResult, format_fields, run_trial
 from dspy_sweeps.spec.imports import load_object
 from dspy_sweeps.spec.optimizers import optimizer_class
 from dspy_sweeps.spec.plan import Trial
@@ -64,13 +66,27 @@ def execute_trial(trial: Trial, ctx: TrialContext, channel: Any) -> TrialResult:
     # once the driver has stopped the trial; see run/progress.py for how that stops the optimizer);
     # after each, what changed in the trial's folder goes up to storage.
     events = TrialStream(trial_id, send=pushing(folder, channel.emit))
+    formats = FormatCounts()  # kept here, so a trial that raises still reports its malformed answers
     try:
-        result = run_trial(trial, ctx.data, TrialLMs(student, teacher, _embedder(ctx, trial)), workdir, events)
+        lms = TrialLMs(student, teacher, _embedder(ctx, trial))
+        result = run_trial(trial, ctx.data, lms, workdir, events, formats)
     except Exception as exc:
+        log_failure(workdir / TRIAL_LOG, attempt, exc)
         result = failed(trial_id, exc, budget_spent=ctx.gateway.exhausted())
     folder.finish(result.program, result.val_scores, result.test_scores)
     stats = ctx.gateway.trial_stats(trial_id, done=True)
-    return dataclasses.replace(with_spend(result, stats), attempts=attempt)
+    return dataclasses.replace(with_spend(result, stats), attempts=attempt, **format_fields(formats))
+
+
+TRIAL_LOG = "trial.log"  # in the trial's folder: the full text of what ended it (the record keeps one line)
+
+
+def log_failure(path: Path, attempt: int, exc: BaseException) -> None:
+    import traceback
+
+    with path.open("a") as log:
+        log.write(f"--- attempt {attempt}: {type(exc).__name__}\n")
+        log.write("".join(traceback.format_exception(exc)))
 
 
 def with_spend(result: TrialResult, stats: Any) -> TrialResult:
@@ -99,9 +115,12 @@ def failed(trial_id: str, exc: BaseException, budget_spent: bool) -> TrialResult
     from dspy import lm15
     from dspy.utils.exceptions import LMAuthError
 
+    from dspy_sweeps.errors import first_line
     from dspy_sweeps.run.trial import EndpointFailure, lm_call_errors
 
-    message = f"{type(exc).__name__}: {exc}"[:1000]
+    # One line for the leaderboard (an AdapterParseError's text is the whole malformed answer); the
+    # full text is in the trial's log.
+    message = f"{type(exc).__name__}: {first_line(exc)}"
     if isinstance(exc, Pruned):  # not a failure: the driver stopped a loser
         return TrialResult(trial_id, "pruned", reason="pruned")
     if budget_spent:

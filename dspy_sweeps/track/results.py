@@ -58,6 +58,9 @@ class TrialRecord:
     teacher_simulated: bool = False
     val_scores: list[float | None] = field(default_factory=list)  # per example, in split order; None: not scored
     test_scores: list[float | None] = field(default_factory=list)
+    format_failures: int = 0  # malformed answers (the model's failures, scored as wrong), beside failed_calls
+    adapter_fallbacks: int = 0  # extra calls DSPy's JSON fallback made after a malformed chat-format answer
+    teacher_retries: int = 0  # teacher calls resampled after a malformed answer
 
     @property
     def simulated(self) -> bool:
@@ -116,6 +119,9 @@ class TrialRecord:
             gave_up=result.gave_up,
             fell_back=result.fell_back,
             calls_by_model=json.dumps(result.calls_by_model, sort_keys=True),
+            format_failures=result.format_failures,
+            adapter_fallbacks=result.adapter_fallbacks,
+            teacher_retries=result.teacher_retries,
         )
 
 

