@@ -114,8 +114,8 @@ def render(cases: dict[str, dict[str, float]], tests: dict[str, set[str]], repea
         "executed and sandbox escapes are 0, and a promotion creates at most one version. A figure that misses "
         "its goal is marked **bold**.\n"
         "Measured in the faults: calls retried (resends by the LM gateway), calls that fell back to another "
-        "model, trials retried (a trial run again after its worker died), metric calls spent again (by GEPA's "
-        "count: the resumed attempt's, which a fresh run would have spent in full), the seconds from a fault to recovery "
+        "model, trials retried (a trial run again after its worker died), metric calls spent again (GEPA's "
+        "metric calls made after its last checkpoint in storage, made again on resume), the seconds from a fault to recovery "
         "(the slowest run), and versions created per promotion; '-' where a case does not measure it.\n\n"
         + "\n".join(rows)
         + "\n"

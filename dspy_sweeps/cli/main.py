@@ -101,7 +101,7 @@ def run(
     from dspy_sweeps.cli.tables import decision_line, leaderboard_table
     from dspy_sweeps.jobs.secrets import load_job_secrets
     from dspy_sweeps.run.engine import run_sweep
-    from dspy_sweeps.run.storage import publish_results
+    from dspy_sweeps.run.storage import check_storage, publish_results
     from dspy_sweeps.state import State
     from dspy_sweeps.track.registry import save_decision
 
@@ -119,6 +119,8 @@ def run(
         f"[bold]{prepared.sweep.name}[/]: {len(prepared.trials)} trials, about {prepared.estimated_calls:,} LM calls"
     )
     results = state.results(prepared.sweep.name)
+    if prepared.sweep.storage:
+        check_storage(prepared.sweep.storage)  # before the results are published there, whatever happens
     try:
         outcome = run_sweep(prepared, state, address, console, resume=resume)
     except OSError as exc:
@@ -128,7 +130,7 @@ def run(
             f"the state directory {state.root} is full ({exc.strerror}); free space, then run again with --resume"
         ) from None
     finally:
-        if prepared.sweep.storage:  # where `sweep results --storage` reads them from anywhere (a job ends)
+        if prepared.sweep.storage and results.is_file():  # read by `sweep results --storage` from anywhere
             publish_results(prepared.sweep.storage, [results, results.with_suffix(".decision.json")])
     console.print(leaderboard_table([r.__dict__ for r in outcome.records]))
     if outcome.decision is not None:

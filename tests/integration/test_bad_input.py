@@ -63,6 +63,7 @@ CASES: dict[str, tuple[str, ...]] = {
     "seeds_wrong_type": ("seeds_wrong_type.yaml: seeds: Input should be a valid list (got 'zero')",),
     "negative_split": ("negative_split.yaml: data.split: train, val and test must each be greater than 0",),
     "zero_parallelism": ("zero_parallelism.yaml: parallelism: Input should be greater than 0 (got 0)",),
+    "unusable_storage": ("storage: cannot use s4://bucket/sweeps",),
     "no_optimizers": ("no_optimizers.yaml: optimizers: List should have at least 1 item",),
     "duplicate_student_names": ("students: the name 'small' is used twice",),
     "api_base_not_a_url": ("students.0.api_base: 'localhost:8000' is not an http:// or https:// URL",),

@@ -32,10 +32,11 @@ from dspy_sweeps.sim.launch import SimServer
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 NODE_LOCAL = Path(tempfile.gettempdir()) / "dspy-sweeps-trials"  # run/storage.py's working folders
 # Node death noticed in seconds, not Ray's default half a minute (the GCS's health checks of raylets).
+# Generous per check: on a loaded machine a stricter timeout fails the head's own raylet at start-up.
 FAST_HEALTH_CHECKS = {
-    "RAY_health_check_period_ms": "500",
-    "RAY_health_check_timeout_ms": "1000",
-    "RAY_health_check_failure_threshold": "4",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "5000",
+    "RAY_health_check_failure_threshold": "5",
 }
 
 
