@@ -113,10 +113,13 @@ def host(trial, data, lms, workdir: Path, study) -> tuple[object, list[TrialEven
     return result, seen, answers
 
 
-def test_a_hopeless_trial_is_pruned_recorded_pruned_with_its_calls(sim: SimServer, tmp_path: Path) -> None:
+def test_a_trial_on_the_simulators_weak_profile_is_pruned_recorded_pruned_with_its_calls(
+    sim: SimServer, tmp_path: Path
+) -> None:
     """A weak student (the simulator's student profile) against a strong one (its teacher profile
-    served as a student): the weak trial's best so far trails the strong one's at the same spend,
-    and the median pruner stops it."""
+    served as a student): by the constants of those profiles (sim/answers.py) the weak trial's best
+    so far trails the strong one's at the same spend, and the median pruner stops it. The subject
+    is the stop and the record (a test on the simulator, not of a real weak model)."""
     import optuna
 
     from dspy_sweeps.run.pruning import SweepStudy
