@@ -96,6 +96,7 @@ def prepared_sweep(sim_url: str, overrides: list[str]) -> Any:
 def run_sweep(prepared: Any, state_dir: Path, parallelism: int, events: bool = True, order_seed: int = 0) -> SweepRun:
     """Every trial the study hands out, `parallelism` at a time, events to the study."""
     from dspy_sweeps.lm.build import build_lm
+    from dspy_sweeps.run.hosts import Channel, TrialHost
     from dspy_sweeps.run.progress import TrialStream
     from dspy_sweeps.run.pruning import SweepStudy
     from dspy_sweeps.run.trial import TrialLMs, run_trial
@@ -110,15 +111,26 @@ def run_sweep(prepared: Any, state_dir: Path, parallelism: int, events: bool = T
         study.queue.sort(key=lambda t: t.kind != "none")
     run, streams, lock = SweepRun(), {}, threading.Lock()
     events_in: queue.Queue = queue.Queue()  # as a trial host buffers them: trials never wait on the driver
+    host = TrialHost(lambda *args: None, None)  # the production stop path: its Channel raises Pruned once stopped
 
     def driver() -> None:
         while (event := events_in.get()) is not None:
+            host.drain()
             if study.on_event(event):
-                streams[event.trial_id].stop()
+                host.stop(event.trial_id)
+
+    def sender(trial_id: str) -> Any:
+        channel = Channel(trial_id, host)
+
+        def send(event: Any) -> None:
+            channel.emit(event)
+            events_in.put(event)
+
+        return send
 
     def worker() -> None:
         while (trial := study.next_trial()) is not None:
-            stream = TrialStream(trial.id, send=events_in.put)
+            stream = TrialStream(trial.id, send=sender(trial.id))
             with lock:
                 streams[trial.id] = stream
             trial_lms = TrialLMs(lms[trial.student.name], teacher)

@@ -92,16 +92,19 @@ def run_sweep(
             spend = SpendLog(state.spend(sweep.name))
             gateway = _start_gateway(prepared, state, endpoints, remaining(sweep.budget, spend.start(resume)))
             gw = SweepGateway(gateway, {key: e.id for key, e in endpoints.items()}, spend)
-            records = _run_trials(prepared, state, gw, trackers, console, resume, hosts, simulated)
-            records += _ensemble(prepared, state, gw, trackers, records, console, simulated)
-            decision = _promote(prepared, records, trackers, state, gw) if sweep.promote else None
+            try:
+                records = _run_trials(prepared, state, gw, trackers, console, resume, hosts, simulated)
+                records += _ensemble(prepared, state, gw, trackers, records, console, simulated)
+                decision = _promote(prepared, records, trackers, state, gw) if sweep.promote else None
+            finally:
+                gw.log_unfinished()
             if decision is not None:
                 trackers.promoted(decision, best(records))
             trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")
     return SweepOutcome(records, decision)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SweepGateway:
     """The sweep's gateway as the driver passes it on: its handle, the endpoint id of each model
     (by spec JSON), and the log each trial's spend is added to as it ends."""
@@ -109,6 +112,7 @@ class SweepGateway:
     handle: Any
     endpoint_ids: dict[str, str]
     spend: SpendLog
+    logged_calls: int = 0  # by this run
 
     def chain(self, spec: ModelSpec) -> tuple[str, ...]:
         """The gateway endpoints of a model and its fallbacks, in order."""
@@ -116,6 +120,17 @@ class SweepGateway:
 
     def log(self, trial_id: str, calls: int, usd: float) -> None:
         self.spend.add(trial_id, calls, usd)
+        self.logged_calls += calls
+
+    def log_unfinished(self) -> None:
+        """At the end of the run, however it ended: calls the gateway sent for trials that never
+        finished (a run stopped by an error or Ctrl-C), so a --resume still counts them."""
+        try:
+            sent = self.handle.totals().sent
+        except Exception:  # the gateway itself is gone: what it sent since the last entry is lost
+            return
+        if sent > self.logged_calls:
+            self.log("unfinished", sent - self.logged_calls, 0.0)
 
 
 @contextlib.contextmanager

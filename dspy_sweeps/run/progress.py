@@ -1,8 +1,9 @@
 """Progress inside a running trial: its LM spend, an event after every evaluation, the stop when pruned.
 
-Trial side only (DSPy, no Ray). A trial host makes one `TrialStream(trial_id, send)` per trial,
-hands it to `run_trial(..., events=stream)` and calls `stream.stop()` when the driver prunes the
-trial; `send` receives each `TrialEvent` (the host buffers them for the driver).
+Trial side only (DSPy, no Ray). A trial host makes one `TrialStream(trial_id, send)` per trial and
+hands it to `run_trial(..., events=stream)`; `send` receives each `TrialEvent` (the host's
+`Channel` buffers them for the driver) and raises `Pruned` once the driver has stopped the trial
+(run/hosts.py): that is the one stop path.
 
 `run_trial` installs a `TrialProgress` in the trial's DSPy context, as DSPy's usage tracker and
 under `TRIAL_KEY`, so it sees every LM call and every `dspy.Evaluate` of the trial, in every
@@ -74,19 +75,14 @@ class Spend:
 
 
 class TrialStream:
-    """The `TrialEvents` a trial host gives a trial: events to `send`, `stop()` to prune it."""
+    """The `TrialEvents` a trial host gives a trial: events to `send`, which raises `Pruned` to stop it."""
 
     def __init__(self, trial_id: str, send: Callable[[TrialEvent], None]) -> None:
         self.trial_id, self.send = trial_id, send
         self.spend = Spend()
         self.best: float | None = None
         self.started = time.monotonic()
-        self._stopped = threading.Event()
         self._lock = threading.Lock()
-
-    def stop(self) -> None:
-        """Called from the host's thread when the driver prunes this trial."""
-        self._stopped.set()
 
     def report(self, phase: str, score: float | None) -> None:
         with self._lock:
@@ -105,9 +101,7 @@ class TrialStream:
                 failed_calls=spend.failed_calls,
                 elapsed_s=round(time.monotonic() - self.started, 3),
             )
-        self.send(event)
-        if self._stopped.is_set():
-            raise Pruned(f"{self.trial_id} pruned at step {event.step} (best {self.best})")
+        self.send(event)  # raises Pruned once the driver has stopped the trial
 
 
 @dataclass

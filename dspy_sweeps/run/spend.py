@@ -4,8 +4,10 @@ Every LM call of a sweep goes through its gateway, which counts it under a trial
 the Ensemble, promotion's re-scoring (`PROMOTION`). As each of them ends, the driver appends what
 the gateway counted for it to `spend/<sweep>.jsonl` in the state directory; a resumed run starts
 its gateway with the sweep's budget minus that sum, and a fresh run (no `--resume`) starts the log
-again. A trial still running when the driver was killed is not in the log; its answered calls are
-in the LM cache, so running it again does not pay for them twice.
+again. A run that ends early (an error, Ctrl-C) logs what the gateway sent for trials that never
+finished as "unfinished" (calls only: their dollars are not known apart). A driver killed outright
+loses what its running trials sent since the last entry; their answered calls are in the LM cache,
+so running them again does not pay for them twice.
 """
 
 from __future__ import annotations

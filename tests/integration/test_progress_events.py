@@ -16,6 +16,7 @@ from sweep_helpers import REPO, demo_answer_key
 from dspy_sweeps.data import load_dataset
 from dspy_sweeps.lm.build import build_lm
 from dspy_sweeps.run.events import TrialEvent
+from dspy_sweeps.run.hosts import Channel, TrialHost
 from dspy_sweeps.run.progress import TrialStream, step_of
 from dspy_sweeps.run.trial import TrialLMs, run_trial
 from dspy_sweeps.sim.launch import SimServer
@@ -79,18 +80,31 @@ def test_mipro_and_gepa_trials_stream_events_at_increasing_steps(sim: SimServer,
         assert val.score == results[trial.kind].val_score and val.best >= val.score
 
 
+class Driver:
+    """The production stop path with no Ray in between: a trial's events go into a trial host's
+    `Channel`, the driver drains them from the host and answers "stop" with `TrialHost.stop`, and
+    the trial's next event raises `Pruned` in the channel, as on a real host."""
+
+    def __init__(self, trial_id: str, answer) -> None:
+        self.host = TrialHost(lambda *args: None, None)
+        self.channel, self.answer = Channel(trial_id, self.host), answer
+        self.seen: list[TrialEvent] = []
+        self.answers: list[bool] = []
+
+    def send(self, event: TrialEvent) -> None:
+        self.channel.emit(event)
+        for drained in self.host.drain():  # the driver's side (run/hosts.py HostPool forwards them)
+            self.seen.append(drained)
+            self.answers.append(bool(self.answer(drained)))
+            if self.answers[-1]:
+                self.host.stop(drained.trial_id)
+
+
 def host(trial, data, lms, workdir: Path, study) -> tuple[object, list[TrialEvent], list[bool]]:
     """What a trial host and the driver do for one trial: events to the study, its answer back."""
-    seen, answers = [], []
-    stream: TrialStream
-
-    def send(event: TrialEvent) -> None:
-        seen.append(event)
-        answers.append(study.on_event(event))
-        if answers[-1]:
-            stream.stop()
-
-    stream = TrialStream(trial.id, send)
+    driver = Driver(trial.id, study.on_event)
+    stream = TrialStream(trial.id, driver.send)
+    seen, answers = driver.seen, driver.answers
     result = run_trial(trial, data, lms, workdir, stream)
     # the gateway's accounting in a sweep; here the trial's own meter stands in for it
     result.calls_requested, result.failed_calls = stream.spend.calls, stream.spend.failed_calls
@@ -99,10 +113,13 @@ def host(trial, data, lms, workdir: Path, study) -> tuple[object, list[TrialEven
     return result, seen, answers
 
 
-def test_a_hopeless_trial_is_pruned_recorded_pruned_with_its_calls(sim: SimServer, tmp_path: Path) -> None:
+def test_a_trial_on_the_simulators_weak_profile_is_pruned_recorded_pruned_with_its_calls(
+    sim: SimServer, tmp_path: Path
+) -> None:
     """A weak student (the simulator's student profile) against a strong one (its teacher profile
-    served as a student): the weak trial's best so far trails the strong one's at the same spend,
-    and the median pruner stops it."""
+    served as a student): by the constants of those profiles (sim/answers.py) the weak trial's best
+    so far trails the strong one's at the same spend, and the median pruner stops it. The subject
+    is the stop and the record (a test on the simulator, not of a real weak model)."""
     import optuna
 
     from dspy_sweeps.run.pruning import SweepStudy
@@ -159,16 +176,9 @@ def test_a_hopeless_trial_is_pruned_recorded_pruned_with_its_calls(sim: SimServe
 def test_a_gepa_trial_told_to_stop_ends_at_its_next_evaluation(sim: SimServer, tmp_path: Path) -> None:
     """GEPA catches a candidate's errors and keeps going; a stop must still end it."""
     _, data, trials = sweep_trials(["optimizers=[{kind: gepa, max_metric_calls: 200}]"])
-    seen: list[TrialEvent] = []
-    stream: TrialStream
-
-    def send(event: TrialEvent) -> None:
-        seen.append(event)
-        if len(seen) == 3:  # the driver's answer to the third event: stop
-            stream.stop()
-
-    stream = TrialStream(trials[0].id, send)
-    result = run_trial(trials[0], data, lms_for(sim), tmp_path / "gepa", stream)
+    driver = Driver(trials[0].id, lambda event: len(driver.seen) == 3)  # the answer to the third event: stop
+    seen = driver.seen
+    result = run_trial(trials[0], data, lms_for(sim), tmp_path / "gepa", TrialStream(trials[0].id, driver.send))
     assert result.status == "pruned", result
     assert len(seen) == 3, [(e.phase, e.score) for e in seen]  # nothing evaluated after the stop reported
     assert result.test_score is None
@@ -180,7 +190,7 @@ def test_copro_scores_on_train_never_pass_as_val_scores(sim: SimServer, tmp_path
     the best so far stays empty until the platform's own val score, and a COPRO trial pruned before
     that keeps no train-scored candidate as its val score."""
     _, data, trials = sweep_trials(
-        ["data.split={train: 20, val: 10, test: 10, seed: 0}", "optimizers=[{kind: copro, breadth: 2, depth: 1}]"]
+        ["data.split={train: 20, val: 10, test: 10, seed: 0}", "optimizers=[{kind: copro, breadth: 3, depth: 1}]"]
     )
     assert len(data.train) > len(data.val)
     seen: list[TrialEvent] = []
@@ -192,15 +202,9 @@ def test_copro_scores_on_train_never_pass_as_val_scores(sim: SimServer, tmp_path
     val = next(e for e in seen if e.phase == "val")
     assert val.best == val.score == result.val_score
 
-    pruned_seen: list[TrialEvent] = []
-    stream: TrialStream
-
-    def send(event: TrialEvent) -> None:
-        pruned_seen.append(event)
-        if len(pruned_seen) == 1:  # the driver's answer to COPRO's first train score: stop
-            stream.stop()
-
-    stream = TrialStream(trials[0].id, send)
+    driver = Driver(trials[0].id, lambda event: True)  # the driver's answer to COPRO's first train score: stop
+    pruned_seen = driver.seen
+    stream = TrialStream(trials[0].id, driver.send)
     pruned = run_trial(trials[0], data, lms_for(sim), tmp_path / "copro-pruned", stream)
     assert pruned.status == "pruned", pruned
     assert [e.phase for e in pruned_seen] == ["train"]  # stopped in COPRO's search, before any val score

@@ -23,9 +23,10 @@ def study_states(state: Path) -> list[str]:
     return [t.state.name for t in study.trials]
 
 
-def test_a_hopeless_trial_is_pruned_in_a_sweep(tmp_path: Path) -> None:
-    """The simulator's teacher profile served as a student (sound) against its student profile
-    (hopeless): one trial at a time, so the sound one sets the bar the median pruner holds the
+def test_a_trial_on_the_simulators_weak_profile_is_pruned_in_a_sweep(tmp_path: Path) -> None:
+    """Relies on the simulator's profiles (sim/answers.py): its teacher profile served as a student
+    (sound) scores above its student profile (hopeless) by their tuned constants, so this tests the
+    pruning path of a sweep on the simulator, not that a real hopeless trial is found. One trial at a time, so the sound one sets the bar the median pruner holds the
     hopeless one to at equal LM spend. The simulator answers at a tenth of real time, so a trial
     takes seconds: the driver's stop reaches it while it runs, as it does a real model's."""
     from sweep_helpers import demo_answer_key
