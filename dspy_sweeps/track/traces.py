@@ -32,7 +32,7 @@ def log_traces(
 def _log_one(
     client: Any, experiment_id: str, run_id: str, model_id: str | None, example: ExampleTrace, tags: dict[str, str]
 ) -> str:
-    from mlflow.entities import Trace, TraceData, TraceInfo, TraceLocation, TraceState
+    from mlflow.entities import TraceData, TraceInfo, TraceLocation, TraceState
     from mlflow.tracing.constant import SpansLocation, TraceMetadataKey, TraceTagKey
     from mlflow.tracing.utils import generate_mlflow_trace_id_from_otel_trace_id
 
@@ -79,12 +79,10 @@ def _log_one(
     returned = client.start_trace(info)
     if not stored_with_spans or returned.tags.get(TraceTagKey.SPANS_LOCATION) != SpansLocation.TRACKING_STORE.value:
         client._upload_trace_data(returned, TraceData(spans=spans))  # what MLflow's exporter does (mlflow_v3.py)
-    return Trace(returned, TraceData(spans=spans)).info.trace_id
+    return returned.trace_id
 
 
 def _call_span(trace_id: str, otel_trace_id: int, parent: int, call: LMCallRecord) -> Any:
-    import random
-
     usage = {
         "input_tokens": call.prompt_tokens,
         "output_tokens": call.completion_tokens,
