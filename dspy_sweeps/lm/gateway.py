@@ -23,8 +23,8 @@ on a thread, in batches (an answer not yet on disk is kept in memory until it is
 never misses it); reads stay on the loop (see `_read`). The trial side serialises a request's body once (sorted-key JSON bytes,
 `Request`); its digest is the cache key's body part and picks the shard.
 
-Shards: at scale one event loop is the ceiling, so the gateway is N actors (`Gateway`, the
-picklable handle trials hold, routes each call). Limits belong to endpoints, so each endpoint has
+Shards: at scale one event loop is the ceiling, so the gateway is N actors (`lm/shards.py`
+`Gateway`, the picklable handle trials hold, routes each call). Limits belong to endpoints, so each endpoint has
 **one owner shard** that holds its slots, rpm/tpm windows, Retry-After pause, replicas and busy
 time, and does its sends. When every shard owns an endpoint (endpoints ≥ shards), a call goes
 to its endpoint's owner, which also merges, caches and counts it: identical requests meet
@@ -45,8 +45,9 @@ still leave identical in-flight requests from different trials unmerged, and it 
 second HTTP hop and a server process to operate; an actor is one Python object that Ray
 places and supervises, and its per-call overhead is measured in `make bench`.
 
-`GatewayCore` is plain asyncio (tested without Ray); `run/runner.py` `start_gateway` wraps N of
-them in Ray actors behind a `Gateway` handle.
+`GatewayCore` is plain asyncio (tested without Ray, and importable where Ray must not be);
+`run/runner.py` `start_gateway` wraps N of them in Ray actors behind the `Gateway` handle of
+`lm/shards.py`.
 """
 
 from __future__ import annotations
@@ -634,68 +635,6 @@ class GatewayLost(GatewayError):
 
     def __reduce__(self) -> tuple:
         return (type(self), (str(self),))
-
-
-@dataclass(frozen=True)
-class Gateway:
-    """The handle trials hold (picklable): the sweep's gateway shards, each call routed to the shard
-    its request's digest picks. Blocking calls, for a trial's threads."""
-
-    shards: tuple[Any, ...]  # Ray actor handles of GatewayCore shards, by index
-    owners: dict[str, int] | None = None  # endpoint -> owner shard, when calls are routed by endpoint
-
-    def complete(self, trial_id: str, chain: tuple[str, ...], body: Body, route: str = CHAT) -> Body:
-        request = make_request(trial_id, chain, body, route)
-        return self._get(self.shards[route_of(request, len(self.shards), self.owners)].call.remote(request))
-
-    def exhausted(self) -> bool:
-        return self._get(self.shards[0].exhausted.remote())
-
-    def trial_stats(self, trial_id: str, done: bool = False) -> CallStats:
-        """The trial's figures summed over the shards, self-hosted cost shared by slot time."""
-        parts = self._get([shard.raw_stats.remote(trial_id, done) for shard in self.shards])
-        stats = CallStats()
-        for part, _, _ in parts:
-            stats.add(part)
-        hosted, slot = sum(p[1] for p in parts), sum(p[2] for p in parts)
-        stats.cost_usd += hosted * stats.slot_s / (slot or 1.0)
-        return stats
-
-    def totals(self) -> CallStats:
-        total = CallStats()
-        for part in self._get([shard.totals.remote() for shard in self.shards]):
-            total.add(part)
-        return total
-
-    def dead_shard(self) -> int | None:
-        """The index of a shard that died, if one did."""
-        import ray
-
-        for i, shard in enumerate(self.shards):
-            try:
-                ray.get(shard.ping.remote(), timeout=60)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                return i
-        return None
-
-    def kill(self) -> None:
-        import ray
-
-        for shard in self.shards:
-            ray.kill(shard)
-
-    @staticmethod
-    def _get(refs: Any) -> Any:
-        import ray
-
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayActorError as exc:
-            raise GatewayLost(f"an LM gateway shard died ({type(exc).__name__}); its counts are gone") from None
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, GatewayError):
-                raise exc.cause from None
-            raise
 
 
 def _pick_replica(state: _EndpointState) -> str:

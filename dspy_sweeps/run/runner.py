@@ -85,7 +85,8 @@ def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any, shards: in
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from dspy_sweeps.jobs.secrets import holding_secrets, worker_secrets
-    from dspy_sweeps.lm.gateway import Gateway, GatewayCore, owners_of
+    from dspy_sweeps.lm.gateway import GatewayCore, owners_of
+    from dspy_sweeps.lm.shards import Gateway
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(num_cpus=0, max_concurrency=100_000, max_restarts=0)(holding_secrets(core or GatewayCore))
