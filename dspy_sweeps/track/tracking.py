@@ -11,6 +11,7 @@ A do-nothing logger stands in when a tracker is off.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -62,9 +63,13 @@ class Trackers:
     error any tracker hit, so a broken tracker stops the sweep at the next trial's end.
     """
 
+    SWEEP_EVERY_S = 10.0  # the leaderboard, Pareto front and plots: redrawn at most this often, and at close
+
     def __init__(self, wandb: TrialLogger, mlflow: TrialLogger, results: Path | None = None) -> None:
         self.wandb, self.mlflow, self.results = wandb, mlflow, results
         self.ended: set[str] = set()  # a late event for an ended trial must not open a new run
+        self.swept_at: float | None = None  # when the sweep's leaderboard was last drawn
+        self.unswept: TrialRecord | None = None  # the latest end not drawn yet
         self.work = TrackingThread(self._started, self._events)
 
     @classmethod
@@ -98,6 +103,7 @@ class Trackers:
 
     def close(self, status: str) -> None:
         try:
+            self.work.call(self._sweep_drawn)
             self.work.call(lambda: [logger.close(status) for logger in (self.wandb, self.mlflow)])
         finally:
             self.work.stop()
@@ -118,8 +124,18 @@ class Trackers:
         self.ended.add(trial.id)
         run_id = self.mlflow.log_trial(trial, record, result)
         self.wandb.log_trial(trial, record, result)
-        # The results file holds every finished trial of this sweep, resumed ones too (written before tracking).
-        records = read_records(self.results) if self.results else [record]
+        self.unswept = record
+        # Drawing the leaderboard reads every record: done per trial end it would grow with the sweep.
+        if self.swept_at is None or time.monotonic() - self.swept_at >= self.SWEEP_EVERY_S:
+            self._sweep_drawn()
+        return run_id
+
+    def _sweep_drawn(self) -> None:
+        """The sweep's leaderboard, Pareto front and plots, from the results file (which holds every
+        finished trial of this sweep, resumed ones too: it is written before tracking)."""
+        if self.unswept is None:
+            return
+        records = read_records(self.results) if self.results else [self.unswept]
         for logger in (self.mlflow, self.wandb):
             logger.log_sweep(records)
-        return run_id
+        self.swept_at, self.unswept = time.monotonic(), None

@@ -199,3 +199,38 @@ def test_off_a_terminal_the_live_display_draws_once_not_per_refresh() -> None:
         progress.advance(task)
     bars = [line for line in out.getvalue().splitlines() if line.startswith("trials")]
     assert len(bars) == 1 and "1/2" in bars[0]
+
+
+class CountingLogger:
+    """A tracker that counts what it is asked to draw (W&B and MLflow do the same work for real)."""
+
+    def __init__(self) -> None:
+        self.sweeps: list[int] = []  # records in each leaderboard drawn
+
+    def trial_started(self, trial: Trial) -> None: ...
+    def trial_events(self, trial: Trial, events: list[TrialEvent]) -> None: ...
+    def log_trial(self, trial: Trial, record: TrialRecord, result: TrialResult) -> str | None:
+        return None
+
+    def log_sweep(self, records: list[TrialRecord]) -> None:
+        self.sweeps.append(len(records))
+
+    def promoted(self, record: TrialRecord, alias: str, version: str) -> None: ...
+    def close(self, status: str) -> None: ...
+
+
+def test_the_leaderboard_is_drawn_at_most_every_few_seconds_and_at_close(tmp_path) -> None:
+    from dspy_sweeps.track.results import write_records
+    from dspy_sweeps.track.tracking import Trackers
+
+    results = tmp_path / "results.parquet"
+    ends = [record(f"t{i}", 0.5, 0.01) for i in range(50)]
+    write_records(results, ends)  # the engine writes the results file before tracking
+    wandb, mlflow = CountingLogger(), CountingLogger()
+    trackers = Trackers(wandb, mlflow, results)
+    trackers.SWEEP_EVERY_S = 3600.0  # no redraw falls due while the 50 trials end
+    for end in ends:
+        trackers.log_trial(trial(end.trial_id), end, TrialResult(end.trial_id, "ok"))
+    assert mlflow.sweeps == wandb.sweeps == [50]  # the first end draws it; the other 49 do not
+    trackers.close("FINISHED")
+    assert mlflow.sweeps == wandb.sweeps == [50, 50]  # the last ends are drawn at close
