@@ -88,12 +88,31 @@ def run_sweep(
 def _ray(sweep: Sweep, state: State, address: str | None) -> Iterator[None]:
     from dspy_sweeps.run import runner
 
-    runner.start_ray(address, Path.cwd())
+    with _stderr_to(state.root / "logs" / "ray.log"):  # Ray's core prints its token-auth notice there
+        runner.start_ray(address, Path.cwd())
     try:
         check_tracking_for_cluster(tracking_uri(sweep.tracking.mlflow, state))
         yield
     finally:
         runner.stop_ray()
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """This process's stderr (the file descriptor, which native code writes to) appended to `path`."""
+    import sys
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with path.open("ab") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @contextlib.contextmanager
