@@ -48,6 +48,27 @@ def exits_on_bad_input(command: Callable) -> Callable:
     return wrapper
 
 
+def _library_logs(state_dir: Path | None) -> None:
+    """MLflow's and Alembic's INFO lines ("Creating initial MLflow database tables") and MLflow's
+    download bars are not the user's business: the lines go to `<state>/logs/libraries.log`."""
+    from dspy_sweeps.state import State
+
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow adds no stderr handler of its own
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    folder = State.at(state_dir).root / "logs"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(folder / "libraries.log")
+    except OSError:  # a state directory that cannot be written is reported where it is used
+        return
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("mlflow", "alembic"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def _console():
     from rich.console import Console
 
@@ -106,6 +127,7 @@ def run(
     from dspy_sweeps.track.registry import save_decision
 
     load_job_secrets()  # in a job from `sweep submit`: the secrets it was sent, before anything reads keys
+    _library_logs(state_dir)
     # A library's log line that cannot be written (a full disk, a closed pipe) must not print a
     # traceback over the one-line error the sweep gives: Python's logging then drops it silently.
     logging.raiseExceptions = False
@@ -188,6 +210,7 @@ def pull(
     from dspy_sweeps.track.registry import pull as pull_program
     from dspy_sweeps.track.uri import tracking_uri as default_uri
 
+    _library_logs(state_dir)
     folder = pull_program(ref, out, tracking_uri or default_uri(None, State.at(state_dir)))
     print(f"{ref} -> {folder}/program.json, {folder}/metadata.json")
 
@@ -204,6 +227,7 @@ def ask(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Load a registered program and ask it one question."""
+    _library_logs(state_dir)
     from dspy_sweeps.cli.ask import ask_program
 
     kwargs = dict(_key_value(item) for item in inputs)

@@ -138,13 +138,32 @@ def _ray(sweep: Sweep, state: State, address: str | None) -> Iterator[None]:
     from dspy_sweeps.run import runner
     from dspy_sweeps.run.storage import check_storage_for_cluster
 
-    runner.start_ray(address, Path.cwd(), code_packages(sweep))
+    with _stderr_to(state.root / "logs" / "ray.log"):  # Ray's core prints its token-auth notice there
+        runner.start_ray(address, Path.cwd(), code_packages(sweep))
     try:
         check_tracking_for_cluster(tracking_uri(sweep.tracking.mlflow, state), runner.alive_nodes())
         check_storage_for_cluster(sweep.storage is not None, storage_uri(sweep, state))
         yield
     finally:
         runner.stop_ray()
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """This process's stderr (the file descriptor, which native code writes to) appended to `path`."""
+    import sys
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with path.open("ab") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @contextlib.contextmanager

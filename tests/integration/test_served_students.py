@@ -349,7 +349,7 @@ def test_a_served_student_gets_its_model_from_the_served_name() -> None:
         ("{name: s, model: sim/m, serve: {engine: vllm, model: m}}", "must be 'openai/m' (or left out)"),
         (
             "{name: s, serve: {engine: tgi, model: m}}",
-            "students.0.serve.engine: Input should be 'vllm', 'sglang' or 'sim'",
+            "students.0.serve.engine: Input should be 'vllm', 'sglang', 'llama_cpp' or 'sim'",
         ),
         (
             "{name: s, serve: {engine: vllm, model: m, gpu: 1}}",

@@ -230,3 +230,16 @@ def test_sweep_results_repeats_the_last_decision(tmp_path) -> None:
     decision = Decision(False, "the gain is within noise", "2", "challenger", simulated=True, gain=noisy)
     save_decision(results, decision)
     assert saved_decision(results) == decision
+
+
+def test_with_no_champion_the_first_version_must_beat_its_uncompiled_baseline() -> None:
+    """A 135M model's small gain over its baseline on 40 examples is noise: no alias for it."""
+    gate = Promote(model="m", min_gain=0.0, confidence=0.95)
+    winner = SimpleNamespace(trial_id="labeled_fewshot-smol", student="smol")
+    noisy = paired_gain(*flips(40, wins=3, losses=2), 0.95)
+    passed, why = _judge(gate, winner, None, noisy)
+    assert not passed
+    assert why.startswith("no champion yet: gain +0.025") and "over the uncompiled smol on 40 test examples" in why
+    clear = paired_gain(*flips(40, wins=20, losses=0), 0.95)
+    passed, why = _judge(gate, winner, None, clear)
+    assert passed and "above min_gain 0.0" in why
