@@ -63,6 +63,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         for node in running.nodes:
             node.lose()
+            shutil.rmtree(node.log.parent, ignore_errors=True)
         head.stop()
 
 
