@@ -40,6 +40,7 @@ class LMCallRecord:
     error: str | None = None
     start_ns: int = 0
     end_ns: int = 0
+    served: str | None = None  # how the gateway answered: "sent", "cached" or "merged"
 
 
 @dataclass

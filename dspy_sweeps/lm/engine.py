@@ -57,13 +57,14 @@ class GatewayEngine:
     def complete(self, request: Any) -> Any:
         from dspy.lm15 import response_from_openai_chat
 
-        from dspy_sweeps.lm.gateway import GatewayError
+        from dspy_sweeps.lm.gateway import SERVED, GatewayError
 
         try:
             body = self.gateway.complete(self.trial_id, self.chain, openai_body(request))
         except GatewayError as exc:  # a dead shard too (GatewayLost): a transport error the driver notices
             _report_failure()
             raise lm_error(exc) from None
+        _report_served(body.pop(SERVED, None))
         return response_from_openai_chat(body, model=request.model)
 
     def stream(self, request: Any) -> Any:
@@ -83,6 +84,16 @@ def _report_failure() -> None:
     tracker = getattr(dspy.settings, "usage_tracker", None)
     if hasattr(tracker, "add_failure"):
         tracker.add_failure()
+
+
+def _report_served(served: str | None) -> None:
+    """Tell a usage tracker that records calls (run/recorder.py, for traces) how the gateway
+    answered this one: sent to the endpoint, from the cache, or merged with an identical call."""
+    import dspy
+
+    tracker = getattr(dspy.settings, "usage_tracker", None)
+    if served is not None and hasattr(tracker, "add_served"):
+        tracker.add_served(served)
 
 
 def lm_error(cause: BaseException | None) -> Exception:

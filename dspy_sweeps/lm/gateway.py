@@ -66,6 +66,7 @@ import orjson
 
 Body = dict[str, Any]
 CHAT, EMBEDDINGS = "chat/completions", "embeddings"  # the OpenAI routes the gateway speaks
+SERVED = "x_gateway"  # in each answer: how the gateway answered it, "sent", "cached" or "merged" (cache holds none)
 REPLICA_COOLDOWN_S = 5.0  # a replica that refused or dropped a connection gets no requests for this long
 BACKOFF_S = 0.5  # the first retry's wait when the endpoint names none (Retry-After); it doubles per retry
 # Failures worth another send, and worth the next model of the chain once the retries are spent;
@@ -292,17 +293,17 @@ class GatewayCore:
         key = self._request_key(request, endpoint_id)
         if key in self.pending:
             stats.merged += 1
-            return await asyncio.shield(self.pending[key])
+            return {**await asyncio.shield(self.pending[key]), SERVED: "merged"}
         if (hit := self._read(key)) is not None:
             stats.cache_hits += 1
-            return hit
+            return {**hit, SERVED: "cached"}
         future = asyncio.get_running_loop().create_future()
         self.pending[key] = future
         try:
             response = await self._reserved_send(request, endpoint_id, stats)
             self._write(key, response)
             future.set_result(response)
-            return response
+            return {**response, SERVED: "sent"}
         except Exception as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: merged callers re-raise it, nobody else must

@@ -61,6 +61,13 @@ class ExampleRecorder(BaseCallback):
             record.prompt_tokens, record.completion_tokens = prompt, completion
             record.cost_usd = _price(lm, prompt, completion) if lm in self.priced else 0.0
 
+    def add_served(self, served: str) -> None:
+        """How the gateway answered the call in flight (lm/engine.py reports it before DSPy's usage)."""
+        with self._lock:
+            record = next((r for r in reversed(self.calls) if not r.end_ns), None)
+        if record is not None:
+            record.served = served
+
 
 def _price(model: str, prompt: int, completion: int) -> float:
     from dspy_sweeps.run.progress import _cloud_cost  # the trial's own pricing, so both agree

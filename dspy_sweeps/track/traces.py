@@ -93,6 +93,7 @@ def _call_span(trace_id: str, otel_trace_id: int, parent: int, call: LMCallRecor
         "mlflow.llm.model": call.model,
         "mlflow.llm.cost": {"input_cost": 0.0, "output_cost": 0.0, "total_cost": call.cost_usd},
         "cost_usd": call.cost_usd,
+        "gateway.served": call.served or "unknown",  # sent to the endpoint, from the cache, or merged
     }
     return _span(
         trace_id, otel_trace_id, random.getrandbits(64), parent, f"LM {call.model}", "CHAT_MODEL",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dspy_sweeps.lm.gateway import Budget, Endpoint, GatewayCore, GatewayError
+from dspy_sweeps.lm.gateway import SERVED, Budget, Endpoint, GatewayCore, GatewayError
 from dspy_sweeps.sim.launch import SimServer
 
 
@@ -64,6 +64,7 @@ def test_identical_requests_in_flight_together_make_one_call(sim: SimServer, tmp
             gateway.complete("trial-a", "sim/student|", body("q1")),
             gateway.complete("trial-b", "sim/student|", body("q1")),
         )
+        assert {first.pop(SERVED), second.pop(SERVED)} == {"sent", "merged"}  # each answer says how it came
         assert first == second
         await gateway.close()
         return gateway
@@ -76,9 +77,12 @@ def test_identical_requests_in_flight_together_make_one_call(sim: SimServer, tmp
 
 
 def test_a_new_gateway_on_the_same_cache_sends_nothing(sim: SimServer, tmp_path: Path) -> None:
+    served: list[str] = []
+
     async def ask(questions: list[str]) -> GatewayCore:
         gateway = GatewayCore([endpoint(sim)], str(tmp_path / "cache"))
-        await asyncio.gather(*(gateway.complete("t", "sim/student|", body(q)) for q in questions))
+        answers = await asyncio.gather(*(gateway.complete("t", "sim/student|", body(q)) for q in questions))
+        served.extend(a[SERVED] for a in answers)
         await gateway.close()
         return gateway
 
@@ -87,6 +91,7 @@ def test_a_new_gateway_on_the_same_cache_sends_nothing(sim: SimServer, tmp_path:
     before = metric(sim, "vllm:request_success_total")
     again = run(ask(questions)).trial_stats("t")
     assert (again.sent, again.cache_hits) == (0, 10)
+    assert served == ["sent"] * 10 + ["cached"] * 10
     assert metric(sim, "vllm:request_success_total") == before
 
 
@@ -362,6 +367,7 @@ def test_embeddings_go_through_the_gateway_cached_and_counted(sim: SimServer, tm
         gateway = GatewayCore([endpoint(sim)], cache)
         response = await gateway.complete("knn", "sim/student|", texts, route=EMBEDDINGS)
         again = await gateway.complete("knn", "sim/student|", texts, route=EMBEDDINGS)
+        assert (response.pop(SERVED), again.pop(SERVED)) == ("sent", "cached")
         assert again == response
         await gateway.close()
         return response, gateway

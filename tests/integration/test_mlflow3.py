@@ -143,6 +143,7 @@ def test_traces_of_the_champions_test_evaluation(client, experiment_id: str, cha
         root, *calls = trace.data.spans
         assert set(root.outputs) == {"prediction", "gold", "score"} and "question" in root.inputs
         assert calls and all(c.span_type == "CHAT_MODEL" for c in calls)
+        assert {c.attributes["gateway.served"] for c in calls} <= {"sent", "cached", "merged"}  # never "unknown"
         usage = calls[0].attributes["mlflow.chat.tokenUsage"]
         assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
         assert calls[0].inputs["messages"][-1]["content"].count(root.inputs["question"]) == 1

@@ -11,6 +11,7 @@ import pytest
 
 from dspy_sweeps.lm.gateway import (
     CHAT,
+    SERVED,
     Budget,
     Endpoint,
     GatewayCore,
@@ -175,6 +176,7 @@ def test_a_fallback_continues_on_its_endpoints_owner_shard() -> None:
         return shards, answers
 
     shards, answers = asyncio.run(scenario())
+    assert sorted(a.pop(SERVED) for a in answers) == ["merged", "merged", "sent"]
     assert answers == [ANSWER] * 3
     assert [len(s.posted) for s in shards] == [0, 1, 0, 0], "e1's owner sent the fallback once for all three"
     stats = [s.trial_stats(f"t{i}") for s in shards for i in range(3)]
