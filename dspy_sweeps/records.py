@@ -77,6 +77,7 @@ class TrialResult:
     format_failures: int = 0  # answers no adapter could parse: the model's failures, scored as wrong
     adapter_fallbacks: int = 0  # extra LM calls DSPy's JSON fallback made after a chat-format answer failed
     teacher_retries: int = 0  # teacher calls resampled after a malformed answer (run/formats.py)
+    teacher_as_text: int = 0  # teacher answers taken as plain text once every resample was malformed
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0

@@ -6,11 +6,16 @@ endpoint's: it raises `AdapterParseError` as before, so it scores as the optimiz
 trial's own evaluation) scores it, and it is counted. A teacher's malformed answer (MIPROv2's
 instruction proposer, COPRO's candidates) would end the whole optimizer step, so it is asked
 again with a fresh sample (a new seed at a sampling temperature, so neither the gateway's cache
-nor a greedy server repeats it) up to `TEACHER_RETRIES` times before the error goes on.
+nor a greedy server repeats it) up to `TEACHER_RETRIES` times. When every sample is malformed and
+the step asks for one text (MIPROv2's program and module descriptions and its proposed
+instruction, COPRO's instruction), the last answer's text is taken as that text: a small teacher
+that ignores the field markers still wrote an instruction, and the optimizer scores it like any
+other candidate. Only then, or for a step with other outputs, does the error go on.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,13 +31,17 @@ class FormatCounts:
     failures: int = 0  # answers no adapter could parse (each one raised AdapterParseError)
     fallback_calls: int = 0  # extra LM calls DSPy's JSON fallback made after a chat-format answer failed
     teacher_retries: int = 0  # teacher calls asked again after a malformed answer
+    teacher_as_text: int = 0  # teacher answers taken as plain text after every resample was malformed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, failures: int = 0, fallback_calls: int = 0, teacher_retries: int = 0) -> None:
+    def add(
+        self, failures: int = 0, fallback_calls: int = 0, teacher_retries: int = 0, teacher_as_text: int = 0
+    ) -> None:
         with self._lock:
             self.failures += failures
             self.fallback_calls += fallback_calls
             self.teacher_retries += teacher_retries
+            self.teacher_as_text += teacher_as_text
 
 
 def format_adapter(counts: FormatCounts, teacher: Any = None) -> Any:
@@ -43,14 +52,19 @@ def format_adapter(counts: FormatCounts, teacher: Any = None) -> Any:
 
     class FormatAdapter(ChatAdapter):
         def __call__(self, lm: Any, lm_kwargs: dict, signature: Any, demos: list, inputs: dict) -> list:
-            tries = 1 + (TEACHER_RETRIES if teacher is not None and lm is teacher else 0)
+            teaching = teacher is not None and lm is teacher
+            tries = 1 + (TEACHER_RETRIES if teaching else 0)
             for attempt in range(tries):
                 try:
                     return super().__call__(lm, _fresh(lm, lm_kwargs, attempt), signature, demos, inputs)
-                except AdapterParseError:
+                except AdapterParseError as exc:
                     counts.add(failures=1, teacher_retries=int(attempt + 1 < tries))
-                    if attempt + 1 == tries:
-                        raise
+                    if attempt + 1 < tries:
+                        continue
+                    if teaching and (text := as_text(signature, exc.lm_response)) is not None:
+                        counts.add(teacher_as_text=1)
+                        return [text]
+                    raise
             raise AssertionError("unreachable: the last try returns or raises")
 
         def _make_json_adapter_fallback(self) -> Any:
@@ -58,6 +72,19 @@ def format_adapter(counts: FormatCounts, teacher: Any = None) -> Any:
             return super()._make_json_adapter_fallback()
 
     return FormatAdapter()
+
+
+MARKER = re.compile(r"^\s*\[\[ ## [^#]+ ## \]\]\s*$", re.MULTILINE)  # ChatAdapter's field headers
+
+
+def as_text(signature: Any, response: Any) -> dict[str, str] | None:
+    """A malformed answer as the value of a signature's one text output, its field markers dropped;
+    None when the signature asks for more (or other) than one text, or the answer holds none."""
+    outputs = list(signature.output_fields.items())
+    if len(outputs) != 1 or outputs[0][1].annotation is not str or not isinstance(response, str):
+        return None
+    text = MARKER.sub("", response).strip()
+    return {outputs[0][0]: text} if text else None
 
 
 def _fresh(lm: Any, lm_kwargs: dict, attempt: int) -> dict:

@@ -113,6 +113,7 @@ def format_fields(formats: FormatCounts) -> dict[str, int]:
         "format_failures": formats.failures,
         "adapter_fallbacks": formats.fallback_calls,
         "teacher_retries": formats.teacher_retries,
+        "teacher_as_text": formats.teacher_as_text,
     }
 
 

@@ -61,6 +61,7 @@ class TrialRecord:
     format_failures: int = 0  # malformed answers (the model's failures, scored as wrong), beside failed_calls
     adapter_fallbacks: int = 0  # extra calls DSPy's JSON fallback made after a malformed chat-format answer
     teacher_retries: int = 0  # teacher calls resampled after a malformed answer
+    teacher_as_text: int = 0  # teacher answers taken as plain text once every resample was malformed
 
     @property
     def simulated(self) -> bool:
@@ -122,6 +123,7 @@ class TrialRecord:
             format_failures=result.format_failures,
             adapter_fallbacks=result.adapter_fallbacks,
             teacher_retries=result.teacher_retries,
+            teacher_as_text=result.teacher_as_text,
         )
 
 
