@@ -343,9 +343,10 @@ class TrialEnds:
     so the driver never waits for W&B or MLflow at a trial's end.
 
     The thread takes every end queued (waiting `BATCH_S` for more), writes the results file once
-    for all of them (before tracking, which may fail), tracks each, and writes the file again
-    with their MLflow run ids: two writes per batch, not two per trial, each converting only the
-    batch's rows (earlier batches stay Arrow tables), so the Python work per end stays flat. The backlog is bounded
+    for all of them (before tracking, which may fail), tracks each, and writes the file again as
+    each is tracked (with its MLflow run id: a killed driver's --resume re-runs no tracked trial),
+    each write converting only the batch's rows (earlier batches stay Arrow tables), so the Python
+    work per end stays flat. The backlog is bounded
     (`put` waits when `BACKLOG` ends are queued); a tracking error stops the sweep at the next
     end, naming the trial; `close` flushes and returns every record."""
 
@@ -358,7 +359,7 @@ class TrialEnds:
 
         self.path, self.trackers, self.records = path, trackers, list(records)
         self.tables = [records_table(self.records)] if self.records else []  # the file's rows so far
-        self.error: SweepError | None = None
+        self.error: Exception | None = None  # the first failure: raised on the driver at the next end
         self._queue: queue.Queue = queue.Queue(self.BACKLOG)
         self._thread = threading.Thread(target=self._loop, name="trial-ends", daemon=True)
         self._thread.start()
@@ -389,7 +390,10 @@ class TrialEnds:
                     break
             ends = [end for end in batch if end is not None]
             if ends:
-                self._save(ends)
+                try:
+                    self._save(ends)
+                except Exception as exc:  # a full disk, say: the driver raises it, nothing dies silently here
+                    self.error = self.error or exc
             if batch[-1] is None:
                 return
 
@@ -403,15 +407,29 @@ class TrialEnds:
                 try:
                     run_id = self.trackers.log_trial(trial, record, result)
                 except Exception as exc:
-                    self.error = SweepError(
-                        f"tracking failed for trial {trial.id} ({type(exc).__name__}: {first_line(exc)}); "
-                        f"finished trials are saved in {self.path}: fix it, then --resume"
-                    )
+                    self.error = _tracking_error(exc, trial, self.path)
                     break
                 batch[i] = dataclasses.replace(record, mlflow_run_id=run_id, tracked=True)
+                if i + 1 < len(
+                    ends
+                ):  # tracked is on disk as soon as it is true: a killed driver re-runs no tracked trial
+                    write_tables(self.path, [*self.tables, records_table(batch)])
         self.records[len(self.records) - len(batch) :] = batch
         self.tables.append(records_table(batch))
         write_tables(self.path, self.tables)
+
+
+def _tracking_error(exc: Exception, trial: Trial, results: Path) -> Exception:
+    """What stops the sweep when a trial's tracking failed: a full state directory (the local MLflow
+    store's SQLite says "database or disk is full") is the disk's error, which `sweep run` names as such."""
+    import errno
+
+    if "disk is full" in str(exc):
+        return OSError(errno.ENOSPC, "No space left on device")
+    return SweepError(
+        f"tracking failed for trial {trial.id} ({type(exc).__name__}: {first_line(exc)}); "
+        f"finished trials are saved in {results}: fix it, then --resume"
+    )
 
 
 def _trial_id(trial: Trial) -> str:

@@ -11,6 +11,10 @@ the step asks for one text (MIPROv2's program and module descriptions and its pr
 instruction, COPRO's instruction), the last answer's text is taken as that text: a small teacher
 that ignores the field markers still wrote an instruction, and the optimizer scores it like any
 other candidate. Only then, or for a step with other outputs, does the error go on.
+
+The trial runs with a high `max_errors` so malformed answers do not cancel evaluations; a refused
+key or the spent budget must still end it, so the adapter raises those as `SweepStop`, a
+BaseException that DSPy's per-example `except Exception` handlers let through (as `Stopped` is).
 """
 
 from __future__ import annotations
@@ -44,6 +48,35 @@ class FormatCounts:
             self.teacher_as_text += teacher_as_text
 
 
+class SweepStop(BaseException):
+    """A refused key or the sweep's spent budget, on its way through an optimizer to the trial."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def stops() -> tuple[type[Exception], ...]:
+    """The LM errors that end a trial whatever the optimizer does: a refused key, the spent budget."""
+    from dspy import lm15
+    from dspy.utils.exceptions import LMAuthError
+
+    from dspy_sweeps.errors import BudgetSpent
+
+    return (LMAuthError, lm15.AuthError, BudgetSpent)
+
+
+def ending(exc: BaseException) -> Exception | None:
+    """The refused key or spent budget behind `exc`, if that is what it is: DSPy wraps an engine's
+    error it does not know (BudgetSpent) in LMUnexpectedError, so its causes are looked at too."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, stops()):
+            return seen  # type: ignore[return-value]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def format_adapter(counts: FormatCounts, teacher: Any = None) -> Any:
     """DSPy's ChatAdapter (with its JSON fallback) that counts malformed answers into `counts` and
     resamples the `teacher` LM's (None: no teacher of its own, so nothing is resampled)."""
@@ -64,6 +97,10 @@ def format_adapter(counts: FormatCounts, teacher: Any = None) -> Any:
                     if teaching and (text := as_text(signature, exc.lm_response)) is not None:
                         counts.add(teacher_as_text=1)
                         return [text]
+                    raise
+                except Exception as exc:
+                    if (stop := ending(exc)) is not None:
+                        raise SweepStop(stop) from exc
                     raise
             raise AssertionError("unreachable: the last try returns or raises")
 

@@ -22,7 +22,7 @@ from typing import Any
 from dspy_sweeps.data import Dataset
 from dspy_sweeps.records import ExampleTrace, TrialResult
 from dspy_sweeps.run.events import NoEvents, TrialEvents
-from dspy_sweeps.run.formats import FormatCounts, format_adapter
+from dspy_sweeps.run.formats import FormatCounts, SweepStop, format_adapter
 from dspy_sweeps.run.optimize import Supplies, compile_with
 from dspy_sweeps.spec.imports import build_program, load_object
 from dspy_sweeps.spec.kinds import BASELINE
@@ -85,6 +85,8 @@ def run_trial(
             )
         except Stopped:
             return _pruned(trial, progress, progress.best, start)
+        except SweepStop as stop:  # a refused key or the spent budget, through the optimizer's handlers
+            raise stop.cause from None
         val = evaluate(program, valset, metric, trial.num_threads)
         progress.report("val", val.score)
         if progress.pruned is not None:  # pruned on its final val score: the compiled program is its best
@@ -258,7 +260,10 @@ def evaluate(
         if len(failed_so_far) > give_up_after:  # the endpoint is down: stop spending calls on it
             return example, None, None, failed_so_far[0]
         try:
-            prediction = program(**example.inputs())
+            try:
+                prediction = program(**example.inputs())
+            except SweepStop as stop:  # in the trial's own scoring, a failed call like the others
+                raise stop.cause from None
         except failures as exc:
             failed_so_far.append(exc)
             return example, None, None, exc

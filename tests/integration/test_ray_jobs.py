@@ -191,7 +191,7 @@ def test_submit_follow_runs_the_sweep_as_a_ray_job(
     results = subprocess.run(
         [str(BIN / "sweep"), "results", "demo", "--storage", str(tmp_path / "storage")],
         cwd=REPO,
-        env=env,
+        env={**env, "COLUMNS": "250"},  # a table as wide as a terminal would show it: trial ids unabridged
         capture_output=True,
         text=True,
         timeout=120,
