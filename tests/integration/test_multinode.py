@@ -6,12 +6,16 @@ to a storage path every node mounts (the stand-in for a shared filesystem or s3:
 
 - `sweep run --address` ships the project: every trial runs on the second node, which cannot see
   `pipelines/`; promotion and `sweep pull` work on the driver.
+- `sweep submit` runs the same sweep as a Ray job (its driver on the head, with the head's PATH): every
+  trial again on the second node; after the job its results are read from storage on the driver, and
+  `sweep pull` reads its champion from the MLflow server.
 - The node running GEPA is lost mid-run (its raylet's process group killed): the trial resumes on a
   third node from storage, with attempts 2, spending fewer metric calls than GEPA's whole run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -55,7 +59,11 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    head = start_head(dashboard=False, num_cpus=0, env={**own_ray(dict(os.environ)), **FAST_HEALTH_CHECKS})
+    # The dashboard (the job server `sweep submit` talks to) on a free port: above Ray's worker ports
+    # (10002-19999), not its agent's 52365. Started as a user meets it: the venv's `bin` is not on the
+    # head's PATH, the PATH a job's entrypoint runs with.
+    env = {**own_ray(dict(os.environ)), **FAST_HEALTH_CHECKS}
+    head = start_head(dashboard=True, num_cpus=0, env=env, venv_on_path=False)
     running = Cluster(head, tmp_path_factory.mktemp("driver"), tmp_path_factory.mktemp("shared-storage"))
     try:
         running.add_node("127.0.0.2")
@@ -107,6 +115,49 @@ def test_sweep_run_address_runs_every_trial_on_a_node_without_the_project(
     )
     assert pulled.returncode == 0, pulled.stderr[-2000:]
     assert (tmp_path / "pulled" / "program.json").is_file()
+
+
+def test_sweep_submit_runs_every_trial_on_a_node_without_the_project(
+    cluster: Cluster, sim: SimServer, mlflow_server: str, tmp_path: Path
+) -> None:
+    state, storage = cluster.driver_dir / "submit", cluster.storage / "submit"
+    assert cluster.head.dashboard is not None
+    env = {**own_ray(dict(os.environ)), **cluster.head.env, "MLFLOW_TRACKING_URI": mlflow_server}
+    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    overrides = [*pointed_at(sim), "--set", "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]"]
+    overrides += [
+        "--set",
+        "promote.model=multinode-job",
+        "--set",
+        "tracking={wandb: null, mlflow: {experiment: multinode-job}}",
+    ]
+
+    def sweep(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([str(SWEEP), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+    address = ["--address", cluster.head.dashboard]
+    submitted = sweep(
+        "submit", "sweeps/demo.yaml", *address, *overrides, "--state-dir", str(state), "--storage", str(storage),
+        "--follow", timeout=900,
+    )  # fmt: skip
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
+    job_id = submitted.stdout.splitlines()[0].strip()
+    assert "promoted v1 as @champion" in submitted.stdout, submitted.stdout[-3000:]  # the job's log, streamed
+    status = sweep("status", job_id, *address)
+    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout, (status.stdout, status.stderr)
+
+    workers = {node.ip for node in cluster.nodes if node.process.poll() is None}  # 127.0.0.2, the head excluded
+    hosts = hosts_of(storage)
+    assert len(hosts) == 2 and set(hosts.values()) == workers, (hosts, workers)
+
+    # After the job, on the driver: the results from storage, then the champion from the MLflow server.
+    results = sweep("results", "demo", "--storage", str(storage))
+    assert results.returncode == 0, results.stderr[-2000:]
+    pulled = sweep("pull", "multinode-job@champion", "-o", str(tmp_path / "pulled"), "--tracking-uri", mlflow_server)
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    meta = json.loads((tmp_path / "pulled" / "metadata.json").read_text())
+    assert meta["trial_id"] in hosts and (tmp_path / "pulled" / "program.json").is_file()
+    assert meta["trial_id"] in results.stdout and "promoted" in results.stdout, results.stdout
 
 
 def gepa_evals(path: Path) -> int:
