@@ -7,6 +7,7 @@ starts one of its own, with the dashboard, to submit jobs to.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -189,11 +190,22 @@ class RayNode:
     log: Path
 
     def lose(self) -> None:
-        """The node is lost: SIGKILL to its process group (`ray start --block`, the raylet, its workers)."""
+        """The node is lost: SIGKILL to its process group (`ray start --block`, the raylet) and to every
+        process under it (Ray puts each worker in a process group of its own): nothing of it runs on."""
+        import psutil
+
+        try:
+            under = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            under = []
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for process in under:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(under, timeout=30)
         self.process.wait(timeout=60)
 
 
