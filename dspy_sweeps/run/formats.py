@@ -77,15 +77,17 @@ def ending(exc: BaseException) -> Exception | None:
     return None
 
 
-def format_adapter(counts: FormatCounts, teacher: Any = None) -> Any:
+def format_adapter(counts: FormatCounts, program_outputs: frozenset[str] | None = None) -> Any:
     """DSPy's ChatAdapter (with its JSON fallback) that counts malformed answers into `counts` and
-    resamples the `teacher` LM's (None: no teacher of its own, so nothing is resampled)."""
+    resamples those of the optimizer's own steps: a signature whose outputs are none of the
+    program's (`program_outputs`; None: the trial has no teacher, so nothing is resampled). Known by
+    the step, not by the LM object: optimizers call copies of the teacher LM (a new temperature)."""
     from dspy.adapters.chat_adapter import ChatAdapter
     from dspy.utils.exceptions import AdapterParseError
 
     class FormatAdapter(ChatAdapter):
         def __call__(self, lm: Any, lm_kwargs: dict, signature: Any, demos: list, inputs: dict) -> list:
-            teaching = teacher is not None and lm is teacher
+            teaching = program_outputs is not None and not program_outputs & set(signature.output_fields)
             tries = 1 + (TEACHER_RETRIES if teaching else 0)
             for attempt in range(tries):
                 try:

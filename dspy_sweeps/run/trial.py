@@ -73,16 +73,16 @@ def run_trial(
     # DSPy's history is off: a host keeps up to 10,000 entries per LM and module otherwise, per trial.
     hooks = {"usage_tracker": progress, TRIAL_KEY: progress} if hooked else {}
     formats = formats if formats is not None else FormatCounts()
-    adapter = format_adapter(formats, lms.teacher if lms.teacher is not lms.student else None)
+    program = build_program(trial.program)
+    outputs = frozenset(name for p in program.predictors() for name in p.signature.output_fields)
+    adapter = format_adapter(formats, outputs if lms.teacher is not lms.student else None)
     # A malformed answer is an exception inside DSPy's evaluations: with DSPy's default limit (10 per
     # evaluation) a small model's wrong format would cancel an optimizer's whole evaluation. Failed
     # LM calls are bounded by the gateway's retries and the trial's own evaluation (`evaluate`).
     max_errors = len(trainset) + len(valset) + len(testset) + 1
     with dspy.context(lm=lms.student, adapter=adapter, max_errors=max_errors, disable_history=True, **hooks):
         try:
-            program = compile_program(
-                trial, build_program(trial.program), metric, lms, trainset, valset, workdir, progress.guard
-            )
+            program = compile_program(trial, program, metric, lms, trainset, valset, workdir, progress.guard)
         except Stopped:
             return _pruned(trial, progress, progress.best, start)
         except SweepStop as stop:  # a refused key or the spent budget, through the optimizer's handlers
