@@ -76,6 +76,7 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard", co
         f"test gain: paired {confidence:.0%} bootstrap interval over the held-out test examples against the baseline"
     )
     table = Table(title=title, caption=caption)
+    longest = max((len(r["trial_id"]) for r in rows), default=5)
     for column in (
         "#",
         "trial",
@@ -90,7 +91,9 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "leaderboard", co
         "time s",
         "status",
     ):
-        table.add_column(column, justify="left" if column in ("trial", "scores", "status") else "right")
+        # A trial id is what `sweep pull`, the trial's folder and its runs are named by: never cut short.
+        width = {"min_width": longest, "no_wrap": True} if column == "trial" else {}
+        table.add_column(column, justify="left" if column in ("trial", "scores", "status") else "right", **width)
     for rank, r in enumerate(ordered, 1):
         base = baselines.get(r["student"])
         ok = r["status"] == "ok"

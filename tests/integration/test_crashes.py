@@ -238,7 +238,12 @@ def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(
     after = {r["trial_id"]: r for r in rows(state)}
     errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
     clean = full.returncode == 2 and len(errors) == 1 and "is full" in errors[0] and "Traceback" not in full.stderr
-    rerun = [t for t, r in before.items() if r["status"] == "ok" and after[t]["duration_s"] != r["duration_s"]]
+    # Kept by --resume: what finished and was tracked (a trial whose tracking the full disk broke runs again).
+    rerun = [
+        t
+        for t, r in before.items()
+        if r["status"] == "ok" and r["tracked"] and after[t]["duration_s"] != r["duration_s"]
+    ]
     reliability(
         case,
         runs=1,
@@ -250,4 +255,4 @@ def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(
     assert "Traceback" not in full.stderr, full.stderr[-3000:]
     assert "resuming:" in resumed.stdout
     assert len(after) == 2 and all(r["status"] == "ok" for r in after.values())
-    assert rerun == [], "trials finished before the disk filled are not run again"
+    assert rerun == [], "trials finished and tracked before the disk filled are not run again"

@@ -203,9 +203,8 @@ def test_ensemble_is_promoted_and_loads_in_a_fresh_process(promoted: dict, tmp_p
 
     from dspy_sweeps.spec.composite import MARK
 
-    assert (
-        "promoted v1 as @champion (SIMULATED scores): no champion yet: ensemble-small-top2-" in promoted["run"].stdout
-    )
+    # The line names the gate's measure, not the trial: the pulled program below shows it is the Ensemble.
+    assert "promoted v1 as @champion (SIMULATED scores): no champion yet" in promoted["run"].stdout
     pulled = sweep_cli("pull", "ens@champion", "-o", str(tmp_path / "pulled"), state=promoted["state"])
     assert pulled.returncode == 0, pulled.stderr
     state = json.loads((tmp_path / "pulled" / "program.json").read_text())
