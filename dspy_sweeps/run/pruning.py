@@ -5,7 +5,9 @@
     host's on_event(event) -> study.on_event(event)                  # True: stop this trial
     when it ends: study.trial_finished(trial.id, result)            # COMPLETE, PRUNED or FAIL
 
-The study lives in the state directory (`optuna/<sweep>.db`, Optuna's RDB storage), so a
+The study lives in the state directory (`optuna/<sweep>.log`, Optuna's journal storage: each
+report and tell is a line appended to a file, where SQLite took a commit and re-read the trials,
+tens of milliseconds per event on the driver with a few hundred trials running), so a
 resumed sweep continues the same search: finished trials are not asked again, and a trial
 left running by a killed driver is marked failed and its point asked again first. Events feed
 the pruner the trial's best score so far at its call-spend steps (`run/progress.py`): a step
@@ -26,10 +28,18 @@ from dspy_sweeps.spec.preflight import Prepared
 from dspy_sweeps.state import State
 
 TRIAL_ID = "trial_id"  # user attribute naming the sweep trial an Optuna trial ran
-SUPERSEDED = "superseded"
-Ended = tuple[
-    str, float | None
-]  # a finished trial's status and validation score  # study attribute: numbers of trials a killed driver left running, asked again
+SUPERSEDED = "superseded"  # study attribute: numbers of trials a killed driver left running, asked again
+Ended = tuple[str, float | None]  # a finished trial's status and validation score
+
+
+def study_storage(state: State, sweep: str) -> Any:
+    """The sweep's Optuna storage: a journal file in the state directory."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = state.root / "optuna" / f"{sweep}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
 @dataclass
@@ -60,9 +70,7 @@ class SweepStudy:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sweep = prepared.sweep
-        path = state.root / "optuna" / f"{sweep.name}.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        storage = f"sqlite:///{path}"
+        storage = study_storage(state, sweep.name)
         if not resume and sweep.name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
             optuna.delete_study(study_name=sweep.name, storage=storage)  # a fresh run is a fresh search
         study = optuna.create_study(

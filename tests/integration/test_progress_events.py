@@ -122,7 +122,7 @@ def test_a_trial_on_the_simulators_weak_profile_is_pruned_recorded_pruned_with_i
     is the stop and the record (a test on the simulator, not of a real weak model)."""
     import optuna
 
-    from dspy_sweeps.run.pruning import SweepStudy
+    from dspy_sweeps.run.pruning import SweepStudy, study_storage
     from dspy_sweeps.spec.preflight import prepare
     from dspy_sweeps.state import State
     from dspy_sweeps.track.registry import best
@@ -169,7 +169,7 @@ def test_a_trial_on_the_simulators_weak_profile_is_pruned_recorded_pruned_with_i
     assert rows[hopeless.id]["status"] == "pruned" and rows[hopeless.id]["error"]
     assert rows[hopeless.id]["calls_requested"] == result.calls_requested  # its spend stays in the accounting
     assert best(records).trial_id != hopeless.id
-    stored = optuna.load_study(study_name=sweep.name, storage=f"sqlite:///{state.root}/optuna/{sweep.name}.db")
+    stored = optuna.load_study(study_name=sweep.name, storage=study_storage(state, sweep.name))
     assert [t.state.name for t in stored.trials] == ["COMPLETE", "PRUNED"]
 
 

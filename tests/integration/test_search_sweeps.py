@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from sweep_helpers import UNTRACKED, rows, sweep_cli
 
+from dspy_sweeps.run.pruning import study_storage
 from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps.state import State
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.slow
 def study_states(state: Path) -> list[str]:
     import optuna
 
-    study = optuna.load_study(study_name="demo", storage=f"sqlite:///{state}/optuna/demo.db")
+    study = optuna.load_study(study_name="demo", storage=study_storage(State(state), "demo"))
     return [t.state.name for t in study.trials]
 
 

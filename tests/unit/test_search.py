@@ -108,7 +108,7 @@ def test_resumed_search_continues_its_study_without_repeating_finished_trials(
 ) -> None:
     import optuna
 
-    from dspy_sweeps.run.pruning import SweepStudy
+    from dspy_sweeps.run.pruning import SweepStudy, study_storage
     from dspy_sweeps.spec.preflight import prepare
     from dspy_sweeps.spec.schema import load_sweep
     from dspy_sweeps.state import State
@@ -134,9 +134,7 @@ def test_resumed_search_continues_its_study_without_repeating_finished_trials(
     assert second.next_trial() is None  # nothing finished is asked again
     finish(second, again, score=0.6)
 
-    study = optuna.load_study(
-        study_name=prepared.sweep.name, storage=f"sqlite:///{state.root}/optuna/{prepared.sweep.name}.db"
-    )
+    study = optuna.load_study(study_name=prepared.sweep.name, storage=study_storage(state, prepared.sweep.name))
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "PRUNED", "FAIL", "COMPLETE"], states
     assert study.best_value == 0.6 and study.trials[3].params == study.trials[2].params
@@ -149,7 +147,7 @@ def test_a_grid_search_runs_out_of_points_cleanly(sweep_file, tmp_path: Path) ->
     """Optuna's GridSampler asks the study to stop after the last point; the outcome still counts."""
     import optuna
 
-    from dspy_sweeps.run.pruning import SweepStudy
+    from dspy_sweeps.run.pruning import SweepStudy, study_storage
     from dspy_sweeps.spec.preflight import prepare
     from dspy_sweeps.spec.schema import load_sweep
     from dspy_sweeps.state import State
@@ -164,6 +162,6 @@ def test_a_grid_search_runs_out_of_points_cleanly(sweep_file, tmp_path: Path) ->
     for trial in points:
         finish(study, trial)
     stored = optuna.load_study(
-        study_name=prepared.sweep.name, storage=f"sqlite:///{tmp_path}/optuna/{prepared.sweep.name}.db"
+        study_name=prepared.sweep.name, storage=study_storage(State(tmp_path), prepared.sweep.name)
     )
     assert [t.state.name for t in stored.trials] == ["COMPLETE", "COMPLETE"]
