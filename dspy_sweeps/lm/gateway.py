@@ -576,6 +576,11 @@ class GatewayCore:
         """Whether the budget is spent (the ledger's answer: ask shard 0)."""
         return self._spent() is not None
 
+    def spent(self) -> tuple[int, float]:
+        """Calls sent and dollars spent so far, as the budget counts them (the ledger's: ask shard 0;
+        zeros when the sweep has no budget, which keeps no ledger)."""
+        return self.sent_total, self.cloud_usd + sum({**self.hosted_usd, self.shard: self._hosted_cost()}.values())
+
     def trial_stats(self, trial_id: str, done: bool = False) -> CallStats:
         """A trial's figures, with self-hosted busy time turned into dollars by its share of slot time;
         `done`: the trial has ended, so its sampled-draw counters go (a rerun replays from draw 0)."""

@@ -28,6 +28,9 @@ class Gateway:
     def exhausted(self) -> bool:
         return self._get(self.shards[0].exhausted.remote())
 
+    def spent(self) -> tuple[int, float]:
+        return self._get(self.shards[0].spent.remote())
+
     def trial_stats(self, trial_id: str, done: bool = False) -> CallStats:
         """The trial's figures summed over the shards, self-hosted cost shared by slot time."""
         parts = self._get([shard.raw_stats.remote(trial_id, done) for shard in self.shards])

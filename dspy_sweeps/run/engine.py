@@ -26,7 +26,7 @@ from dspy_sweeps.lm.checks import check_endpoints, is_simulated, one_listing_per
 from dspy_sweeps.lm.served import served_students
 from dspy_sweeps.run.events import TrialEvent
 from dspy_sweeps.run.pruning import SweepStudy
-from dspy_sweeps.run.spend import PROMOTION, SpendLog, remaining
+from dspy_sweeps.run.spend import CHECKPOINT_S, PROMOTION, SpendLog, remaining
 from dspy_sweeps.run.trial import TrialResult
 from dspy_sweeps.spec.imports import restore_program
 from dspy_sweeps.spec.plan import Trial
@@ -93,9 +93,10 @@ def run_sweep(
             gateway = _start_gateway(prepared, state, endpoints, remaining(sweep.budget, spend.start(resume)))
             gw = SweepGateway(gateway, {key: e.id for key, e in endpoints.items()}, spend)
             try:
-                records = _run_trials(prepared, state, gw, trackers, console, resume, hosts, simulated)
-                records += _ensemble(prepared, state, gw, trackers, records, console, simulated)
-                decision = _promote(prepared, records, trackers, state, gw) if sweep.promote else None
+                with gw.checkpoints(sweep.budget):
+                    records = _run_trials(prepared, state, gw, trackers, console, resume, hosts, simulated)
+                    records += _ensemble(prepared, state, gw, trackers, records, console, simulated)
+                    decision = _promote(prepared, records, trackers, state, gw) if sweep.promote else None
             finally:
                 gw.log_unfinished()
             if decision is not None:
@@ -113,6 +114,7 @@ class SweepGateway:
     endpoint_ids: dict[str, str]
     spend: SpendLog
     logged_calls: int = 0  # by this run
+    logged_usd: float = 0.0
 
     def chain(self, spec: ModelSpec) -> tuple[str, ...]:
         """The gateway endpoints of a model and its fallbacks, in order."""
@@ -121,16 +123,49 @@ class SweepGateway:
     def log(self, trial_id: str, calls: int, usd: float) -> None:
         self.spend.add(trial_id, calls, usd)
         self.logged_calls += calls
+        self.logged_usd += usd
+
+    @contextlib.contextmanager
+    def checkpoints(self, budget: Any) -> Iterator[None]:
+        """With a budget set: the ledger's running total into the spend log every `CHECKPOINT_S`,
+        on a thread, so a driver killed outright has its running trials' spend counted on --resume."""
+        import threading
+
+        if budget.max_lm_calls is None and budget.max_usd is None:
+            yield
+            return
+        stop = threading.Event()
+
+        def write() -> None:
+            last = 0
+            while not stop.wait(CHECKPOINT_S):
+                try:
+                    calls, usd = self.handle.spent()
+                except Exception:  # the gateway is gone: the run is ending, and says why elsewhere
+                    return
+                if calls > last:
+                    self.spend.checkpoint(calls, usd)
+                    last = calls
+
+        thread = threading.Thread(target=write, name="spend-checkpoints", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def log_unfinished(self) -> None:
-        """At the end of the run, however it ended: calls the gateway sent for trials that never
+        """At the end of the run, however it ended: what the gateway sent for trials that never
         finished (a run stopped by an error or Ctrl-C), so a --resume still counts them."""
         try:
-            sent = self.handle.totals().sent
+            totals = self.handle.totals()
+            ledger_calls, ledger_usd = self.handle.spent()
         except Exception:  # the gateway itself is gone: what it sent since the last entry is lost
             return
-        if sent > self.logged_calls:
-            self.log("unfinished", sent - self.logged_calls, 0.0)
+        usd = (ledger_usd if ledger_calls else totals.cost_usd) - self.logged_usd
+        if totals.sent > self.logged_calls:
+            self.log("unfinished", totals.sent - self.logged_calls, round(max(usd, 0.0), 6))
 
 
 @contextlib.contextmanager

@@ -4,10 +4,11 @@ Every LM call of a sweep goes through its gateway, which counts it under a trial
 the Ensemble, promotion's re-scoring (`PROMOTION`). As each of them ends, the driver appends what
 the gateway counted for it to `spend/<sweep>.jsonl` in the state directory; a resumed run starts
 its gateway with the sweep's budget minus that sum, and a fresh run (no `--resume`) starts the log
-again. A run that ends early (an error, Ctrl-C) logs what the gateway sent for trials that never
-finished as "unfinished" (calls only: their dollars are not known apart). A driver killed outright
-loses what its running trials sent since the last entry; their answered calls are in the LM cache,
-so running them again does not pay for them twice.
+again. A run that ends early (an error, Ctrl-C) logs what the gateway spent for trials that never
+finished as "unfinished". With a budget set, the driver also appends the ledger's running total
+every `CHECKPOINT_S` (a "checkpoint" line): a driver killed outright counts as having spent the
+larger of its entries and its last checkpoint, so it loses at most the last few seconds of spend,
+not its running trials' (their answered calls are in the LM cache: running them again is free).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 PROMOTION = "promotion"  # the gateway's trial id for promotion's re-scoring
+CHECKPOINT = "checkpoint"  # a line holding a run's running total, not one trial's spend
+CHECKPOINT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,14 @@ class Entry:
     id: str
     calls: int
     usd: float
+    run: str = ""  # which run of the sweep wrote it (a --resume is another run)
 
 
 class SpendLog:
     def __init__(self, path: Path) -> None:
-        self.path = path
+        import uuid
+
+        self.path, self.run = path, uuid.uuid4().hex[:12]
 
     def start(self, resume: bool) -> Spent:
         """What earlier runs of the sweep spent (nothing, and a new log, unless resuming)."""
@@ -50,11 +56,26 @@ class SpendLog:
 
     def add(self, entry_id: str, calls: int, usd: float) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(asdict(Entry(entry_id, calls, usd))) + "\n")
+            f.write(json.dumps(asdict(Entry(entry_id, calls, usd, self.run))) + "\n")
+
+    def checkpoint(self, calls: int, usd: float) -> None:
+        """This run's running total so far (the gateway ledger's)."""
+        self.add(CHECKPOINT, calls, usd)
 
     def total(self) -> Spent:
-        entries = self.entries()
-        return Spent(sum(e.calls for e in entries), sum(e.usd for e in entries))
+        """Every run's spend: its entries' sum, or its last checkpoint where that is more (a run
+        killed before its running trials logged theirs)."""
+        logged: dict[str, Spent] = {}
+        marks: dict[str, Spent] = {}
+        for e in self.entries():
+            if e.id == CHECKPOINT:
+                marks[e.run] = Spent(e.calls, e.usd)
+            else:
+                so_far = logged.get(e.run, Spent())
+                logged[e.run] = Spent(so_far.calls + e.calls, so_far.usd + e.usd)
+        runs = logged.keys() | marks.keys()
+        spent = [(logged.get(r, Spent()), marks.get(r, Spent())) for r in runs]
+        return Spent(sum(max(a.calls, b.calls) for a, b in spent), sum(max(a.usd, b.usd) for a, b in spent))
 
     def entries(self) -> list[Entry]:
         if not self.path.is_file():
