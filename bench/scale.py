@@ -1,7 +1,7 @@
 """The scale benchmark (issue 17): the LM gateway's cost per call, its shards, event overhead,
 and the driver's work per trial end as sweeps grow from 100 to 1,000 trials.
 
-Run: `.venv/bin/python bench/scale.py` (prints Markdown); `bench/run.py` calls `scale_markdown()`
+Run: `.venv/bin/python bench/scale.py` (prints Markdown; `--pruner`: that table alone); `bench/run.py` calls `scale_markdown()`
 for `make bench`. `BENCH_QUICK=1` shrinks every size to check the bench itself.
 
 - gateway CPU per call: one `GatewayCore` in this process (no Ray) whose endpoints answer at
@@ -14,6 +14,9 @@ for `make bench`. `BENCH_QUICK=1` shrinks every size to check the bench itself.
   flight, each built as a trial's `Gateway` handle builds it (`make_request`, `shard_of`).
 - sent / unique: every request asked by three trials at once, through 4 shards.
 - event overhead: `bench/pruning.py`'s measure (MIPROv2 trials with events on and off).
+- driver time per pruner event: what `SweepStudy.on_event` asks of Optuna for each event of a
+  pruned search (`report` and `should_prune`, MedianPruner), with 100 and 1,000 trials running,
+  on the study's storage (`run/pruning.py`'s journal file) and on the SQLite storage it replaced.
 - driver time per trial end: a real sweep through `engine.run_sweep` (LabeledFewShot trials, one
   per seed, on the simulated endpoint at a small time scale; tracking off), 100 trials and then
   1,000; the time `TrialLoop.on_outcome` (everything the driver does at a trial's end) takes.
@@ -216,6 +219,37 @@ def overhead_rows(root: Path) -> list[list[str]]:
         return overhead(sim.base_url, root / "overhead")
 
 
+def pruner_event_ms(storage: Any, running: int, events: int) -> float:
+    """Mean ms of one pruner event (report + should_prune) with `running` trials reporting."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, direction="maximize", pruner=optuna.pruners.MedianPruner())
+    trials = [study.ask() for _ in range(running)]
+    for trial in trials:  # every running trial has reported its first step, as in a sweep under way
+        trial.report(0.5, 1)
+    start = time.perf_counter()
+    for i in range(events):
+        trial = trials[i % running]
+        trial.report(0.5, 2 + i // running)
+        trial.should_prune()
+    return (time.perf_counter() - start) * 1000 / events
+
+
+def pruner_rows(root: Path) -> list[list[str]]:
+    from dspy_sweeps.run.pruning import study_storage
+    from dspy_sweeps.state import State
+
+    rows = []
+    for running in (20, 200) if QUICK else (100, 1000):
+        journal = pruner_event_ms(study_storage(State(root / f"journal-{running}"), "bench"), running, 200)
+        sqlite = pruner_event_ms(f"sqlite:///{root}/sqlite-{running}.db", running, 20)  # ~1 s per event at 1,000
+        rows.append(
+            [f"{running:,} trials running", f"{journal:.2f} ms", f"{sqlite:.2f} ms", f"{sqlite / journal:.0f}×"]
+        )
+    return rows
+
+
 def driver_run(trials: int, root: Path) -> tuple[list[float], float]:
     """Seconds `TrialLoop.on_outcome` took at each trial end, and the sweep's wall time."""
     from rich.console import Console
@@ -287,6 +321,8 @@ def scale_markdown(progress: Any = print) -> str:
         rate, dedup = shard_rows()
         progress("scale: event overhead")
         events = overhead_rows(root)
+        progress("scale: driver time per pruner event")
+        pruner = pruner_rows(root)
         progress("scale: driver time per trial end")
         driver = driver_rows(root)
     return "\n\n".join(
@@ -300,6 +336,8 @@ def scale_markdown(progress: Any = print) -> str:
             "### Sent / unique with shards\n\n" + table(["requests", "sent", "unique", "sent / unique"], dedup),
             "### Event overhead: events on against off (bench/pruning.py's measure)\n\n"
             + table(["measure", "events on", "events off", "apart (goal ≤ 3 %)"], events),
+            "### Driver time per pruner event (Optuna's report and should_prune, MedianPruner)\n\n"
+            + table(["running", "journal file (the study's storage)", "SQLite (before)", "SQLite / journal"], pruner),
             "### Driver time per trial end (a real sweep through engine.run_sweep, tracking off)\n\n"
             + table(["sweep", "mean", "p95", "sweep wall time"], driver),
             SCALE_NOTES,
@@ -319,10 +357,19 @@ SCALE_NOTES = """What bounds each figure:
   be sampled requests, which are never merged.
 - event overhead: the measure's noise on a shared machine (the hook itself costs one context
   lookup per `dspy.Evaluate` and a counter per answered call).
+- driver time per pruner event: MedianPruner reads every trial's value at the step, so it grows
+  with the trials running; the journal storage keeps the study in memory and appends one line
+  per report, where SQLite committed and re-read the trials.
 - driver time per trial end: writing the program file and queuing the end; the results file and
   tracking are written in batches on their own thread, off the driver's loop."""
 
 
 if __name__ == "__main__":
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    print(scale_markdown())
+    if sys.argv[1:] == ["--pruner"]:  # that table alone
+        from report import table
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print(table(["running", "journal file", "SQLite (before)", "SQLite / journal"], pruner_rows(Path(tmp))))
+    else:
+        print(scale_markdown())
