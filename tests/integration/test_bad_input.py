@@ -193,9 +193,9 @@ def test_bad_input_exits_2_with_one_line(case: str, runs: dict[str, Future[Run]]
         assert fragment in lines[0]
     assert "sk-" not in run.stderr + run.stdout, "a key written in a sweep file is never echoed"
     assert "hunter2" not in run.stderr + run.stdout, "nor a password in a tracking URI"
-    # Nothing started: Ray and the simulated endpoint would each have made their folder.
+    # Nothing started: Ray and the simulated endpoint (a local endpoint plugin) would each have made their folder.
     assert not (run.state / "ray").exists()
-    assert not (run.state / "sim").exists()
+    assert not (run.state / "endpoints").exists()
     reliability("bad input: malformed sweep files (CLI)", faults_survived=1)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sweep_helpers import UNTRACKED, rows, sweep_cli
 
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = pytest.mark.slow
 
