@@ -234,7 +234,7 @@ def driver_run(trials: int, root: Path) -> tuple[list[float], float]:
         "num_threads=1",
         "parallelism=64",
         "budget={max_lm_calls: null}",
-        "sim={time_scale: 0.001}",
+        "endpoints={sim: {time_scale: 0.001}}",
         "tracking={wandb: null, mlflow: null}",
         "promote=null",
     ]

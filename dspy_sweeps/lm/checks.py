@@ -33,6 +33,17 @@ def _check_litellm_env(where: str, model: str) -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
 
+    from dspy_sweeps.lm.endpoints import installed
+
+    provider, sep, _ = model.partition("/")
+    known = {str(getattr(p, "value", p)) for p in litellm.provider_list}
+    if sep and provider not in known and model not in litellm.model_cost:  # a typo, or a plugin not installed
+        plugins = ", ".join(sorted(installed())) or "none"
+        raise SweepError(
+            f"{where} ({model}): '{provider}' is neither a LiteLLM provider nor an installed endpoint plugin "
+            f"(plugins: {plugins})"
+        )
+
     missing = litellm.validate_environment(model=model).get("missing_keys") or []
     if missing:
         raise SweepError(f"{where} ({model}): API key variable {', '.join(missing)} is not set")
