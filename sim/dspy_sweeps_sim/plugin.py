@@ -64,7 +64,9 @@ class Simulator:
                 "--api-base of a running `python -m dspy_sweeps_sim`)"
             )
         settings = Settings.model_validate(dict(request.settings))
-        with SimServer(key, request.workdir, models=request.models, **settings.model_dump()) as sim:
+        # Started again for a registered program: its own log and port file, beside a sweep that may be running.
+        folder = request.workdir if request.data is not None else request.workdir / "again"
+        with SimServer(key, folder, models=request.models, **settings.model_dump()) as sim:
             yield sim.base_url
 
 
