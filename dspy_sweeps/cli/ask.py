@@ -32,7 +32,9 @@ def ask_program(
         missing = [name for name in meta["inputs"] if name not in inputs]
         if missing:
             raise SweepError(f"{ref}: missing input {missing[0]}=... (inputs: {', '.join(meta['inputs'])})")
-        if meta.get("student_simulated"):
+        from dspy_sweeps.lm.endpoints import simulated
+
+        if meta.get("student_simulated") or simulated(ModelSpec(**meta["student"])):
             print(f"{ref}: SIMULATED student (a test/demo double, not a real model)", file=sys.stderr)
         with student_endpoint(meta, state, api_base) as base:
             program = load_pulled(folder, api_base=base)

@@ -54,10 +54,10 @@ def run_sweep(
 ) -> SweepOutcome:
     """Start what the sweep needs, run its trials, promote the winner, and stop everything again.
 
-    Order: local endpoints (a simulator), Ray, served students (their replicas are Ray actors), trial hosts (warming
-    up while endpoints are checked and trackers open), trials, promotion (which re-scores on the
-    student, so the replicas are still up); then, each in a `finally`, the hosts stop, the
-    replicas stop, Ray stops, the local endpoints stop.
+    Order: local endpoints (the simulator's plugin), Ray, served students (their replicas are Ray
+    actors), trial hosts (warming up while endpoints are checked and trackers open), trials,
+    promotion (which re-scores on the student, so the replicas are still up); then, each in a
+    `finally`, the hosts stop, the replicas stop, Ray stops, the local endpoints stop.
     """
     from dspy_sweeps.run.storage import check_storage
 
