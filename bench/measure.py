@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 # vLLM serving an 8B model on one H100 (issue 4): 40 ms to the first token, 4.5 ms a token at
 # batch size 1 (slower as the batch grows), 64 sequences at once.

@@ -231,8 +231,8 @@ def overhead(sim_url: str, root: Path) -> list[list[str]]:
 def pruning_markdown() -> str:
     from report import table
 
-    from dspy_sweeps.run.engine import write_answer_key
-    from dspy_sweeps.sim.launch import SimServer
+    from dspy_sweeps_sim import write_answer_key
+    from dspy_sweeps_sim.launch import SimServer
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -211,8 +211,8 @@ def shard_rows() -> tuple[list[list[str]], list[list[str]]]:
 def overhead_rows(root: Path) -> list[list[str]]:
     from pruning import overhead, prepared_sweep
 
-    from dspy_sweeps.run.engine import write_answer_key
-    from dspy_sweeps.sim.launch import SimServer
+    from dspy_sweeps_sim import write_answer_key
+    from dspy_sweeps_sim.launch import SimServer
 
     key = write_answer_key(prepared_sweep("http://127.0.0.1:9/v1", []).data, root / "key.jsonl")
     with SimServer(key, root / "sim", models=("student", "teacher"), time_scale=0.01) as sim:
@@ -268,7 +268,7 @@ def driver_run(trials: int, root: Path) -> tuple[list[float], float]:
         "num_threads=1",
         "parallelism=64",
         "budget={max_lm_calls: null}",
-        "sim={time_scale: 0.001}",
+        "endpoints={sim: {time_scale: 0.001}}",
         "tracking={wandb: null, mlflow: null}",
         "promote=null",
     ]

@@ -185,11 +185,11 @@ def start_service(uri: str, api_base: str, tmp: Path) -> tuple[subprocess.Popen,
 
 def run_serving(sizes: ServingSizes, progress: Callable[[str], None] = print) -> ServingResults:
     from dspy_sweeps.data import load_dataset
-    from dspy_sweeps.run.engine import write_answer_key
     from dspy_sweeps.serve.app import predict_once
     from dspy_sweeps.serve.program import StudentConfig, load_version
-    from dspy_sweeps.sim.launch import SimServer
     from dspy_sweeps.spec.schema import load_sweep
+    from dspy_sweeps_sim import write_answer_key
+    from dspy_sweeps_sim.launch import SimServer
 
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)

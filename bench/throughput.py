@@ -171,10 +171,10 @@ def overhead_child(args: argparse.Namespace) -> dict[str, Any]:
     from dspy_sweeps.lm.engine import build_gateway_lm
     from dspy_sweeps.lm.gateway import Budget
     from dspy_sweeps.run import runner
-    from dspy_sweeps.run.engine import write_answer_key
-    from dspy_sweeps.sim.launch import SimServer
     from dspy_sweeps.spec.imports import build_program
     from dspy_sweeps.spec.schema import load_sweep
+    from dspy_sweeps_sim import write_answer_key
+    from dspy_sweeps_sim.launch import SimServer
 
     sweep = load_sweep(args.sweep, args.set)
     data = load_dataset(sweep.data)
@@ -357,8 +357,8 @@ class Results:
 
 def run_throughput(sizes: Sizes, progress: Any = print) -> Results:
     from dspy_sweeps.data import load_dataset
-    from dspy_sweeps.run.engine import write_answer_key
     from dspy_sweeps.spec.schema import load_sweep
+    from dspy_sweeps_sim import write_answer_key
 
     root = Path(tempfile.mkdtemp(prefix="dspy-sweeps-bench-"))
     sweep = load_sweep(SWEEP, sweep_overrides(sizes, sizes.main_trials))

@@ -45,9 +45,5 @@ class State:
         return self.root / "wandb"
 
     @property
-    def sim(self) -> Path:
-        return self.root / "sim"
-
-    @property
     def mlflow_uri(self) -> str:
         return f"sqlite:///{self.root / 'mlflow.db'}"

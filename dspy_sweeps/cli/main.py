@@ -1,4 +1,4 @@
-"""The `sweep` command line: validate, plan, run, results, pull, ask, serve, sim; submit, status, logs, stop.
+"""The `sweep` command line: validate, plan, run, results, pull, ask, serve; submit, status, logs, stop.
 
 Only the standard library and Typer load at import, so `sweep --help` answers at once;
 each command imports what it needs. Bad input exits 2 with one line on stderr.
@@ -284,28 +284,6 @@ def _key_value(item: str) -> tuple[str, str]:
     if not sep:
         raise SweepError(f"input '{item}': expected key=value, e.g. question='What is 2+2?'")
     return key, value
-
-
-@app.command()
-def sim(
-    answer_key: Annotated[Path, typer.Option(help="JSONL answer key: {inputs: {...}, labels: {...}} per line")],
-    port: int = 8000,
-    host: str = "127.0.0.1",
-    model: Annotated[list[str] | None, typer.Option(help="Served model names")] = None,
-    time_scale: float = 1.0,
-    max_num_seqs: int = 64,
-) -> None:
-    """Serve the SIMULATED OpenAI-compatible endpoint (a test/demo double, not a real model)."""
-    from dspy_sweeps.sim.server import serve
-
-    serve(
-        answer_key,
-        host=host,
-        port=port,
-        models=tuple(model or ("student", "teacher")),
-        time_scale=time_scale,
-        max_num_seqs=max_num_seqs,
-    )
 
 
 # --- Ray Jobs: sweep submit / status / logs / stop ----------------------------------------

@@ -129,8 +129,14 @@ def progress_view(snapshot: Snapshot, running: bool, now: float | None = None) -
 
 
 def _simulated(row: dict[str, Any]) -> bool:
-    """Rows from before the flags were kept: a `sim/` student string says so."""
-    return bool(row.get("student_simulated") or row.get("teacher_simulated")) or str(row["student"]).startswith("sim/")
+    """Rows from before the flags were kept: a student model whose local endpoint plugin declares its
+    answers simulated (`sim/...`) says so."""
+    from dspy_sweeps.lm.endpoints import simulated
+    from dspy_sweeps.spec.schema import ModelSpec
+
+    if row.get("student_simulated") or row.get("teacher_simulated"):
+        return True
+    return simulated(ModelSpec(name="student", model=str(row.get("student_model") or row["student"])))
 
 
 def _gain(row: dict[str, Any], base: dict[str, Any] | None, gain: Any) -> str:

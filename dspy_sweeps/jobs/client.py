@@ -133,6 +133,7 @@ def job_request(
     The job's state dir is `state_dir` on the head, by default `$DSPY_SWEEPS_STATE` or `~/.dspy-sweeps`
     there: never inside the job's working_dir, which Ray unpacks to a new folder for each submission,
     so the LM cache, the Optuna study and `--resume` carry over from one submission to the next."""
+    from dspy_sweeps.lm.endpoints import plugin_name
     from dspy_sweeps.spec.schema import load_sweep
 
     project = Path(project_dir or Path.cwd()).resolve()
@@ -149,7 +150,7 @@ def job_request(
             raise SweepError(f"--secret {name}: expected an environment variable name, e.g. --secret OPENAI_API_KEY")
         if not env.get(name):
             raise SweepError(f"--secret {name}: the variable is not set in this environment")
-    named = [m.api_key_env for m in sweep.models if m.api_key_env and not m.simulated]
+    named = [m.api_key_env for m in sweep.models if m.api_key_env and plugin_name(m) is None]
     wanted = dict.fromkeys([*secret_vars, *named, *TRACKING_SECRETS])
     secrets = {name: env[name] for name in wanted if env.get(name)}
     missing = [name for name in dict.fromkeys(named) if not env.get(name)]

@@ -1,7 +1,8 @@
-"""Student and teacher LMs as DSPy builds them: a simulated model resolved to the simulator's URL, a `dspy.LM` for a spec.
+"""Student and teacher LMs as DSPy builds them: a `dspy.LM` (or `dspy.Embedder`) for a resolved spec.
 
-Simulated models (`sim/student`) are rewritten to the OpenAI-compatible simulator's URL,
-so the production path (LiteLLM/DSPy speaking HTTP to an endpoint) is the one exercised.
+A model a local endpoint plugin serves (`sim/student`) is resolved to its endpoint's URL first
+(`dspy_sweeps.lm.endpoints.resolve`), so the production path (LiteLLM/DSPy speaking HTTP to an
+OpenAI-compatible endpoint) is the one exercised.
 """
 
 from __future__ import annotations
@@ -10,21 +11,10 @@ import os
 from typing import Any
 
 from dspy_sweeps.errors import SweepError
-from dspy_sweeps.spec.schema import SIM_PREFIX, ModelSpec
+from dspy_sweeps.lm.endpoints import plugin_name
+from dspy_sweeps.spec.schema import ModelSpec
 
 NO_KEY = "EMPTY"  # what vLLM and SGLang accept when they run without --api-key
-
-
-def resolve(spec: ModelSpec, sim_url: str | None) -> ModelSpec:
-    """A simulated model becomes an OpenAI-compatible model at the simulator's URL."""
-    if not spec.simulated:
-        return spec
-    if sim_url is None:
-        raise SweepError(f"{spec.name}: model {spec.model} needs the simulated endpoint, which is not running")
-    served = "openai/" + spec.model.removeprefix(SIM_PREFIX)
-    return spec.model_copy(
-        update={"model": served, "api_base": sim_url, "api_key_env": None}
-    )  # the simulator takes no key
 
 
 def build_lm(spec: ModelSpec, cache: bool = True) -> Any:
@@ -100,8 +90,8 @@ def served_name(spec: ModelSpec) -> str:
 def portable_lm(spec: ModelSpec) -> Any:
     """The student as a registered model carries it for MLflow's own serving path: the model and its
     self-hosted endpoint, never a key (a cloud model takes its provider's standard variable where it is
-    served). None for a simulated or sweep-hosted student, whose endpoint ends with its sweep."""
-    if spec.simulated or spec.serve is not None:
+    served). None for a student on a local endpoint or hosted by the sweep, whose endpoint ends with its sweep."""
+    if plugin_name(spec) is not None or spec.serve is not None:
         return None
     import dspy
 

@@ -17,8 +17,10 @@ from dspy_sweeps.spec.schema import ModelSpec, Sweep
 
 def check_keys(sweep: Sweep) -> None:
     """Every cloud model has its key variable set; the error names the variable, never a value."""
+    from dspy_sweeps.lm.endpoints import plugin_name
+
     for where, spec in sweep.roles():
-        if spec.simulated:
+        if plugin_name(spec) is not None:  # a local endpoint the sweep starts takes no key
             continue
         if spec.api_key_env:
             if not os.environ.get(spec.api_key_env):
@@ -30,6 +32,17 @@ def check_keys(sweep: Sweep) -> None:
 def _check_litellm_env(where: str, model: str) -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
+
+    from dspy_sweeps.lm.endpoints import installed
+
+    provider, sep, _ = model.partition("/")
+    known = {str(getattr(p, "value", p)) for p in litellm.provider_list}
+    if sep and provider not in known and model not in litellm.model_cost:  # a typo, or a plugin not installed
+        plugins = ", ".join(sorted(installed())) or "none"
+        raise SweepError(
+            f"{where} ({model}): '{provider}' is neither a LiteLLM provider nor an installed endpoint plugin "
+            f"(plugins: {plugins})"
+        )
 
     missing = litellm.validate_environment(model=model).get("missing_keys") or []
     if missing:
@@ -113,18 +126,19 @@ def served_models(base: str, where: str, timeout: float = 5.0) -> dict[str, Any]
     return found.models
 
 
-SIMULATOR_OWNER = "dspy-sweeps-simulator"  # what `sweep sim` lists as its models' owner
+SIMULATOR_OWNER = "dspy-sweeps-simulator"  # the models' owner an endpoint that declares itself simulated lists
 
 
 def answers_simulated(base: str, timeout: float = 5.0) -> bool:
-    """Whether the endpoint at `base` says it is the simulator: the `x-simulated: true` header it puts
-    on every response, or its models' owner. An unreachable endpoint is `check_endpoints`' to report."""
+    """Whether the endpoint at `base` says its answers are simulated: the `x-simulated: true` header it
+    puts on every response, or its models' owner. An unreachable endpoint is `check_endpoints`' to report."""
     return listing(base, timeout).simulated
 
 
 def is_simulated(spec: ModelSpec, resolved: ModelSpec) -> bool:
-    """A score from this model came from the simulator: a `sim/` model, a student served on the `sim`
-    engine, or an endpoint that marks its answers as simulated whatever its model string."""
-    if spec.simulated or (spec.serve is not None and spec.serve.engine == "sim"):
-        return True
-    return any(answers_simulated(base) for base in resolved.api_bases)
+    """A score from this model is not a real model's: its local endpoint plugin declares it simulated,
+    or an endpoint it is called at (a served student's replica, any api_base) marks its answers so,
+    whatever its model string."""
+    from dspy_sweeps.lm.endpoints import simulated
+
+    return simulated(spec) or any(answers_simulated(base) for base in resolved.api_bases)

@@ -10,9 +10,11 @@ TYPICAL_CALL_TOKENS = (800, 200)  # prompt, completion: a chain-of-thought call,
 
 
 def typical_call_usd(spec: ModelSpec) -> float | None:
-    """Price of a typical call from LiteLLM's price map: 0 for self-hosted and simulated models
-    (their cost is busy time, known only after the run), None for a model the map lacks."""
-    if spec.simulated or spec.api_bases or spec.serve is not None:
+    """Price of a typical call from LiteLLM's price map: 0 for self-hosted models and those of a local
+    endpoint (their cost is busy time, known only after the run), None for a model the map lacks."""
+    from dspy_sweeps.lm.endpoints import plugin_name
+
+    if plugin_name(spec) is not None or spec.api_bases or spec.serve is not None:
         return 0.0
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm

@@ -1,13 +1,13 @@
 """Students hosted by the sweep itself: each replica is a Ray actor running an OpenAI-compatible server.
 
-    with served_students(sweep, state, answer_key) as urls:   # Ray is already initialised
+    with served_students(sweep, state) as urls:   # Ray is already initialised
         urls["llama-8b"]   # ["http://10.0.0.5:40123/v1", "http://10.0.0.6:38411/v1"]
 
 A student with `serve: {engine: vllm, model: ..., gpus: 1, replicas: 2}` gets `replicas` actors.
 Each holds `gpus` GPUs (Ray sets CUDA_VISIBLE_DEVICES, which the server inherits), picks a
 free port on its node once, so its URL stays the same across restarts, and runs the engine's
 command line (`vllm serve ...`, `python -m sglang.launch_server ...`, llama.cpp's `llama-server`
-on CPU, or the simulated endpoint for tests) in a process group of its own. A supervisor thread
+on CPU, or any OpenAI-compatible server a `command:` names) in a process group of its own. A supervisor thread
 waits for `GET /health` (and, for llama.cpp, a one-token completion: a server that loaded the
 wrong file answers /health all the same), restarts the server on the same port when it dies,
 and kills the whole group on stop. A teacher with the same `serve:` as a student shares its server.
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from dspy_sweeps.state import State
 
 # `args` are appended after these; `{python}` is the replica's own interpreter, so a server
-# module installed beside the project (sglang, the simulated endpoint) is the one that runs.
+# module installed beside the project (sglang, or a test double's) is the one that runs.
 DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
     "vllm": ("vllm", "serve", "{model}", "--host", "{host}", "--port", "{port}"),
     "sglang": (
@@ -64,19 +64,6 @@ DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
         "{host}",
         "--port",
         "{port}",
-    ),
-    "sim": (
-        "{python}",
-        "-m",
-        "dspy_sweeps.sim",
-        "--answer-key",
-        "{answer_key}",
-        "--host",
-        "{host}",
-        "--port",
-        "{port}",
-        "--model",
-        "{model}",
     ),
 }
 LLAMA_SERVER_ENV = "LLAMA_SERVER"
@@ -91,21 +78,16 @@ PLACEMENT_SLACK_S = 120.0  # on top of startup_timeout_s: time for Ray (or an au
 # -- the command line ------------------------------------------------------------------
 
 
-def render_command(
-    spec: ServeSpec, *, host: str, port: int, python: str = sys.executable, answer_key: str | Path | None = None
-) -> list[str]:
+def render_command(spec: ServeSpec, *, host: str, port: int, python: str = sys.executable) -> list[str]:
     """The engine's command line for one replica: the template filled in, then `args` as they are."""
     if spec.engine == "llama_cpp" and spec.command is None:
         return llama_cpp_command(spec, host=host, port=port)
     template = spec.command or DEFAULT_COMMANDS[spec.engine]
-    if answer_key is None and any("{answer_key}" in part for part in template):
-        raise SweepError("serve: the command names {answer_key}, but this sweep has no answer key to give it")
     values = {
         "model": spec.model,
         "host": host,
         "port": str(port),
         "python": python,
-        "answer_key": str(answer_key or ""),
     }
     return [part.format_map(values) for part in template] + list(spec.args)
 
@@ -284,9 +266,7 @@ def _guard(pgid: int, log: str) -> None:
 class Replica:
     """One supervised server process. A Ray actor (see `_actor_class`); plain Python otherwise."""
 
-    def __init__(
-        self, label: str, spec: ServeSpec, answer_key: str | None, log_dir: str, host: str | None = None
-    ) -> None:
+    def __init__(self, label: str, spec: ServeSpec, log_dir: str, host: str | None = None) -> None:
         if host is None:
             import ray
 
@@ -299,7 +279,7 @@ class Replica:
         self.pids: list[int] = []
         self.failure: str | None = None
         try:  # llama.cpp's binary and model file are found here, on the replica's node
-            self.command = _executable(render_command(spec, host=host, port=self.port, answer_key=answer_key))
+            self.command = _executable(render_command(spec, host=host, port=self.port))
         except RuntimeError as exc:
             self.command, self.failure = [], f"replica {label}: {exc}"
         self.healthy = False  # the current server answered /health and has not exited since
@@ -459,7 +439,7 @@ class Replica:
 def local_server(spec: ServeSpec, log_dir: Path) -> Iterator[str]:
     """One replica of `spec` in this process, without Ray (for `sweep ask` / `sweep serve` of a
     program whose student the sweep served): its base URL, stopped on exit; SweepError if it fails."""
-    replica = Replica("ask", spec, None, str(log_dir), host="127.0.0.1")
+    replica = Replica("ask", spec, str(log_dir), host="127.0.0.1")
     try:
         try:
             url = replica.start()
@@ -483,9 +463,7 @@ def _actor_class(spec: ServeSpec) -> Any:
 
 
 @contextlib.contextmanager
-def served_students(
-    sweep: Sweep, state: State, answer_key: Path | None, console: Any = None
-) -> Iterator[dict[str, list[str]]]:
+def served_students(sweep: Sweep, state: State, console: Any = None) -> Iterator[dict[str, list[str]]]:
     """Start every replica of every served student, yield {student or teacher name: replica base URLs}
     (a teacher with a student's `serve:` gets that student's), and stop them all on the way out. Ray
     must be initialised; SweepError (one line) if a replica cannot start."""
@@ -493,15 +471,13 @@ def served_students(
         yield {}
         return
     log_dir = state.root / "serve" / sweep.name
-    key = str(answer_key) if answer_key is not None else None
     actors: dict[str, list[Any]] = {}
     try:
         for student in sweep.served:
             assert student.serve is not None
             cls = _actor_class(student.serve)
             labels = [f"{student.name}-{i}" for i in range(student.serve.replicas)]
-            own_key = key if student.serve.engine == "sim" else None  # the labels reach the simulator only
-            actors[student.name] = [cls.remote(label, student.serve, own_key, str(log_dir)) for label in labels]
+            actors[student.name] = [cls.remote(label, student.serve, str(log_dir)) for label in labels]
         urls = _await_replicas(sweep, actors)
         for name, bases in urls.items():
             _say(console, f"serving student {name}: {len(bases)} replica(s) at {', '.join(bases)} (logs in {log_dir})")

@@ -1,4 +1,4 @@
-"""Run a prepared sweep: simulator and served students (if any), Ray trials, results, tracking, promotion.
+"""Run a prepared sweep: local endpoints and served students (if any), Ray trials, results, tracking, promotion.
 
 `run_sweep(prepared, state, address, console)` is what `sweep run` calls after the
 preflight checks; every trial's record is written as soon as it finishes.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from dspy_sweeps.data import Dataset
 from dspy_sweeps.errors import SweepError, first_line
-from dspy_sweeps.lm.build import endpoint_for, resolve
+from dspy_sweeps.lm.build import endpoint_for
 from dspy_sweeps.lm.checks import check_endpoints, is_simulated, one_listing_per_endpoint, served_models
+from dspy_sweeps.lm.endpoints import local_endpoints, resolve
 from dspy_sweeps.lm.served import served_students
 from dspy_sweeps.run.events import TrialEvent
 from dspy_sweeps.run.pruning import SweepStudy
@@ -55,10 +54,10 @@ def run_sweep(
 ) -> SweepOutcome:
     """Start what the sweep needs, run its trials, promote the winner, and stop everything again.
 
-    Order: simulator, Ray, served students (their replicas are Ray actors), trial hosts (warming
-    up while endpoints are checked and trackers open), trials, promotion (which re-scores on the
-    student, so the replicas are still up); then, each in a `finally`, the hosts stop, the
-    replicas stop, Ray stops, the simulator stops.
+    Order: local endpoints (the simulator's plugin), Ray, served students (their replicas are Ray
+    actors), trial hosts (warming up while endpoints are checked and trackers open), trials,
+    promotion (which re-scores on the student, so the replicas are still up); then, each in a
+    `finally`, the hosts stop, the replicas stop, Ray stops, the local endpoints stop.
     """
     from dspy_sweeps.run.storage import check_storage
 
@@ -66,23 +65,22 @@ def run_sweep(
     if sweep.tracking.mlflow is not None:
         check_mlflow_server(tracking_uri(sweep.tracking.mlflow, state))
     check_storage(storage_uri(sweep, state))
-    key = _answer_key(prepared, state)
     with (
         one_listing_per_endpoint(),  # one GET /models per endpoint at start-up, however many ask it
-        simulator(sweep, key, state, console) as sim_url,
+        local_endpoints(sweep, prepared.data, state, console) as local,
         ThreadPoolExecutor(1) as background,
     ):
         # Outside endpoints first: a typo in an api_base costs seconds, not a Ray start-up.
-        check_endpoints([(role, resolve(s, sim_url)) for role, s in sweep.roles() if s.serve is None])
+        check_endpoints([(role, resolve(s, local)) for role, s in sweep.roles() if s.serve is None])
         # Importing MLflow and creating its store takes seconds: done while Ray starts.
         opening = background.submit(Trackers.open, sweep, state, prepared.data.fingerprint, resume)
         with (
             _ray(sweep, state, address),
-            served_students(sweep, state, key, console) as served,
+            served_students(sweep, state, console) as served,
             _hosts(prepared) as hosts,
         ):
             specs = {s.model_dump_json(): s for _, s in sweep.roles()}  # the key trials know their LMs by
-            resolved = {k: _resolve(s, sim_url, served) for k, s in specs.items()}
+            resolved = {k: _resolve(s, local, served) for k, s in specs.items()}
             _check_served(sweep, resolved)
             endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
             simulated = {k: is_simulated(s, resolved[k]) for k, s in specs.items()}
@@ -223,11 +221,11 @@ def _hosts(prepared: Prepared) -> Iterator[HostPool]:
         pool.close()
 
 
-def _resolve(spec: ModelSpec, sim_url: str | None, served: dict[str, list[str]]) -> ModelSpec:
-    """The spec as it is called: a simulated model at the simulator, a served student at its replicas."""
+def _resolve(spec: ModelSpec, local: dict[str, str], served: dict[str, list[str]]) -> ModelSpec:
+    """The spec as it is called: a local endpoint's model at its URL, a served student at its replicas."""
     if spec.serve is not None:
         return spec.model_copy(update={"api_base": list(served[spec.name]), "serve": None})
-    return resolve(spec, sim_url)
+    return resolve(spec, local)
 
 
 def _check_served(sweep: Sweep, resolved: dict[str, ModelSpec]) -> None:
@@ -256,7 +254,7 @@ def _run_trials(
 ) -> list[TrialRecord]:
     """Every trial on the trial hosts, all LM calls through the sweep's gateway; each record is saved,
     its spend logged and tracked as it lands (off the driver's loop, see `TrialEnds`). `simulated`
-    says, by spec, which models answer from the simulator (their records say so)."""
+    says, by spec, which models' answers are simulated (their records say so)."""
     from dspy_sweeps.run.storage import clear_sweep
     from dspy_sweeps.run.worker import TrialContext
 
@@ -592,48 +590,3 @@ def _baseline_scores(prepared: Prepared, records: list[TrialRecord], winner: Tri
         if r.kind == BASELINE and (r.student, r.status, r.data_fingerprint) == same and r.test_scores:
             return list(r.test_scores)
     return rescore(state_of(build_program(prepared.sweep.program)))
-
-
-def _answer_key(prepared: Prepared, state: State) -> Path | None:
-    """The simulated endpoint's answer key (the sweep's own data), if a simulated model or a
-    served student on the `sim` engine needs one; no other engine is ever given it."""
-    sweep = prepared.sweep
-    if not any(m.simulated for m in sweep.models) and not any(s.serve.engine == "sim" for s in sweep.served if s.serve):
-        return None
-    return write_answer_key(prepared.data, state.sim / sweep.name / "answer_key.jsonl")
-
-
-@contextlib.contextmanager
-def simulator(sweep: Sweep, key: Path | None, state: State, console: Console) -> Iterator[str | None]:
-    """Start the simulated endpoint when the sweep names `sim/` models; `key` is the sweep's answer key."""
-    models = sorted({m.model.removeprefix("sim/") for m in sweep.models if m.simulated})
-    if not models:
-        yield None
-        return
-    from dspy_sweeps.sim.launch import SimServer
-
-    assert key is not None
-    spec = sweep.sim
-    with SimServer(
-        key,
-        state.sim / sweep.name,
-        models=models,
-        max_num_seqs=spec.max_num_seqs,
-        ttft_ms=spec.ttft_ms,
-        per_token_ms=spec.per_token_ms,
-        time_scale=spec.time_scale,
-    ) as sim:
-        console.print(f"[yellow]SIMULATED[/] LM endpoint (test/demo double, not a real model) at {sim.base_url}")
-        yield sim.base_url
-
-
-def write_answer_key(data: Dataset, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for row in data.rows:
-            record = {
-                "inputs": {k: str(row[k]) for k in data.inputs},
-                "labels": {k: str(row[k]) for k in data.labels},
-            }
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path

@@ -133,9 +133,10 @@ def _pruned(trial: Trial, progress: Any, best: Any, start: float) -> TrialResult
 
 
 def _priced(trial: Trial) -> frozenset[str]:
-    """The trial's cloud models, priced from LiteLLM's map as calls land (not self-hosted or simulated)."""
+    """The trial's cloud models, priced from LiteLLM's map as calls land (not self-hosted ones; a local
+    endpoint's model is called by another name, `openai/...` at its URL, so it is never priced)."""
     specs = [s for s in (trial.student, trial.teacher) if s is not None]
-    return frozenset(s.model for s in specs if not (s.simulated or s.api_bases or s.serve))
+    return frozenset(s.model for s in specs if not (s.api_bases or s.serve))
 
 
 def compile_program(

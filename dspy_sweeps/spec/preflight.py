@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from dspy_sweeps.data import Dataset, load_dataset
 from dspy_sweeps.errors import SweepError
 from dspy_sweeps.lm.checks import check_keys
+from dspy_sweeps.lm.endpoints import check_settings
 from dspy_sweeps.spec.imports import build_program, load_object
 from dspy_sweeps.spec.optimizers import Signatures, bind_settings, check_program, check_sizes, estimate_calls
 from dspy_sweeps.spec.plan import Trial, baselines, expand_grid, plan_trials, trial_basis
@@ -46,6 +47,7 @@ def prepare(sweep: Sweep) -> Prepared:
     _check_ensemble(prepared)
     _check_budget(prepared)
     _check_tracking(sweep)
+    check_settings(sweep)
     check_keys(sweep)
     return prepared
 

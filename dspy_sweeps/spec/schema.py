@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dspy_sweeps.errors import SweepError
 from dspy_sweeps.spec.kinds import kind_error
 
-SIM_PREFIX = "sim/"
 SERVED_PREFIX = "openai/"  # LiteLLM's route to an OpenAI-compatible server such as vLLM
 LLAMA_CPP_SLOTS = 4  # llama-server's own default for -np
 LLAMA_CPP_CONTEXT = 2048  # tokens per slot: a few-shot prompt of a small model fits with room to answer
@@ -64,7 +63,7 @@ class DataSpec(_Strict):
 
 
 # What a serve command template may name; `args` are appended verbatim (they may hold JSON braces).
-SERVE_PLACEHOLDERS = ("model", "host", "port", "python", "answer_key")
+SERVE_PLACEHOLDERS = ("model", "host", "port", "python")
 
 
 class ServeSpec(_Strict):
@@ -76,7 +75,7 @@ class ServeSpec(_Strict):
     each and `threads` threads (default: the node's cores); its student's `max_concurrency` defaults
     to its slots over all replicas, so the gateway never queues more than the server can run."""
 
-    engine: Literal["vllm", "sglang", "llama_cpp", "sim"]  # sim: the simulated endpoint (test/demo double)
+    engine: Literal["vllm", "sglang", "llama_cpp"]
     model: str = Field(
         min_length=1,
         description="checkpoint to serve: a Hugging Face id or a path on the node; llama_cpp: a .gguf path or a "
@@ -87,14 +86,13 @@ class ServeSpec(_Strict):
         default=None, gt=0, description="llama_cpp: tokens per slot (-c is slots x context); default 2048"
     )
     threads: int | None = Field(default=None, gt=0, description="llama_cpp: CPU threads (-t); default the node's cores")
-    gpus: int = Field(default=1, ge=0, description="GPUs per replica (0: CPU-only, e.g. the simulated engine)")
+    gpus: int = Field(default=1, ge=0, description="GPUs per replica (0: CPU-only)")
     replicas: int = Field(default=1, gt=0)
     args: list[str] = Field(default=[], description="appended to the command line as they are")
     command: list[str] | None = Field(
         default=None,
         min_length=1,
-        description="command line template replacing the engine's default; placeholders {model} {host} {port} "
-        "{python} {answer_key}",
+        description="command line template replacing the engine's default; placeholders {model} {host} {port} {python}",
     )
     startup_timeout_s: float = Field(default=900.0, gt=0, description="seconds to wait for GET /health")
     cpus: float = Field(default=1.0, ge=0, description="CPUs per replica, reserved in Ray")
@@ -112,8 +110,6 @@ class ServeSpec(_Strict):
             if unknown:
                 valid = ", ".join(f"{{{p}}}" for p in SERVE_PLACEHOLDERS)
                 raise ValueError(f"command: unknown placeholder {{{unknown[0]}}} (valid: {valid})")
-            if "answer_key" in names and self.engine != "sim":  # the sweep's labels go to the simulator only
-                raise ValueError(f"command: {{answer_key}} is for engine sim only, not {self.engine}")
         return self
 
     @model_validator(mode="after")
@@ -208,10 +204,6 @@ class ModelSpec(_Strict):
         return self
 
     @property
-    def simulated(self) -> bool:
-        return self.model.startswith(SIM_PREFIX)
-
-    @property
     def api_bases(self) -> tuple[str, ...]:
         return (self.api_base,) if isinstance(self.api_base, str) else tuple(self.api_base or ())
 
@@ -299,15 +291,6 @@ class Tracking(_Strict):
     mlflow: MlflowSpec | None = MlflowSpec()
 
 
-class SimSpec(_Strict):
-    """The simulated endpoint's latency model (only used when a model is `sim/...`)."""
-
-    time_scale: float = Field(default=0.02, gt=0)
-    max_num_seqs: int = Field(default=64, gt=0)
-    ttft_ms: float = Field(default=40.0, ge=0)
-    per_token_ms: float = Field(default=4.5, ge=0)
-
-
 class Hosts(_Strict):
     """Trial hosts: warm processes that each run many trials at once on threads."""
 
@@ -351,7 +334,11 @@ class Sweep(_Strict):
     num_threads: int = Field(default=8, gt=0, description="DSPy threads inside each trial")
     hosts: Hosts = Hosts()
     gateway: GatewaySpec = GatewaySpec()
-    sim: SimSpec = SimSpec()
+    endpoints: dict[str, dict[str, Any]] = Field(
+        default={},
+        description="settings of the local endpoints the sweep starts, by plugin name (a model NAME/x is served "
+        "by the plugin NAME); each plugin checks its own (dspy_sweeps/lm/endpoints.py)",
+    )
     storage: str | None = Field(
         default=None,
         description="where trial checkpoints live, reached by every node: a path or s3:// URI (default: the state dir)",
@@ -455,7 +442,7 @@ def _apply_override(raw: dict, override: str) -> None:
     """Apply `a.b.0.c=value`; the value is parsed as YAML (so `[1, 2]` is a list)."""
     key, sep, text = override.partition("=")
     if not sep or not key:
-        raise SweepError(f"--set {override}: expected KEY=VALUE, e.g. students.0.model=sim/student")
+        raise SweepError(f"--set {override}: expected KEY=VALUE, e.g. students.0.model=openai/my-model")
     *parents, last = key.split(".")
     node: Any = raw
     for part in parents:

@@ -19,7 +19,7 @@ from typing import Any
 
 from dspy_sweeps.errors import SweepError, first_line
 from dspy_sweeps.lm.build import portable_lm
-from dspy_sweeps.spec.schema import SIM_PREFIX, ModelSpec, Promote
+from dspy_sweeps.spec.schema import ModelSpec, Promote
 from dspy_sweeps.track.gate import Interval, paired_gain
 from dspy_sweeps.track.results import TrialRecord
 
@@ -164,9 +164,16 @@ def _mixed(promote: Promote, champion: Any, simulated: bool) -> str:
 
 
 def version_simulated(version: Any) -> bool:
-    """A registered version's scores were simulated (versions from before the tag: a `sim/` student)."""
+    """A registered version's scores were simulated (versions from before the tag: a student whose
+    local endpoint plugin declares its answers simulated)."""
+    from dspy_sweeps.lm.endpoints import simulated
+
     tag = version.tags.get("simulated")
-    return tag == "true" if tag is not None else version.tags.get("student", "").startswith(SIM_PREFIX)
+    return (
+        tag == "true"
+        if tag is not None
+        else simulated(ModelSpec(name="student", model=version.tags.get("student", "")))
+    )
 
 
 @dataclass(frozen=True)
@@ -418,7 +425,7 @@ def load_pulled(
     embedder: ModelSpec | None = None,
 ) -> Any:
     """A ready module from a pulled folder. The student is the one it was compiled for unless
-    overridden; a simulated student needs the `api_base` of a running `sweep sim`."""
+    overridden; a student on a local endpoint plugin (`sim/...`) needs the `api_base` of one running."""
     from dspy_sweeps.lm.build import build_lm
 
     program, student = restore_pulled(
@@ -441,6 +448,7 @@ def restore_pulled(
     from the sweep's configuration in metadata.json (model and key variable, resolved here like the
     student's): never from the saved program."""
     from dspy_sweeps.lm.build import build_embedder
+    from dspy_sweeps.lm.endpoints import plugin_name
     from dspy_sweeps.spec.composite import map_states, needs_embedder
     from dspy_sweeps.spec.imports import restore_program
 
@@ -454,16 +462,17 @@ def restore_pulled(
         spec = embedder or (ModelSpec(**meta["embedder"]) if meta.get("embedder") else None)
         if spec is None:
             raise SweepError(f"{folder}: the program finds neighbours with an embedder; give one (embedder=...)")
-        vectors = build_embedder(_at(spec, api_base if spec.simulated else None))
+        vectors = build_embedder(_at(spec, api_base if plugin_name(spec) is not None else None))
     return restore_program(meta["program"], json.dumps(state), vectors), student
 
 
 def _at(spec: ModelSpec, api_base: str | None) -> ModelSpec:
-    """A simulated model at the simulator `api_base`; any other model moved to `api_base` if given."""
-    from dspy_sweeps.lm.build import resolve
+    """A local endpoint plugin's model at that endpoint's `api_base`; any other model moved to `api_base`
+    if given."""
+    from dspy_sweeps.lm.endpoints import plugin_name, resolve
 
-    if spec.simulated:
-        return resolve(spec, api_base)
+    if (name := plugin_name(spec)) is not None:
+        return resolve(spec, {name: api_base} if api_base else {})
     return spec.model_copy(update={"api_base": api_base}) if api_base else spec
 
 

@@ -78,8 +78,11 @@ class TrialRecord:
         fingerprint: str,
         simulated: Mapping[str, bool] | None = None,
     ) -> TrialRecord:
-        """`simulated` tells, by spec (`model_dump_json()`), which models answered from the simulator
-        (`run_sweep` checks their endpoints); without it, a `sim/` model string is the only sign."""
+        """`simulated` tells, by spec (`model_dump_json()`), which models' answers were simulated
+        (`run_sweep` checks their endpoints); without it, a local endpoint plugin that declares its
+        answers simulated (the `sim/` models) is the only sign."""
+        from dspy_sweeps.lm.endpoints import simulated as plugin_simulated
+
         simulated = simulated or {}
         teacher = trial.teacher if trial.teacher and trial.kind != "none" else None
         return cls(
@@ -90,9 +93,9 @@ class TrialRecord:
             student=trial.student.name,
             teacher=teacher.name if teacher else None,
             student_model=trial.student.model,
-            student_simulated=simulated.get(trial.student.model_dump_json(), trial.student.simulated),
+            student_simulated=simulated.get(trial.student.model_dump_json(), plugin_simulated(trial.student)),
             teacher_model=teacher.model if teacher else None,
-            teacher_simulated=bool(teacher and simulated.get(teacher.model_dump_json(), teacher.simulated)),
+            teacher_simulated=bool(teacher and simulated.get(teacher.model_dump_json(), plugin_simulated(teacher))),
             val_scores=list(result.val_scores),
             test_scores=list(result.test_scores),
             seed=trial.seed,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from dspy_sweeps.sim.launch import SimServer
+    from dspy_sweeps_sim.launch import SimServer
 
 BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
 
@@ -99,7 +99,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def sim(tmp_path: Path) -> Iterator[SimServer]:
     from sweep_helpers import demo_answer_key
 
-    from dspy_sweeps.sim.launch import SimServer
+    from dspy_sweeps_sim.launch import SimServer
 
     key = demo_answer_key(tmp_path / "key.jsonl")
     with SimServer(key, tmp_path / "sim", models=("student", "student2", "teacher"), time_scale=0.02) as server:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from dspy_sweeps.data import load_dataset
-from dspy_sweeps.run.engine import write_answer_key
-from dspy_sweeps.sim.launch import SimServer
 from dspy_sweeps.spec.schema import load_sweep
+from dspy_sweeps_sim import write_answer_key
+from dspy_sweeps_sim.launch import SimServer
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = REPO / ".venv" / "bin" / "sweep"

@@ -74,6 +74,12 @@ CASES: dict[str, tuple[str, ...]] = {
     "null_input": ("data: input 'question' is NULL in the row with answer='8'",),
     "sql_writes_a_file": ("data.query: only a SELECT query may run over the corpus, not COPY",),
     "sql_reads_etc_passwd": ('data.query: Permission Error: Cannot access file "/etc/passwd"',),
+    # The simulator is a local endpoint plugin: its name and its settings are checked like any field.
+    "unknown_endpoint_plugin": ("endpoints.simulator: no endpoint plugin named 'simulator' (installed: sim)",),
+    "bad_endpoint_settings": ("endpoints.sim.time_scale: Input should be greater than 0 (got 0)",),
+    "unknown_model_provider": (
+        "students.0 (simm/student): 'simm' is neither a LiteLLM provider nor an installed endpoint plugin",
+    ),
 }
 
 
@@ -193,9 +199,9 @@ def test_bad_input_exits_2_with_one_line(case: str, runs: dict[str, Future[Run]]
         assert fragment in lines[0]
     assert "sk-" not in run.stderr + run.stdout, "a key written in a sweep file is never echoed"
     assert "hunter2" not in run.stderr + run.stdout, "nor a password in a tracking URI"
-    # Nothing started: Ray and the simulated endpoint would each have made their folder.
+    # Nothing started: Ray and the simulated endpoint (a local endpoint plugin) would each have made their folder.
     assert not (run.state / "ray").exists()
-    assert not (run.state / "sim").exists()
+    assert not (run.state / "endpoints").exists()
     reliability("bad input: malformed sweep files (CLI)", faults_survived=1)
 
 

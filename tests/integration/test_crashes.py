@@ -19,7 +19,7 @@ from ray_head import own_ray
 from sweep_helpers import BOOTSTRAP_ONLY, REPO, SWEEP, UNTRACKED, pointed_at, rows, sweep_cli
 from wandb_reader import read_runs
 
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 

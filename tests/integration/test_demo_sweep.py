@@ -43,9 +43,9 @@ def sweep_cli(*args: str, state: Path, env: dict[str, str] | None = None) -> sub
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """Run the demo twice (the second run must promote nothing) with canaries in the environment."""
     from dspy_sweeps.data import load_dataset
-    from dspy_sweeps.run.engine import write_answer_key
-    from dspy_sweeps.sim.launch import SimServer
     from dspy_sweeps.spec.schema import load_sweep
+    from dspy_sweeps_sim import write_answer_key
+    from dspy_sweeps_sim.launch import SimServer
 
     state = tmp_path_factory.mktemp("state")
     key = write_answer_key(load_dataset(load_sweep(REPO / "sweeps/demo.yaml").data), state / "teacher-key.jsonl")
@@ -190,9 +190,9 @@ def test_ask_and_load_in_fresh_processes(demo: dict) -> None:
     assert f"answer: {right}\n" in asked.stdout, "make demo's question gets the answer the user can check"
     assert "SIMULATED student" in asked.stderr
 
-    from dspy_sweeps.sim.launch import SimServer
+    from dspy_sweeps_sim.launch import SimServer
 
-    key = demo["state"] / "sim" / "demo" / "answer_key.jsonl"
+    key = demo["state"] / "endpoints" / "sim" / "demo" / "answer_key.jsonl"
     with SimServer(key, demo["state"] / "sim-load", models=("student",), time_scale=0.001) as sim:
         code = (
             "import dspy_sweeps, mlflow.dspy\n"

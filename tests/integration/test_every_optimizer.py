@@ -61,7 +61,7 @@ def test_every_runnable_kind_is_in_this_sweep() -> None:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    from dspy_sweeps.sim.launch import SimServer
+    from dspy_sweeps_sim.launch import SimServer
 
     root = tmp_path_factory.mktemp("every")
     state = root / "state"
@@ -184,7 +184,7 @@ def promoted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "optimizers": [{"kind": "labeled_fewshot", "k": [1, 2, 3, 4]}],
         "ensemble": {"top": 2},
         "num_threads": 4,
-        "sim": {"time_scale": 0.002},
+        "endpoints": {"sim": {"time_scale": 0.002}},
         # min_gain -1: the Ensemble takes the alias however little it beats the baseline by on 20 test
         # rows (the first promotion's gate is tested in tests/unit/test_gate.py); this is about the Ensemble.
         "promote": {"model": "ens", "alias": "champion", "min_gain": -1.0},
@@ -215,9 +215,9 @@ def test_ensemble_is_promoted_and_loads_in_a_fresh_process(promoted: dict, tmp_p
     assert asked.returncode == 0, asked.stderr[-2000:]
     assert "answer:" in asked.stdout
 
-    from dspy_sweeps.sim.launch import SimServer
+    from dspy_sweeps_sim.launch import SimServer
 
-    key = promoted["state"] / "sim" / "ens" / "answer_key.jsonl"
+    key = promoted["state"] / "endpoints" / "sim" / "ens" / "answer_key.jsonl"
     with SimServer(key, tmp_path / "sim", models=("student",), time_scale=0.001) as sim:
         code = (
             "import dspy_sweeps\n"

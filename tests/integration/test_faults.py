@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sweep_helpers import BOOTSTRAP_ONLY, UNTRACKED, pointed_at, rows, sweep_cli
 
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dspy_sweeps.lm.gateway import SERVED, Budget, Endpoint, GatewayCore, GatewayError
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 
 @pytest.fixture(scope="module")

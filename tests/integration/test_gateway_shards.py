@@ -13,7 +13,7 @@ import pytest
 from sweep_helpers import REPO, sim_total
 
 from dspy_sweeps.lm.gateway import SERVED, Budget, Endpoint, GatewayError, GatewayLost, make_request, shard_of
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 SHARDS = 3
 

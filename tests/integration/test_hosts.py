@@ -18,7 +18,7 @@ from sweep_helpers import REPO, pointed_at
 
 from dspy_sweeps.run.events import Pruned, TrialEvent
 from dspy_sweeps.run.hosts import HOST_RETRIES, HostPlan, HostPool, size_hosts
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = pytest.mark.slow
 

@@ -31,7 +31,7 @@ import pytest
 from ray_head import RayHead, RayNode, own_ray, start_head, start_node
 from sweep_helpers import REPO, SWEEP, pointed_at, rows
 
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 NODE_LOCAL = Path(tempfile.gettempdir()) / "dspy-sweeps-trials"  # run/storage.py's working folders

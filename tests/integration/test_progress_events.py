@@ -19,9 +19,9 @@ from dspy_sweeps.run.events import TrialEvent
 from dspy_sweeps.run.hosts import Channel, TrialHost
 from dspy_sweeps.run.progress import TrialStream, step_of
 from dspy_sweeps.run.trial import TrialLMs, run_trial
-from dspy_sweeps.sim.launch import SimServer
 from dspy_sweeps.spec.plan import plan_trials
 from dspy_sweeps.spec.schema import ModelSpec, load_sweep
+from dspy_sweeps_sim.launch import SimServer
 
 OPTIMIZERS = [
     "optimizers=[{kind: mipro_v2, auto: null, num_candidates: 3, num_trials: 6, minibatch_size: 5},"

@@ -12,8 +12,8 @@ import pytest
 from sweep_helpers import UNTRACKED, rows, sweep_cli
 
 from dspy_sweeps.run.pruning import study_storage
-from dspy_sweeps.sim.launch import SimServer
 from dspy_sweeps.state import State
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import pytest
 from serving_helpers import REPO, SWEEP, Served, call, metric, new_model, register, wait_for
 from sweep_helpers import demo_answer_key
 
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = pytest.mark.slow
 

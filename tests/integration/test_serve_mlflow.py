@@ -17,7 +17,7 @@ from conftest import BIN, free_port
 from serving_helpers import call, new_model, register
 from sweep_helpers import demo_answer_key
 
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from conftest import free_port
 from serving_helpers import REPO, SWEEP, call, new_model, register, wait_for
 from sweep_helpers import demo_answer_key
 
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Students served by the sweep itself, with the simulated endpoint as the engine (`engine: sim`).
+"""Students served by the sweep itself, with the simulated endpoint as the engine's server (a `command:`).
 
 The slow tests run the demo through the real CLI with a student of two replicas: one kills a
 replica's server mid-sweep (the sweep must finish, the replica must come back on its port, and
@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sweep_helpers import demo_answer_key
 
 from dspy_sweeps.errors import SweepError
 from dspy_sweeps.lm.served import Replica, free_port, render_command
@@ -32,12 +33,27 @@ from dspy_sweeps.spec.schema import ServeSpec, load_sweep
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = REPO / ".venv" / "bin" / "sweep"
 DEMO = REPO / "sweeps" / "demo.yaml"
-# cpus: 0.5, so two replicas leave a 2-core machine's Ray room for trials (0.25 CPU each);
-# time scale 1: a trial takes ~10 s, long enough for a killed replica to come back and take calls again.
-SERVED = (
-    "students=[{name: small, model: openai/student, serve: {engine: sim, model: student, gpus: 0, replicas: 2, "
-    'cpus: 0.5, args: [--time-scale, "1"]}}]'
-)
+# The simulator stands in for vLLM through a command template, over an answer key the test writes:
+# the sweep gives a served engine nothing of its data.
+SIM_COMMAND = ["{python}", "-m", "dspy_sweeps_sim", "--answer-key", "KEY", "--host", "{host}", "--port", "{port}"]
+SIM_COMMAND += ["--model", "{model}"]
+
+
+def sim_command(key: Path) -> list[str]:
+    return [str(key) if part == "KEY" else part for part in SIM_COMMAND]
+
+
+def served(key: Path) -> str:
+    """The demo's student served in two replicas: cpus 0.5, so they leave a 2-core machine's Ray room for
+    trials (0.25 CPU each); time scale 1: a trial takes ~10 s, long enough for a killed replica to come
+    back and take calls again."""
+    command = json.dumps(sim_command(key))
+    return (
+        "students=[{name: small, model: openai/student, serve: {engine: vllm, model: student, gpus: 0, replicas: 2, "
+        f'cpus: 0.5, command: {command}, args: [--time-scale, "1"]}}}}]'
+    )
+
+
 SMALL_GRID = ["--set", "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]", "--set", "promote=null"]
 
 
@@ -64,7 +80,7 @@ def replica_servers(state: Path) -> dict[int, tuple[str, int]]:
     """The served student's simulated servers (not the teacher's simulator, which has a port file): pid -> (host, port)."""
     servers = {}
     for pid, argv in processes_mentioning(str(state)).items():
-        if "dspy_sweeps.sim" in argv and "--port-file" not in argv:
+        if "dspy_sweeps_sim" in argv and "--port-file" not in argv:
             servers[pid] = (argv[argv.index("--host") + 1], int(argv[argv.index("--port") + 1]))
     return servers
 
@@ -79,7 +95,8 @@ def requests_served(host: str, port: int) -> int:
 
 def start_sweep(state: Path, log: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "DSPY_SWEEPS_STATE": str(state)}
-    command = [str(SWEEP), "run", str(DEMO), "--set", SERVED, *overrides]
+    key = demo_answer_key(state / "served-key.jsonl")  # in the state folder: its servers mention it
+    command = [str(SWEEP), "run", str(DEMO), "--set", served(key), *overrides]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -163,12 +180,13 @@ def answer_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return key
 
 
-def sim_spec(**changes) -> ServeSpec:
+def sim_spec(key: Path, **changes) -> ServeSpec:
     return ServeSpec(
         **{
-            "engine": "sim",
+            "engine": "vllm",
             "model": "student",
             "gpus": 0,
+            "command": sim_command(key),
             "args": ["--time-scale", "0.01"],
             "startup_timeout_s": 30,
             **changes,
@@ -177,7 +195,7 @@ def sim_spec(**changes) -> ServeSpec:
 
 
 def test_a_replica_restarts_on_its_port_and_stops_its_whole_group(tmp_path: Path, answer_key: Path) -> None:
-    replica = Replica("r-0", sim_spec(), str(answer_key), str(tmp_path / "logs"), host="127.0.0.1")
+    replica = Replica("r-0", sim_spec(answer_key), str(tmp_path / "logs"), host="127.0.0.1")
     try:
         url = replica.start()
         first = replica.pids[0]
@@ -191,8 +209,8 @@ def test_a_replica_restarts_on_its_port_and_stops_its_whole_group(tmp_path: Path
 
 
 def test_a_server_that_never_gets_healthy_fails_start_with_its_log(tmp_path: Path, answer_key: Path) -> None:
-    spec = sim_spec(command=["{python}", "-c", "import sys; print('no GPU here'); sys.exit(3)"], args=[])
-    replica = Replica("r-0", spec, str(answer_key), str(tmp_path / "logs"), host="127.0.0.1")
+    spec = sim_spec(answer_key, command=["{python}", "-c", "import sys; print('no GPU here'); sys.exit(3)"], args=[])
+    replica = Replica("r-0", spec, str(tmp_path / "logs"), host="127.0.0.1")
     with pytest.raises(RuntimeError, match=r"(?s)exited with code 3 before GET /health.*no GPU here"):
         replica.start()
     assert processes_mentioning(str(tmp_path)) == {}
@@ -204,8 +222,8 @@ def test_the_guard_stops_the_server_when_the_replica_process_dies(tmp_path: Path
         import time
         from dspy_sweeps.spec.schema import ServeSpec
         from dspy_sweeps.lm.served import Replica
-        spec = ServeSpec(engine="sim", model="student", gpus=0, startup_timeout_s=30)
-        print(Replica("r-0", spec, {str(answer_key)!r}, {str(tmp_path / "logs")!r}, host="127.0.0.1").start(), flush=True)
+        spec = ServeSpec(engine="vllm", model="student", gpus=0, startup_timeout_s=30, command={sim_command(answer_key)!r})
+        print(Replica("r-0", spec, {str(tmp_path / "logs")!r}, host="127.0.0.1").start(), flush=True)
         time.sleep(120)
     """)
     env = {k: v for k, v in os.environ.items() if k != "DSPY_SWEEPS_SIM_FOLLOW_PARENT"}  # the guard must do it
@@ -226,7 +244,7 @@ def test_the_guard_stops_the_server_when_the_replica_process_dies(tmp_path: Path
 def test_the_gateway_sends_retries_to_a_live_replica(tmp_path: Path, answer_key: Path) -> None:
     from dspy_sweeps.lm.gateway import Endpoint, GatewayCore
 
-    live = Replica("live", sim_spec(), str(answer_key), str(tmp_path / "logs"), host="127.0.0.1")
+    live = Replica("live", sim_spec(answer_key), str(tmp_path / "logs"), host="127.0.0.1")
     dead = f"http://127.0.0.1:{free_port('127.0.0.1')}/v1"  # nothing listens there
 
     async def calls() -> tuple[int, int]:
@@ -275,22 +293,6 @@ def test_default_commands_fill_in_model_host_port_then_args() -> None:
         "--port",
         "1",
     ]
-    sim = ServeSpec(engine="sim", model="student", args=["--time-scale", "0.05"])
-    assert render_command(sim, host="h", port=2, python="/py", answer_key="/k.jsonl") == [
-        "/py",
-        "-m",
-        "dspy_sweeps.sim",
-        "--answer-key",
-        "/k.jsonl",
-        "--host",
-        "h",
-        "--port",
-        "2",
-        "--model",
-        "student",
-        "--time-scale",
-        "0.05",
-    ]
 
 
 def test_a_command_template_replaces_the_default_and_args_stay_verbatim() -> None:
@@ -313,9 +315,10 @@ def test_a_command_template_replaces_the_default_and_args_stay_verbatim() -> Non
     ]
 
 
-def test_a_template_that_needs_an_answer_key_without_one_is_refused() -> None:
-    with pytest.raises(SweepError, match="answer_key"):
-        render_command(ServeSpec(engine="sim", model="student"), host="h", port=1)
+def test_a_served_engine_is_given_nothing_of_the_sweeps_data() -> None:
+    """The labels reach a simulator through its own plugin only: no placeholder hands them to a server."""
+    with pytest.raises(SweepError, match=r"unknown placeholder \{answer_key\} \(valid: \{model\}, \{host\}"):
+        load_with("{name: s, serve: {engine: vllm, model: m, command: [x, '{answer_key}']}}")
 
 
 def load_with(student: str) -> object:
@@ -331,8 +334,8 @@ def test_a_served_student_gets_its_model_from_the_served_name() -> None:
     assert student.model == "openai/meta-llama/Llama-3.1-8B-Instruct"
     assert (student.serve.gpus, student.serve.replicas, student.serve.args) == (1, 2, ["--max-num-seqs", "256"])
     assert (student.serve.startup_timeout_s, student.serve.cpus, student.serve.command) == (900, 1, None)
-    assert sweep.served == [student] and not student.simulated
-    assert load_with("{name: s, model: openai/m, serve: {engine: sim, model: m, gpus: 0}}").students[0].serve.gpus == 0
+    assert sweep.served == [student]
+    assert load_with("{name: s, model: openai/m, serve: {engine: vllm, model: m, gpus: 0}}").students[0].serve.gpus == 0
 
 
 @pytest.mark.parametrize(
@@ -349,7 +352,7 @@ def test_a_served_student_gets_its_model_from_the_served_name() -> None:
         ("{name: s, model: sim/m, serve: {engine: vllm, model: m}}", "must be 'openai/m' (or left out)"),
         (
             "{name: s, serve: {engine: tgi, model: m}}",
-            "students.0.serve.engine: Input should be 'vllm', 'sglang', 'llama_cpp' or 'sim'",
+            "students.0.serve.engine: Input should be 'vllm', 'sglang' or 'llama_cpp'",
         ),
         (
             "{name: s, serve: {engine: vllm, model: m, gpu: 1}}",
@@ -390,7 +393,7 @@ def test_teachers_share_a_students_server_only_and_student_names_are_distinct() 
     assert sweep.teachers[0].serve == sweep.students[0].serve
     assert sweep.students[0].max_concurrency == 2  # a llama.cpp server's slots bound what the gateway sends it
     with pytest.raises(SweepError, match="students: the name .s. is used twice"):
-        load_with("{name: s, serve: {engine: sim, model: a}}, {name: s, serve: {engine: sim, model: b}}")
+        load_with("{name: s, serve: {engine: vllm, model: a}}, {name: s, serve: {engine: vllm, model: b}}")
 
 
 def test_a_gateway_error_survives_the_trip_back_through_ray() -> None:

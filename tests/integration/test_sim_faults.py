@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from dspy_sweeps.sim import SimServer
-from dspy_sweeps.sim.faults import Fault, FaultError, FaultSchedule
+from dspy_sweeps_sim import SimServer
+from dspy_sweeps_sim.faults import Fault, FaultError, FaultSchedule
 
 QUESTION = "What is 6 times 7?"
 CHAT = {"model": "student", "messages": [{"role": "user", "content": "Hello"}]}
@@ -321,7 +321,7 @@ def test_startup_faults_and_api_key(key_file: Path, tmp_path: Path) -> None:
 
 def test_bad_fault_flag_is_a_usage_error(key_file: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "dspy_sweeps.sim", "--answer-key", str(key_file), "--fault", "explode:2"],
+        [sys.executable, "-m", "dspy_sweeps_sim", "--answer-key", str(key_file), "--fault", "explode:2"],
         capture_output=True,
         text=True,
         timeout=30,

@@ -17,8 +17,8 @@ from typing import Any
 import dspy
 import pytest
 
-from dspy_sweeps.sim import SimServer
-from dspy_sweeps.sim.answers import HINTS
+from dspy_sweeps_sim import SimServer
+from dspy_sweeps_sim.answers import HINTS
 
 QUESTIONS = [f"What is {a} times {b}?" for a in range(2, 12) for b in range(2, 9)]  # 70 keyed questions
 EVALUATED, DEMO_SOURCE = QUESTIONS[:50], QUESTIONS[50:]

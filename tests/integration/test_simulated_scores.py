@@ -22,9 +22,9 @@ import pytest
 from sweep_helpers import BOOTSTRAP_ONLY, UNTRACKED, rows, sim_total, sweep_cli
 from test_promotion import candidate
 
-from dspy_sweeps.sim.launch import SimServer
 from dspy_sweeps.spec.schema import Promote
 from dspy_sweeps.track.registry import promote
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import duckdb
 import pytest
 from sweep_helpers import UNTRACKED, demo_answer_key, pointed_at, sim_total, sweep_cli
 
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ import pytest
 from sweep_helpers import UNTRACKED, demo_answer_key, pointed_at, rows, sim_total, sweep_cli
 
 from dspy_sweeps.run.spend import PROMOTION, SpendLog
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from sweep_helpers import REPO, UNTRACKED, pointed_at, rows, sweep_cli
 
-from dspy_sweeps.sim.launch import SimServer
+from dspy_sweeps_sim.launch import SimServer
 
 pytestmark = pytest.mark.slow
 GEPA = "optimizers=[{kind: gepa, max_metric_calls: 60}]"

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HEAVY = ("ray", "dspy", "mlflow", "wandb", "litellm", "duckdb", "polars", "pandas", "pyarrow", "optuna")
-COMMANDS = ("run", "plan", "validate", "results", "pull", "ask", "serve", "sim", "submit", "status", "logs", "stop")
+COMMANDS = ("run", "plan", "validate", "results", "pull", "ask", "serve", "submit", "status", "logs", "stop")
 
 
 def test_importing_the_cli_leaves_the_heavy_stack_unloaded(repo: Path) -> None:

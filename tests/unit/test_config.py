@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dspy_sweeps.errors import SweepError
+from dspy_sweeps.lm.endpoints import plugin_name, simulated
 from dspy_sweeps.spec.kinds import KIND_NAMES
 from dspy_sweeps.spec.schema import load_sweep
 
@@ -37,8 +38,8 @@ def test_demo_sweep_loads_and_runs_offline(repo: Path) -> None:
     assert (sweep.data.split.train, sweep.data.split.val, sweep.data.split.test) == (100, 50, 100)
     assert [o.kind for o in sweep.optimizers] == ["bootstrap_fewshot", "mipro_v2", "gepa"]
     assert sweep.optimizers[0].settings == {"max_bootstrapped_demos": [2, 4]}
-    # The demo must run on a fresh machine: every model is the simulated endpoint.
-    assert sweep.models and all(m.simulated for m in sweep.models)
+    # The demo must run on a fresh machine: every model is the simulated endpoint (the `sim` plugin).
+    assert sweep.models and all(plugin_name(m) == "sim" and simulated(m) for m in sweep.models)
     assert sweep.promote is not None and sweep.promote.model == "demo"
 
 
@@ -78,8 +79,8 @@ def test_set_values_are_parsed_as_yaml(sweep_file: SweepFile) -> None:
 
 
 def test_set_creates_a_missing_section(sweep_file: SweepFile) -> None:
-    assert "sim" not in load_sweep(sweep_file()).model_fields_set
-    assert load_sweep(sweep_file(), ["sim.time_scale=0.5"]).sim.time_scale == 0.5
+    assert "endpoints" not in load_sweep(sweep_file()).model_fields_set
+    assert load_sweep(sweep_file(), ["endpoints.sim.time_scale=0.5"]).endpoints == {"sim": {"time_scale": 0.5}}
 
 
 def test_set_leaves_the_file_alone(sweep_file: SweepFile) -> None:
@@ -314,7 +315,7 @@ def test_retries_default_to_four_within_a_minute_and_fallbacks_load_in_order(swe
             "teachers.0.fallbacks.0.fallbacks: a fallback has none of its own; list them all in order",
         ),
         (
-            {"fallbacks": [{"name": "b", "model": "openai/x", "serve": {"engine": "sim", "model": "x"}}]},
+            {"fallbacks": [{"name": "b", "model": "openai/x", "serve": {"engine": "vllm", "model": "x"}}]},
             "teachers.0.fallbacks.0.serve: a fallback is not served by the sweep",
         ),
     ],

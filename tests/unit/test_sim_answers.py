@@ -1,4 +1,4 @@
-"""Unit tests for the simulated endpoint's reply logic (`dspy_sweeps.sim.answers`).
+"""Unit tests for the simulated endpoint's reply logic (`dspy_sweeps_sim.answers`).
 
 Run: ``python -m pytest tests/unit/test_sim_answers.py -q``. Requests are built with DSPy's own
 adapters and GEPA's own prompt renderer, and replies are parsed back with them, so a change in
@@ -14,7 +14,7 @@ from dspy.propose.grounded_proposer import DescribeProgram, generate_instruction
 from dspy.teleprompt.gepa.instruction_proposal import ProposeInstruction
 from gepa.strategies.instruction_proposal import InstructionProposalSignature
 
-from dspy_sweeps.sim.answers import HINTS, AnswerKey, demo_score, instruction_score, parse_adapter_prompt, reply
+from dspy_sweeps_sim.answers import HINTS, AnswerKey, demo_score, instruction_score, parse_adapter_prompt, reply
 
 QUESTIONS = [f"What is {a} plus {b}?" for a in range(20) for b in range(10)]  # 200 keyed questions
 COT = dspy.ChainOfThought("question -> answer").predict.signature

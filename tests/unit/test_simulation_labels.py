@@ -1,4 +1,4 @@
-"""What makes a model count as simulated, and where the answer key may go.
+"""What makes a model count as simulated: its endpoint plugin's word, or its endpoint's.
 
 Run: ``.venv/bin/python -m pytest tests/unit/test_simulation_labels.py -q``. The endpoint checks
 speak HTTP to a small OpenAI-style `/models` server on loopback.
@@ -13,8 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from dspy_sweeps.lm import endpoints
 from dspy_sweeps.lm.checks import SIMULATOR_OWNER, answers_simulated, is_simulated
-from dspy_sweeps.spec.schema import ModelSpec, ServeSpec
+from dspy_sweeps.spec.schema import ModelSpec
 
 
 def models_server(headers: dict[str, str], owner: str) -> ThreadingHTTPServer:
@@ -59,17 +60,28 @@ def test_an_endpoint_that_marks_its_answers_is_simulated_whatever_its_model_stri
     assert not is_simulated(real, real)
 
 
-def test_sim_models_and_students_served_on_the_sim_engine_are_simulated() -> None:
+def test_a_plugins_models_are_simulated_when_the_plugin_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sim/` models are simulated because the simulator's plugin declares it, not by their prefix: a
+    plugin that serves real answers (here `local`, declaring simulated = False) is not labelled."""
     assert is_simulated(ModelSpec(name="s", model="sim/student"), ModelSpec(name="s", model="openai/student"))
-    served = ModelSpec(name="s", serve={"engine": "sim", "model": "student", "gpus": 0})
-    assert served.model == "openai/student" and is_simulated(served, served)
+
+    class Real:
+        simulated = False
+
+    class Point:
+        name = "local"
+
+        def load(self) -> Real:
+            return Real()
+
+    found = endpoints.installed()
+    monkeypatch.setattr(endpoints, "installed", lambda: {**found, "local": Point()})
+    endpoints.plugin.cache_clear()
+    try:
+        local = ModelSpec(name="s", model="local/llama")
+        assert endpoints.plugin_name(local) == "local" and not is_simulated(local, local)
+        assert is_simulated(ModelSpec(name="s", model="sim/student"), local)
+    finally:
+        endpoints.plugin.cache_clear()
     vllm = ModelSpec(name="s", serve={"engine": "vllm", "model": "m"})
     assert not is_simulated(vllm, vllm)
-
-
-def test_the_answer_key_goes_to_the_simulator_only() -> None:
-    ServeSpec(
-        engine="sim", model="student", command=["{python}", "-m", "dspy_sweeps.sim", "--answer-key", "{answer_key}"]
-    )
-    with pytest.raises(ValueError, match=r"\{answer_key\} is for engine sim only, not vllm"):
-        ServeSpec(engine="vllm", model="m", command=["vllm", "serve", "{model}", "--labels", "{answer_key}"])

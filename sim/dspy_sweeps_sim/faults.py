@@ -7,13 +7,13 @@ that targets every model), and a rule with a `count` is used up after that many 
 rule of mode `ok` answers normally, so `[ok x2, error500 x1]` fails exactly the third request.
 
 Three ways in, all with the same fields (mode, count, retry_after, model, hang_seconds):
-- at startup: `python -m dspy_sweeps.sim --fault rate_limit:3:retry_after=1 --fault error500::model=teacher`
+- at startup: `python -m dspy_sweeps_sim --fault rate_limit:3:retry_after=1 --fault error500::model=teacher`
   (syntax `MODE[:COUNT][:key=value]...`; an empty or `*` COUNT means "until changed");
 - `SimServer(..., faults=["hang:1"])`, then `sim.set_faults("error500", count=2)`;
 - HTTP: `POST /sim/faults {"mode": "error500", "count": 2}` (replaces the schedule; add
   `"append": true` to queue behind it, or POST a JSON list of rules), `GET /sim/faults`.
 
-Standard library only: `dspy_sweeps.sim.launch` imports it and must stay fast to import.
+Standard library only: `dspy_sweeps_sim.launch` imports it and must stay fast to import.
 """
 
 from __future__ import annotations

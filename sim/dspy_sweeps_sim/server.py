@@ -3,11 +3,11 @@
 Speaks the part of vLLM's OpenAI API that DSPy and the platform use (/v1/chat/completions,
 /v1/completions, /v1/embeddings, /v1/models, /health, /metrics) and models a batching GPU: at most
 `max_num_seqs` requests run at once per model, the rest queue, and decoding slows as the
-batch grows. Replies come from `dspy_sweeps.sim.answers`. Every response carries the header
-`x-simulated: true`. Run with `python -m dspy_sweeps.sim --answer-key key.jsonl` or through
-`dspy_sweeps.sim.launch.SimServer`.
+batch grows. Replies come from `dspy_sweeps_sim.answers`. Every response carries the header
+`x-simulated: true`. Run with `python -m dspy_sweeps_sim --answer-key key.jsonl` or through
+`dspy_sweeps_sim.launch.SimServer`.
 
-TEST FACILITY, outside /v1 (see `dspy_sweeps.sim.faults`): `POST /sim/faults` and `GET /sim/faults`
+TEST FACILITY, outside /v1 (see `dspy_sweeps_sim.faults`): `POST /sim/faults` and `GET /sim/faults`
 inject endpoint failures deterministically (500, 429 + Retry-After, 401, garbage, hang) and
 `GET /sim/stats` returns per-model counters (including what `make bench` needs: distinct request
 bodies, busy slot-seconds) and `GET /sim/requests` the log of answered requests. With `api_key` set, every /v1 request must carry
@@ -35,8 +35,8 @@ from typing import Any
 
 from aiohttp import web
 
-from dspy_sweeps.sim.answers import AnswerKey, embed_text, garbage_reply, message_text, reply
-from dspy_sweeps.sim.faults import FAULT_MODES, Fault, FaultError, FaultSchedule
+from dspy_sweeps_sim.answers import AnswerKey, embed_text, garbage_reply, message_text, reply
+from dspy_sweeps_sim.faults import FAULT_MODES, Fault, FaultError, FaultSchedule
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Pure functions: `reply(key, model, messages)` reads a DSPy-formatted chat reques
 or JSONAdapter, MIPROv2 proposer prompts, GEPA reflection prompts) and returns the text a
 student or teacher model "would" answer. Correctness is drawn from a quality model driven by
 the prompt's few-shot demos and instruction hints, so optimisers make real, repeatable
-differences offline. Used by `dspy_sweeps.sim.server`; tested in tests/unit/test_sim_answers.py.
+differences offline. Used by `dspy_sweeps_sim.server`; tested in tests/unit/test_sim_answers.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dspy_sweeps.data import Dataset
 
 # Generic, task-agnostic hints. Counting them in the system message is how the simulator
 # judges instruction quality; proposers "discover" them when writing instructions.
@@ -411,3 +414,16 @@ def garbage_reply(model: str, messages: Sequence[Mapping[str, Any]], variant: in
     seed = _digest("garbage", model, [[m.get("role"), message_text(m)] for m in messages], variant)
     order = sorted(range(len(_GARBAGE_SENTENCES)), key=lambda i: _digest(seed, i))
     return ". ".join(_GARBAGE_SENTENCES[i] for i in order[: 3 + seed % 3]) + "."
+
+
+def write_answer_key(data: Dataset, path: Path) -> Path:
+    """The simulator's answer key: every row's inputs and labels, one JSON record a line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in data.rows:
+            record = {
+                "inputs": {k: str(row[k]) for k in data.inputs},
+                "labels": {k: str(row[k]) for k in data.labels},
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path

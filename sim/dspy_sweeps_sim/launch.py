@@ -3,10 +3,10 @@
     with SimServer(Path("key.jsonl"), workdir, time_scale=0.001) as sim:
         lm = dspy.LM("openai/student", api_base=sim.base_url, api_key="sim-key")
 
-The server runs `python -m dspy_sweeps.sim` in its own process group and logs to
+The server runs `python -m dspy_sweeps_sim` in its own process group and logs to
 `workdir/sim.log`. Standard library only, so importing this module stays fast for the CLI.
 
-Fault injection (a TEST FACILITY, see `dspy_sweeps.sim.faults`):
+Fault injection (a TEST FACILITY, see `dspy_sweeps_sim.faults`):
 
     with SimServer(key, workdir, faults=["rate_limit:2:retry_after=0.5"]) as sim:
         sim.set_faults("error500", count=3, model="student")   # replaces the schedule
@@ -29,9 +29,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from dspy_sweeps.sim.faults import Fault
+from dspy_sweeps_sim.faults import Fault
 
-API_KEY_ENV = "DSPY_SWEEPS_SIM_API_KEY"  # read by `python -m dspy_sweeps.sim`; keeps the key out of `ps`
+API_KEY_ENV = "DSPY_SWEEPS_SIM_API_KEY"  # read by `python -m dspy_sweeps_sim`; keeps the key out of `ps`
 
 
 class SimServer:
@@ -85,7 +85,7 @@ class SimServer:
         return self._process.pid if self._process is not None else None
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "dspy_sweeps.sim", "--answer-key", str(self.answer_key)]
+        cmd = [sys.executable, "-m", "dspy_sweeps_sim", "--answer-key", str(self.answer_key)]
         cmd += ["--host", "127.0.0.1", "--port", "0", "--port-file", str(self.port_file)]
         for model in self.models:
             cmd += ["--model", model]

@@ -1,11 +1,11 @@
 """Command line for the SIMULATED OpenAI-compatible LM endpoint (a test/demo double, not a real model).
 
-Run: `python -m dspy_sweeps.sim --answer-key key.jsonl [--port 0 --port-file sim.port]`;
-stops on SIGTERM or Ctrl-C. Flags mirror `dspy_sweeps.sim.server.serve`.
+Run: `python -m dspy_sweeps_sim --answer-key key.jsonl [--port 0 --port-file sim.port]`;
+stops on SIGTERM or Ctrl-C. Flags mirror `dspy_sweeps_sim.server.serve`.
 
 Test facility: `--fault MODE[:COUNT][:key=value]...` (repeatable, applied in order) starts the
 server with injected faults, e.g. `--fault rate_limit:3:retry_after=1 --fault error500::model=teacher`;
-see `dspy_sweeps.sim.faults`. `--api-key` (or DSPY_SWEEPS_SIM_API_KEY, which keeps the key out of
+see `dspy_sweeps_sim.faults`. `--api-key` (or DSPY_SWEEPS_SIM_API_KEY, which keeps the key out of
 the process list) makes every /v1 request need `Authorization: Bearer <key>`, like vLLM's.
 """
 
@@ -13,8 +13,8 @@ import argparse
 import os
 from pathlib import Path
 
-from dspy_sweeps.sim.faults import MODES, Fault, FaultError
-from dspy_sweeps.sim.server import serve
+from dspy_sweeps_sim.faults import MODES, Fault, FaultError
+from dspy_sweeps_sim.server import serve
 
 API_KEY_ENV = "DSPY_SWEEPS_SIM_API_KEY"
 
@@ -28,7 +28,7 @@ def _fault(spec: str) -> Fault:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m dspy_sweeps.sim",
+        prog="python -m dspy_sweeps_sim",
         description="SIMULATED OpenAI-compatible LM endpoint (dspy-sweeps test/demo double, not a real model).",
     )
     parser.add_argument("--answer-key", type=Path, required=True, help="JSONL file of {inputs, labels} records")
