@@ -33,8 +33,9 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     from ray_head import start_head
 
-    try:
-        head = start_head(dashboard=False, num_cpus=RAY_HEAD_CPUS)
+    try:  # five tries: on a loaded machine each can miss Ray's 30 s registration window, and without the
+        # head every sweep starts a Ray of its own, which misses that window as easily
+        head = start_head(dashboard=False, num_cpus=RAY_HEAD_CPUS, tries=5)
     except AssertionError as exc:  # a speed-up, not a subject: without it every sweep starts its own Ray
         first = str(exc).splitlines()[0]
         config.issue_config_time_warning(
