@@ -68,10 +68,15 @@ demo-real: llama-server
 	$(BIN)/sweep ask real-intents@champion text="$(REAL_QUESTION)" || $(BIN)/sweep ask real-intents@challenger text="$(REAL_QUESTION)"
 	@echo "(the labelled intent of such a message is lost_or_stolen_card)"
 
-# Two test files at a time: most of a sweep test is waiting on Ray, an endpoint or a server.
-# Whole files go to one worker, so a module's shared sweep or Ray head is set up once.
+# Three test files at a time: most of a sweep test is waiting on Ray, an endpoint or a server, so a
+# third worker on 2 cores shortens the run (the shared Ray head is one for all workers; each worker
+# has its own MLflow server). Whole files go to one worker, so a module's shared sweep or Ray head is
+# set up once, and they go longest first (tests/conftest.py LONGEST_FIRST). TEST_WORKERS=2 make test
+# for a smaller machine.
+TEST_WORKERS ?= 3
+
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	$(BIN)/ruff check .

@@ -33,8 +33,9 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     from ray_head import start_head
 
-    try:
-        head = start_head(dashboard=False, num_cpus=RAY_HEAD_CPUS)
+    try:  # five tries: on a loaded machine each can miss Ray's 30 s registration window, and without the
+        # head every sweep starts a Ray of its own, which misses that window as easily
+        head = start_head(dashboard=False, num_cpus=RAY_HEAD_CPUS, tries=5)
     except AssertionError as exc:  # a speed-up, not a subject: without it every sweep starts its own Ray
         first = str(exc).splitlines()[0]
         config.issue_config_time_warning(
@@ -54,6 +55,29 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 _HEAD = pytest.StashKey[Any]()
+
+# The files that take minutes, longest first (from a --durations run of `make test`). `make test` hands
+# whole files to its workers in collection order (--dist loadfile --no-loadscope-reorder): starting the
+# longest first keeps one of them from starting last and running on alone after the others are done.
+LONGEST_FIRST = (
+    "integration/test_real_model.py",
+    "integration/test_multinode.py",
+    "integration/test_every_optimizer.py",
+    "integration/test_promotion.py",
+    "integration/test_crashes.py",
+    "integration/test_serve.py",
+    "integration/test_demo_sweep.py",
+    "integration/test_s3.py",
+    "integration/test_mlflow3.py",
+    "integration/test_faults.py",
+    "integration/test_hosts.py",
+    "integration/test_ray_jobs.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {REPO / "tests" / name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path, len(rank)))  # stable: the rest keep their order
 
 
 def _unit_tests_only(config: pytest.Config) -> bool:
