@@ -6,7 +6,8 @@
 # make test   set up and run the whole test suite (what CI runs, after make lint)
 # make lint   ruff check, ruff format --check, and the layer contracts (lint-imports, pyproject.toml)
 # make bench  CLI start-up, the demo's wall time and throughput (issue 4) into BENCHMARKS.md:
-#             about 25 minutes on 2 quiet cores; BENCH_QUICK=1 make bench checks the bench itself (~9)
+#             about 25 minutes on 2 quiet cores; BENCH_QUICK=1 make bench checks the bench itself (~9);
+#             BENCH_ONLY=real make bench: only the real llama.cpp rows (issue 15), into their section
 # make reliability  repeat the fault, bad-input and security tests into RELIABILITY.md
 
 VENV := .venv

@@ -13,6 +13,9 @@
 - Throughput (issue 4, `bench/throughput.py`): the platform's sweep against the same trials as
   a sequential loop of plain DSPy and the physical limit; per-call overhead of the gateway;
   1, 2 and 4 endpoints with more and more trials; the issue's goals beside the numbers.
+- Real server (issue 15, `bench/real.py`): a sweep on llama.cpp serving SmolLM2-135M against the
+  same trials as a plain-DSPy loop on that server, its slot utilisation from `/metrics`.
+  `BENCH_ONLY=real make bench` runs this section alone and rewrites only it in BENCHMARKS.md.
 
 Run: `make bench` (or `.venv/bin/python bench/run.py`), about 25 minutes on 2 quiet cores.
 `BENCH_QUICK=1 make bench` shrinks every size to check the bench itself (about 9 minutes); it
@@ -82,7 +85,13 @@ def startup_table() -> str:
 
 
 def main() -> None:
+    if os.environ.get("BENCH_ONLY") == "real":
+        import real
+
+        real.main()
+        return
     from pruning import pruning_markdown
+    from real import HEADING, real_markdown, run_real
     from report import throughput_markdown
     from scale import scale_markdown
     from serving import ServingSizes, run_serving, serving_markdown
@@ -104,6 +113,8 @@ def main() -> None:
     print(serving)
     scale = scale_markdown(progress)
     print(scale)
+    real_md = real_markdown(run_real(progress))
+    print(real_md)
     minutes = (time.monotonic() - started) / 60
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()} "
@@ -114,8 +125,9 @@ def main() -> None:
         return
     (REPO / "BENCHMARKS.md").write_text(
         f"# Benchmarks\n\nProduced by `{COMMAND}` on {machine}, {time.strftime('%Y-%m-%d')}, in {minutes:.0f} minutes.\n"
-        "Everything runs against the simulated endpoint (a test/demo double, time-scaled), so the\n"
-        "figures measure the platform (Ray, trial hosts, DSPy, the LM gateway), never a real model.\n\n"
+        "Everything but the last section runs against the simulated endpoint (a test/demo double,\n"
+        "time-scaled), so those figures measure the platform (Ray, trial hosts, DSPy, the LM gateway),\n"
+        "never a real model; the real-server section runs a real model on llama.cpp.\n\n"
         "## Start-up\n\n"
         f"{startup}\n\n"
         "## Throughput (issues 4 and 8)\n\n"
@@ -127,6 +139,7 @@ def main() -> None:
         f"{serving}\n\n"
         "## Scale (issue 17)\n\n"
         f"{scale}\n\n"
+        f"{HEADING}\n\n{real_md}\n\n"
         f"{NOTES}"
     )
 

@@ -103,6 +103,8 @@ def platform_child(args: argparse.Namespace) -> dict[str, Any]:
             "cache_hits": r.cache_hits,
             "merged": r.merged_calls,
             "val": r.val_score,
+            "format_failures": r.format_failures,
+            "teacher_retries": r.teacher_retries,
         }
         for r in outcome.records
     ]
@@ -145,11 +147,12 @@ def sequential_child(args: argparse.Namespace) -> dict[str, Any]:
             result = run_trial(
                 dataclasses.replace(trial, num_threads=threads), prepared.data, TrialLMs(student, teacher), workdir
             )
-            status, val = result.status, result.val_score
+            status, val, formats = result.status, result.val_score, (result.format_failures, result.teacher_retries)
         except Exception as exc:
-            status, val = f"failed: {type(exc).__name__}: {exc}"[:200], None
+            status, val, formats = f"failed: {type(exc).__name__}: {exc}"[:200], None, (0, 0)
         trials.append(
             {"id": trial.id, "kind": trial.kind, "status": status, "start": begin, "end": time.time(), "val": val}
+            | {"format_failures": formats[0], "teacher_retries": formats[1]}
         )
     return {
         "start": start,

@@ -33,14 +33,38 @@ def start_ray(address: str | None, project_dir: Path, packages: Sequence[str] = 
         # A local Ray's workers inherit this process's environment; a runtime_env would route every
         # worker's start through Ray's setup process and import Ray twice (measured: ~4 s a process).
         os.environ.update(env_vars)
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env=_cluster_env(env_vars, project_dir, packages) if joining else None,
-    )
+    options = {
+        "address": address,
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "configure_logging": False,
+        "runtime_env": _cluster_env(env_vars, project_dir, packages) if joining else None,
+    }
+    if joining:
+        ray.init(**options)
+    else:
+        _init_local(options)
     _start_reaper()
+
+
+def _init_local(options: dict[str, Any], tries: int = 3) -> None:
+    """`ray.init` of a local Ray, again if its raylet missed Ray's fixed 30-second window to register
+    with the GCS ("The current node timed out during startup": a loaded machine, such as 2 cores
+    serving a CPU model). The processes a failed start left behind are this process's children."""
+    import psutil  # Ray's vendored copy, on sys.path once ray is imported
+
+    for attempt in range(1, tries + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(**options)
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == tries:
+                raise
+        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        for process in left:
+            process.kill()
+        psutil.wait_procs(left, timeout=10)
 
 
 def _cluster_env(env_vars: dict[str, str], project_dir: Path, packages: Sequence[str]) -> dict[str, Any]:
