@@ -51,7 +51,7 @@ def _init_local(options: dict[str, Any], tries: int = 3) -> None:
     """`ray.init` of a local Ray, again if its raylet missed Ray's fixed 30-second window to register
     with the GCS ("The current node timed out during startup": a loaded machine, such as 2 cores
     serving a CPU model). The processes a failed start left behind are this process's children."""
-    import psutil  # Ray's vendored copy, on sys.path once ray is imported
+    import psutil
 
     for attempt in range(1, tries + 1):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
