@@ -7,7 +7,8 @@
 # make lint   ruff check, ruff format --check, and the layer contracts (lint-imports, pyproject.toml)
 # make bench  CLI start-up, the demo's wall time and throughput (issue 4) into BENCHMARKS.md:
 #             about 25 minutes on 2 quiet cores; BENCH_QUICK=1 make bench checks the bench itself (~9)
-# make reliability  repeat the fault, bad-input and security tests into RELIABILITY.md
+# make reliability  drive the fault, crash, bad-input and secret scenarios (bench/reliability_cases.py) 3 times
+#                   and write RELIABILITY.md from what the harness measured
 
 VENV := .venv
 BIN := $(VENV)/bin

@@ -58,9 +58,14 @@ def main() -> None:
     repeat_s: list[float] = []
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="reliability-") as tmp:
-        head = start_head(dashboard=False, num_cpus=8)
         try:
-            harness = Harness(Path(tmp), {"RAY_ADDRESS": head.address, **head.env}, head.temp_dir)
+            head = start_head(dashboard=False, num_cpus=8)
+        except AssertionError as exc:  # a speed-up only: without it each sweep starts its own Ray
+            print(f"no shared Ray head ({str(exc).splitlines()[0]}); sweeps start their own", flush=True)
+            head = None
+        try:
+            joined = {"RAY_ADDRESS": head.address, **head.env} if head else {}
+            harness = Harness(Path(tmp), joined, head.temp_dir if head else None)
             for repeat in range(args.repeat):
                 began = time.monotonic()
                 for name in names:
@@ -75,12 +80,26 @@ def main() -> None:
                 repeat_s.append(time.monotonic() - began)
                 args.out.write_text(render(outcomes, names, args.repeat, repeat_s, loads, started, kept))
         finally:
-            head.stop()
+            if head:
+                head.stop()
     print(args.out.read_text())
     sys.exit(0 if all(o["survived"] == o["injected"] and o["injected"] for o in outcomes) else 1)
 
 
 def _measure(name: str, harness: Harness) -> Outcome:
+    """One run of a scenario; once more if Ray itself did not start (the shared machine's load: its
+    raylet has a fixed 30 s to register), which the notes say. A second such failure counts."""
+    outcome = _attempt(name, harness)
+    if any(RAY_TIMED_OUT in note for note in outcome.notes):
+        outcome = _attempt(name, harness)
+        outcome.notes.insert(0, "run again: in the first attempt Ray did not start under the machine's load")
+    return outcome
+
+
+RAY_TIMED_OUT = "The current node timed out during startup"
+
+
+def _attempt(name: str, harness: Harness) -> Outcome:
     try:
         return CASES[name](harness)
     except Exception as exc:  # the harness failed, not the platform: reported as such

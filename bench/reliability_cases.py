@@ -58,8 +58,8 @@ class Harness:
     """Where scenarios write (`root`) and the Ray head sweeps join unless their subject is Ray's processes."""
 
     root: Path
-    ray_env: dict[str, str]  # RAY_ADDRESS and its token
-    ray_temp: Path  # the head's session files (logs, job metadata), scanned for secrets
+    ray_env: dict[str, str]  # RAY_ADDRESS and its token ({}: each sweep starts its own Ray, in its state dir)
+    ray_temp: Path | None  # the head's session files (logs, job metadata), scanned for secrets
 
     def folder(self, name: str) -> Path:
         path = self.root / f"{name}-{time.monotonic_ns()}"
@@ -327,7 +327,9 @@ def secrets(h: Harness) -> Outcome:
         result = sweep(*args, state=state, env=env)
         stats = sim.stats()
     answered = sum(m["ok"] for m in stats["models"].values())  # the key reached the one place it should
-    leaks = canary_hits({"stdout": result.stdout, "stderr": result.stderr}, [state, h.ray_temp])
+    leaks = canary_hits(
+        {"stdout": result.stdout, "stderr": result.stderr}, [state, *([h.ray_temp] if h.ray_temp else [])]
+    )
     files = sum(1 for p in state.rglob("*") if p.is_file())
     ok = result.returncode == 0 and answered > 0 and stats["auth_rejected"] == 0
     notes = [] if ok else [f"exit {result.returncode}, {answered} answered: {result.stderr[-300:]}"]
@@ -426,7 +428,8 @@ def killed_driver(h: Harness) -> Outcome:
     finished = _finished_child_runs(f"sqlite:///{state}/mlflow.db", "demo")
     hit = killed.returncode == -signal.SIGKILL
     ok = resumed.returncode == 0 and len(after) == 3 and all(r["status"] == "ok" for r in after.values())
-    notes = [] if ok else [f"resume exit {resumed.returncode}: {resumed.stderr[-300:]}"]
+    notes = [] if hit else [f"not killed mid-sweep: exit {killed.returncode}: {killed.stderr[-300:]}"]
+    notes += [] if ok else [f"resume exit {resumed.returncode}: {resumed.stderr[-300:]}"]
     notes += [f"left running: {p}" for p in left[:3]] + [f"run again: {t}" for t in rerun]
     return Outcome(
         "SIGKILL of the driver, then --resume, its own Ray",
