@@ -131,6 +131,9 @@ def sweep_under(
     except subprocess.TimeoutExpired:
         cli.kill()
         stdout, stderr = cli.communicate()
+    except BaseException:  # the harness is being stopped: so is the sweep
+        cli.kill()
+        raise
     thread.join(timeout=30)
     return subprocess.CompletedProcess(cmd, cli.returncode, stdout, stderr)
 
