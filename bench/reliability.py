@@ -174,7 +174,7 @@ def render(
         + "\n".join(rows)
         + "\n\n### How each case is measured\n\n"
         + how
-        + "\n\n### Failures and faults not survived\n\n"
+        + "\n\n### Notes: runs made again, runs not measured, faults not survived\n\n"
         + ("\n".join(notes) if notes else "None.")
         + "\n"
         + (f"\n\n{kept}" if kept else "")
