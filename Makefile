@@ -8,7 +8,8 @@
 # make bench  CLI start-up, the demo's wall time and throughput (issue 4) into BENCHMARKS.md:
 #             about 25 minutes on 2 quiet cores; BENCH_QUICK=1 make bench checks the bench itself (~9);
 #             BENCH_ONLY=real make bench: only the real llama.cpp rows (issue 15), into their section
-# make reliability  repeat the fault, bad-input and security tests into RELIABILITY.md
+# make reliability  drive the fault, crash, bad-input and secret scenarios (bench/reliability_cases.py) 3 times
+#                   and write RELIABILITY.md from what the harness measured
 
 VENV := .venv
 BIN := $(VENV)/bin

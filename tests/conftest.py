@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -196,18 +195,3 @@ def _merge(base: dict[str, Any], changes: dict[str, Any]) -> None:
             _merge(base[key], value)
         else:
             base[key] = copy.deepcopy(value)
-
-
-@pytest.fixture
-def reliability(request: pytest.FixtureRequest) -> Iterator[Callable[..., None]]:
-    """Record a fault case's figures; `make reliability` collects them into RELIABILITY.md.
-
-    `reliability("worker killed", runs=1, faults_injected=1, faults_survived=1, trials_lost=0)`
-    appends one JSON line to $DSPY_SWEEPS_RELIABILITY_LOG when it is set (a no-op otherwise).
-    """
-    records: list[dict[str, Any]] = []
-    yield lambda case, **figures: records.append({"case": case, "test": request.node.nodeid, **figures})
-    log = os.environ.get("DSPY_SWEEPS_RELIABILITY_LOG")
-    if log and records:
-        with open(log, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)

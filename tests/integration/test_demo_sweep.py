@@ -264,18 +264,10 @@ def test_run_pull_and_ask_print_no_library_noise(demo: dict, tmp_path: Path) -> 
 
 
 @pytest.mark.reliability
-def test_no_secret_reaches_state_outputs_or_artifacts(demo: dict, reliability) -> None:
+def test_no_secret_reaches_state_outputs_or_artifacts(demo: dict) -> None:
     outputs = [run.stdout + run.stderr for run in (demo["first"], demo["second"])]
     files = [p for p in demo["state"].rglob("*") if p.is_file()]
     leaks = [p for p in files if CANARY.encode() in p.read_bytes()] + [o for o in outputs if CANARY in o]
-    planted = len(CANARY_VARIABLES)
-    reliability(
-        "secrets: canary keys in env, api_key_env, AWS variables",
-        runs=1,
-        faults_injected=planted,
-        faults_survived=planted if not leaks else 0,
-        secrets_found=len(leaks),
-    )
     assert len(files) > 50, "the state dir should hold results, programs, cache, MLflow and W&B files"
     assert leaks == []
 

@@ -165,7 +165,7 @@ def gepa_evals(path: Path) -> int:
 
 
 def test_a_node_lost_mid_gepa_has_its_trial_resumed_on_another_node_from_storage(
-    cluster: Cluster, sim: SimServer, mlflow_server: str, reliability
+    cluster: Cluster, sim: SimServer, mlflow_server: str
 ) -> None:
     state = cluster.driver_dir / "node-loss"
     storage = cluster.storage / state.name
@@ -202,24 +202,10 @@ def test_a_node_lost_mid_gepa_has_its_trial_resumed_on_another_node_from_storage
     watcher.start()
     out, err = run.communicate(timeout=1200)
     watcher.join()
-    finished = time.monotonic()
     records = {r["kind"]: r for r in rows(state)} if (state / "results" / "demo.parquet").exists() else {}
     gepa = records.get("gepa", {})
     final = list(storage.glob("trials/demo/gepa-*/gepa/gepa_state.bin"))
     total = gepa_evals(final[0]) if final else 0
-    case = "a node lost mid-GEPA (raylet's process group killed), resumed on another node from storage"
-    reliability(
-        case,
-        runs=1,
-        faults_injected=int("at" in lost),
-        faults_survived=int(run.returncode == 0 and gepa.get("attempts") == 2),
-        trials_lost=len([r for r in records.values() if r["status"] != "ok"]),
-        records_lost=2 - len(records),
-        trials_retried=sum(r["attempts"] - 1 for r in records.values()),
-        # GEPA's metric calls between its last checkpoint in storage and the loss: run again on resume.
-        metric_calls_spent_again=int(lost.get("on_node", 0) - lost.get("evals", 0)),
-        **({"recovery_s": finished - lost["at"]} if "at" in lost else {}),
-    )
     assert "at" in lost, f"the node was not lost mid-GEPA: {err[-3000:]}"
     assert run.returncode == 0, err[-3000:]
     assert len(rows(state)) == 2 and all(r["status"] == "ok" for r in records.values()), records

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -102,7 +101,7 @@ def never_rescored(program_json: str) -> list[float | None]:
 @pytest.mark.reliability
 @pytest.mark.parametrize("better_settles_first", [True, False])
 def test_concurrent_promotions_end_with_the_better_program(
-    mlflow_server: str, tmp_path: Path, better_settles_first: bool, reliability, monkeypatch: pytest.MonkeyPatch
+    mlflow_server: str, tmp_path: Path, better_settles_first: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -151,15 +150,6 @@ def test_concurrent_promotions_end_with_the_better_program(
     client = MlflowClient(mlflow_server)
     champion = client.get_model_version_by_alias(model, "champion")
     versions = len(client.search_model_versions(f"name = '{model}'"))
-    reliability(
-        "two sweeps promoting at once (mlflow server)",
-        runs=1,
-        faults_injected=1,
-        faults_survived=int(not errors and champion.tags["trial"] == "better"),
-        duplicate_versions=versions - 3,
-        promotions=3,
-        versions_created=versions,
-    )
     assert errors == []
     assert all("over champion v1" in d.reason for d in decisions.values()), "both compared with the old champion"
     assert champion.tags["trial"] == "better"
@@ -250,7 +240,7 @@ class _Payload:
 
 
 @pytest.mark.reliability
-def test_pull_and_load_never_unpickle_a_tampered_artifact(mlflow_server: str, tmp_path: Path, reliability) -> None:
+def test_pull_and_load_never_unpickle_a_tampered_artifact(mlflow_server: str, tmp_path: Path) -> None:
     import pickle
 
     from mlflow.tracking import MlflowClient
@@ -266,14 +256,6 @@ def test_pull_and_load_never_unpickle_a_tampered_artifact(mlflow_server: str, tm
     client.log_artifacts(run_id, str(payloads), "model")  # over mlflow.dspy's own pickles
     folder = pull(f"{model}@champion", tmp_path / "pulled", mlflow_server)
     loaded = load_pulled(folder, api_base="http://127.0.0.1:8000/v1")
-    executed = int(marker.exists())
-    reliability(
-        "untrusted registry: pickled payloads in the artifacts",
-        runs=1,
-        faults_injected=3,
-        faults_survived=3 * (1 - executed),
-        payloads_executed=executed,
-    )
     assert not marker.exists(), "pull/load unpickled an artifact"
     assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "program.json"]
     assert loaded.solve.predict.demos[0]["answer"] == "0.9"  # the program itself came back
@@ -292,9 +274,7 @@ class _Retries(logging.Handler):
 
 
 @pytest.mark.reliability
-def test_promotion_survives_a_tracking_server_restart(
-    tmp_path: Path, reliability, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_promotion_survives_a_tracking_server_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import signal
 
     from dspy_sweeps.track import registry
@@ -327,26 +307,12 @@ def test_promotion_survives_a_tracking_server_restart(
         assert killed.wait(120), "the promotion never reached the register step"
         hit = retries.hit.wait(120)  # ... a request meets the dead server ...
         server.start()  # ... and the server comes back on the same port and store
-        back = time.monotonic()
         thread.join(timeout=300)
-        recovery_s = time.monotonic() - back  # from the server's return to the promotion's end
         versions = MlflowClient(server.url).search_model_versions(f"name = '{model}'")
-        survived = hit and bool(outcome) and not isinstance(outcome[0], Exception) and len(versions) == 1
-        if survived:
-            pull(f"{model}@champion", tmp_path / "pulled", server.url)  # its artifacts are there
-        reliability(
-            "MLflow server killed and restarted during promotion",
-            runs=1,
-            faults_injected=1,
-            faults_survived=int(survived),
-            duplicate_versions=max(len(versions) - 1, 0),
-            promotions=1,
-            versions_created=len(versions),
-            recovery_s=recovery_s,
-        )
         assert hit, "no request met the outage: the test proved nothing"
         assert outcome and not isinstance(outcome[0], Exception), outcome
         assert len(versions) == 1, "never two versions for one promotion"
+        pull(f"{model}@champion", tmp_path / "pulled", server.url)  # its artifacts are there
         assert (tmp_path / "pulled" / "program.json").is_file(), "never a version without its artifacts"
     finally:
         logging.getLogger("urllib3.connectionpool").removeHandler(retries)
@@ -354,7 +320,7 @@ def test_promotion_survives_a_tracking_server_restart(
 
 
 @pytest.mark.reliability
-def test_an_unwritable_artifact_store_fails_cleanly_and_registers_nothing(tmp_path: Path, reliability) -> None:
+def test_an_unwritable_artifact_store_fails_cleanly_and_registers_nothing(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from dspy_sweeps.errors import SweepError
@@ -369,15 +335,6 @@ def test_an_unwritable_artifact_store_fails_cleanly_and_registers_nothing(tmp_pa
         promote(Promote(model=model), record, run_id, program, uri, never_rescored)
     versions = client.search_model_versions(f"name = '{model}'")
     clean = len(str(error.value).splitlines()) == 1 and "nothing was registered" in str(error.value)
-    reliability(
-        "artifact store unwritable during promotion",
-        runs=1,
-        faults_injected=1,
-        faults_survived=int(clean and not versions),
-        duplicate_versions=len(versions),
-        promotions=1,
-        versions_created=len(versions),
-    )
     assert clean, str(error.value)
     assert versions == [], "never a registered version without its artifacts"
 

@@ -86,7 +86,7 @@ def test_a_malformed_body_gets_422_naming_the_field(served: Served) -> None:
     [("error500", 502, "endpoint_down"), ("rate_limit", 503, "rate_limited"), ("hang", 504, "timed_out")],
 )
 def test_a_failed_lm_call_is_an_error_status_by_kind_never_an_answer(
-    served: Served, student: SimServer, question: str, fault: str, status: int, kind: str, reliability
+    served: Served, student: SimServer, question: str, fault: str, status: int, kind: str
 ) -> None:
     before = student.stats()["models"]["student"]["faults"].get(fault, 0)
     student.set_faults(fault, count=1, **({"hang_seconds": 30} if fault == "hang" else {}))
@@ -96,7 +96,6 @@ def test_a_failed_lm_call_is_an_error_status_by_kind_never_an_answer(
         student.set_faults("ok")
     hit = student.stats()["models"]["student"]["faults"].get(fault, 0) - before
     _, _, text = call(served.url, "/metrics")
-    reliability(f"served program, student {fault}", runs=1, faults_injected=hit, faults_survived=int(got == status))
     assert hit == 1, "the fault was not hit"
     assert got == status and body["kind"] == kind and "outputs" not in body, body
     if fault == "rate_limit":
@@ -153,7 +152,7 @@ def test_an_alias_that_moves_twice_under_load_fails_no_request(
 
 @pytest.mark.reliability
 def test_a_version_that_fails_to_load_leaves_the_old_one_serving(
-    mlflow_server: str, student: SimServer, question: str, tmp_path: Path, reliability
+    mlflow_server: str, student: SimServer, question: str, tmp_path: Path
 ) -> None:
     model = new_model()
     register(tmp_path, mlflow_server, model, 0.5)
@@ -170,13 +169,12 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(
     finally:
         served.stop()
     lines = [line for line in served.stderr().splitlines() if "failed to load" in line]
-    reliability("served alias moved to a broken version", runs=1, faults_injected=1, faults_survived=int(status == 200))
     assert status == 200 and body["version"] == "1"
     assert len(lines) == 1 and f"v{broken}" in lines[0] and "NoSuchProgram" in lines[0], served.stderr()
 
 
 @pytest.mark.reliability
-def test_bad_input_exits_2_with_one_line(mlflow_server: str, tmp_path: Path, reliability) -> None:
+def test_bad_input_exits_2_with_one_line(mlflow_server: str, tmp_path: Path) -> None:
     model = new_model()
     register(tmp_path, mlflow_server, model, 0.5)
     with socket.socket() as taken:
@@ -203,5 +201,4 @@ def test_bad_input_exits_2_with_one_line(mlflow_server: str, tmp_path: Path, rel
         case: d.returncode == 2 and len(d.stderr.strip().splitlines()) == 1 and cases[case][1] in d.stderr
         for case, d in done.items()
     }
-    reliability("sweep serve bad input", runs=1, faults_injected=len(cases), faults_survived=sum(clean.values()))
     assert all(clean.values()), {case: (d.returncode, d.stderr) for case, d in done.items()}

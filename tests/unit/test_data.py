@@ -233,17 +233,13 @@ ESCAPES = {
 @pytest.mark.reliability
 @pytest.mark.parametrize("query", ESCAPES.values(), ids=ESCAPES.keys())
 def test_queries_cannot_leave_the_sandbox(
-    query: str, corpus_columns: dict, parquet_file: ParquetFile, tmp_path: Path, reliability
+    query: str, corpus_columns: dict, parquet_file: ParquetFile, tmp_path: Path
 ) -> None:
     source = parquet_file(corpus_columns, "source.parquet")
     other = parquet_file(corpus_columns, "other.parquet")
     out = tmp_path / "out"
     out.mkdir()
     message = error_of(spec(source, query=query.format(out=out, corpus=other)))
-    escaped = bool(list(out.iterdir())) or "root:" in message
-    reliability(
-        "SQL sandbox probes", runs=1, faults_injected=1, sandbox_escapes=int(escaped), faults_survived=int(not escaped)
-    )
     assert message.startswith("data.query: ")
     assert "root:" not in message, "nothing read from /etc/passwd reaches the message"
     assert list(out.iterdir()) == []
