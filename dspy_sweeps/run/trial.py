@@ -13,7 +13,9 @@ loser on test would spend what pruning saved).
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,7 @@ def run_trial(
     metric = load_object(trial.metric, "metric")
     trainset, valset, testset = (to_examples(rows, data.inputs) for rows in (data.train, data.val, data.test))
     progress = TrialProgress(events, spend, Splits.of(trainset, valset), _priced(trial))
+    tolerate_concurrent_progress_bars()
     if hooked:
         hook_evaluate()
     # DSPy's history is off: a host keeps up to 10,000 entries per LM and module otherwise, per trial.
@@ -130,6 +133,29 @@ def _pruned(trial: Trial, progress: Any, best: Any, start: float) -> TrialResult
         duration_s=round(time.monotonic() - start, 3),
         program=best.program if best else None,
     )
+
+
+_bars_lock = threading.Lock()
+
+
+class _BarInstances(weakref.WeakSet):
+    """tqdm's registry of live bars, whose `remove` forgives a bar already gone."""
+
+    def remove(self, item: Any) -> None:
+        self.discard(item)
+
+
+def tolerate_concurrent_progress_bars() -> None:
+    """Every DSPy evaluation makes a tqdm bar (disabled ones too), and a host runs many trials on
+    threads: under that, a disabled bar's own `_instances.remove(self)` (tqdm 4.70) raises
+    KeyError now and then (12 threads each running 300 `ParallelExecutor`s met 1 to 9 of them per
+    run; one cost a sweep's trial), which ended the trial. tqdm's other removal already ignores it;
+    this makes them alike, once per process."""
+    import tqdm
+
+    with _bars_lock:
+        if not isinstance(tqdm.tqdm._instances, _BarInstances):
+            tqdm.tqdm._instances = _BarInstances(tqdm.tqdm._instances)
 
 
 def _priced(trial: Trial) -> frozenset[str]:
