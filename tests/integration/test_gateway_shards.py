@@ -4,6 +4,7 @@ it; a dead shard is a one-line stop, never a silent restart with fresh counts.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -110,6 +111,9 @@ def test_a_dead_shard_fails_calls_and_is_named_instead_of_restarting(
     try:
         assert gateway.dead_shard() is None
         ray.kill(gateway.shards[2], no_restart=False)  # no_restart=False: Ray would restart it if allowed
+        with contextlib.suppress(ray.exceptions.RayActorError):  # the kill is asynchronous: wait for it to land
+            while True:
+                ray.get(gateway.shards[2].ping.remote(), timeout=120)
         with pytest.raises(GatewayLost):
             gateway.trial_stats("t")
         assert gateway.dead_shard() == 2
