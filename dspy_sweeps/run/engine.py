@@ -454,10 +454,11 @@ class TrialEnds:
 
 def _tracking_error(exc: Exception, trial: Trial, results: Path) -> Exception:
     """What stops the sweep when a trial's tracking failed: a full state directory (the local MLflow
-    store's SQLite says "database or disk is full") is the disk's error, which `sweep run` names as such."""
+    store's SQLite says "database or disk is full"; W&B's files raise ENOSPC itself) is the disk's
+    error, which `sweep run` names as such."""
     import errno
 
-    if "disk is full" in str(exc):
+    if "disk is full" in str(exc) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
         return OSError(errno.ENOSPC, "No space left on device")
     return SweepError(
         f"tracking failed for trial {trial.id} ({type(exc).__name__}: {first_line(exc)}); "
