@@ -236,6 +236,9 @@ def pruner_event_ms(storage: Any, running: int, events: int) -> float:
     return (time.perf_counter() - start) * 1000 / events
 
 
+PRUNER_COLUMNS = ["running", "journal file (the study's storage)", "SQLite (before)", "SQLite / journal"]
+
+
 def pruner_rows(root: Path) -> list[list[str]]:
     from dspy_sweeps.run.pruning import study_storage
     from dspy_sweeps.state import State
@@ -337,7 +340,7 @@ def scale_markdown(progress: Any = print) -> str:
             "### Event overhead: events on against off (bench/pruning.py's measure)\n\n"
             + table(["measure", "events on", "events off", "apart (goal ≤ 3 %)"], events),
             "### Driver time per pruner event (Optuna's report and should_prune, MedianPruner)\n\n"
-            + table(["running", "journal file (the study's storage)", "SQLite (before)", "SQLite / journal"], pruner),
+            + table(PRUNER_COLUMNS, pruner),
             "### Driver time per trial end (a real sweep through engine.run_sweep, tracking off)\n\n"
             + table(["sweep", "mean", "p95", "sweep wall time"], driver),
             SCALE_NOTES,
@@ -370,6 +373,6 @@ if __name__ == "__main__":
         from report import table
 
         with tempfile.TemporaryDirectory() as tmp:
-            print(table(["running", "journal file", "SQLite (before)", "SQLite / journal"], pruner_rows(Path(tmp))))
+            print(table(PRUNER_COLUMNS, pruner_rows(Path(tmp))))
     else:
         print(scale_markdown())

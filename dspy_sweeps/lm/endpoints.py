@@ -107,10 +107,11 @@ def resolve(spec: ModelSpec, urls: Mapping[str, str]) -> ModelSpec:
 def check_settings(sweep: Sweep) -> None:
     """Every `endpoints:` entry names an installed plugin that accepts its settings (one line if not)."""
     for name, settings in sweep.endpoints.items():
-        if name not in installed():
-            have = ", ".join(sorted(installed())) or "none is installed"
-            raise SweepError(f"endpoints.{name}: no endpoint plugin named '{name}' (installed: {have})")
-        if (error := plugin(name).check(settings)) is not None:
+        try:
+            error = plugin(name).check(settings)
+        except SweepError as exc:  # no such plugin
+            raise SweepError(f"endpoints.{name}: {exc}") from None
+        if error is not None:
             raise SweepError(f"endpoints.{name}.{error}")
 
 
