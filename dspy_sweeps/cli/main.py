@@ -48,9 +48,11 @@ def exits_on_bad_input(command: Callable) -> Callable:
     return wrapper
 
 
-def _library_logs(state_dir: Path | None) -> None:
+def _library_logs(state_dir: Path | None, *, dspy: bool = False) -> None:
     """MLflow's and Alembic's INFO lines ("Creating initial MLflow database tables") and MLflow's
-    download bars are not the user's business: the lines go to `<state>/logs/libraries.log`."""
+    download bars are not the user's business: the lines go to `<state>/logs/libraries.log`. With
+    `dspy`, DSPy's too ("LM response was truncated" when a real model stops at max_tokens): DSPy
+    puts its console handler on its logger when imported, so this imports it and takes that off."""
     from dspy_sweeps.state import State
 
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow adds no stderr handler of its own
@@ -62,11 +64,17 @@ def _library_logs(state_dir: Path | None) -> None:
     except OSError:  # a state directory that cannot be written is reported where it is used
         return
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    for name in ("mlflow", "alembic"):
+    for name in ("mlflow", "alembic", "dspy"):
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    if dspy:
+        import dspy as _  # noqa: F401  (installs DSPy's console handler, named "dspy_handler")
+
+        dspy_logger = logging.getLogger("dspy")
+        for console in [h for h in dspy_logger.handlers if h.get_name() == "dspy_handler"]:
+            dspy_logger.removeHandler(console)
 
 
 def _console():
@@ -127,7 +135,7 @@ def run(
     from dspy_sweeps.track.registry import save_decision
 
     load_job_secrets()  # in a job from `sweep submit`: the secrets it was sent, before anything reads keys
-    _library_logs(state_dir)
+    _library_logs(state_dir, dspy=True)
     # A library's log line that cannot be written (a full disk, a closed pipe) must not print a
     # traceback over the one-line error the sweep gives: Python's logging then drops it silently.
     logging.raiseExceptions = False
@@ -227,7 +235,7 @@ def ask(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Load a registered program and ask it one question."""
-    _library_logs(state_dir)
+    _library_logs(state_dir, dspy=True)
     from dspy_sweeps.cli.ask import ask_program
 
     kwargs = dict(_key_value(item) for item in inputs)

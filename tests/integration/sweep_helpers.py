@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -58,3 +59,27 @@ def rows(state: Path) -> list[dict]:
     """The demo sweep's result records in `state`."""
     # One open file: the sweep replaces this file while the fault threads poll it.
     return pq.read_table(state / "results" / "demo.parquet").to_pylist()
+
+
+# What the libraries underneath print when nothing stops them (issue 15 saw each in `sweep run`,
+# `pull` or `ask`): Ray's token-auth warning, MLflow's and Alembic's start-up lines, MLflow's
+# artifact download bars, tqdm bars, Python warnings and Ray's worker-log prefixes.
+LIBRARY_NOISE = {
+    "Ray's token warning": r"Token authentication is (enabled|disabled)",
+    "MLflow's tables": r"Creating initial MLflow database tables|alembic|Context impl SQLiteImpl",
+    "MLflow's download bars": r"Downloading artifacts",
+    "a tqdm bar": r"\d+%\|.*\||\d+it/s\]|it/s\]",
+    "a Python warning": r"\w+Warning: ",
+    "a library's log line": r"^(INFO|WARNING|DEBUG)\b|\b(INFO|WARNING) (mlflow|ray|dspy|litellm|alembic)",
+    "a Ray worker's log": r"\((raylet|pid=\d+|TrialHost|Gateway\w*)[^)]*\)",
+}
+
+
+def library_noise(*outputs: str) -> list[str]:
+    return [
+        f"{name}: {line!r}"
+        for output in outputs
+        for line in output.splitlines()
+        for name, pattern in LIBRARY_NOISE.items()
+        if re.search(pattern, line)
+    ]

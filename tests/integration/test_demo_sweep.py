@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sweep_helpers import library_noise
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = REPO / ".venv" / "bin" / "sweep"
@@ -205,32 +206,6 @@ def test_ask_and_load_in_fresh_processes(demo: dict) -> None:
         loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert f"ANSWER {right}\n" in loaded.stdout and "MLFLOW Solve" in loaded.stdout
-
-
-# What the libraries underneath print when nothing stops them (issue 15 saw each in `sweep run`,
-# `pull` or `ask`): Ray's token-auth warning, MLflow's and Alembic's start-up lines, MLflow's
-# artifact download bars, tqdm bars, Python warnings and Ray's worker-log prefixes.
-LIBRARY_NOISE = {
-    "Ray's token warning": r"Token authentication is (enabled|disabled)",
-    "MLflow's tables": r"Creating initial MLflow database tables|alembic|Context impl SQLiteImpl",
-    "MLflow's download bars": r"Downloading artifacts",
-    "a tqdm bar": r"\d+%\|.*\||\d+it/s\]|it/s\]",
-    "a Python warning": r"\w+Warning: ",
-    "a library's log line": r"^(INFO|WARNING|DEBUG)\b|\b(INFO|WARNING) (mlflow|ray|dspy|litellm|alembic)",
-    "a Ray worker's log": r"\((raylet|pid=\d+|TrialHost|Gateway\w*)[^)]*\)",
-}
-
-
-def library_noise(*outputs: str) -> list[str]:
-    import re
-
-    return [
-        f"{name}: {line!r}"
-        for output in outputs
-        for line in output.splitlines()
-        for name, pattern in LIBRARY_NOISE.items()
-        if re.search(pattern, line)
-    ]
 
 
 @pytest.mark.parametrize(
