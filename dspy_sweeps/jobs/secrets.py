@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from dspy_sweeps.errors import SweepError
@@ -13,7 +14,7 @@ from dspy_sweeps.jobs.client import _SECRETS_FILE, PACKAGE_DIR, SECRETS_ENV, TRA
 _worker_values: dict[str, str] = {}
 
 
-_worker_refs: dict[str, Any] = {}  # Ray job id -> the values in that Ray's object store
+_worker_refs: dict[tuple[str, tuple[str, ...]], Any] = {}  # (Ray job id, names) -> values in its object store
 
 
 class Secrets:
@@ -57,23 +58,27 @@ def load_job_secrets() -> list[str]:
     return sorted(values)
 
 
-def gateway_secrets() -> Secrets | None:
-    """What the sweep's LM gateway needs of the loaded secrets (not the tracking ones), or None."""
-    return Secrets(_worker_values) if _worker_values else None
+def gateway_secrets(names: Iterable[str] = ()) -> Secrets | None:
+    """What the sweep's LM gateway needs, or None: the loaded job secrets (not the tracking ones) and
+    the values of `names`, the key variables the sweep's endpoints name (`api_key_env`), as this
+    process has them. A local Ray's workers inherit this process's environment, a cluster's do not:
+    without these, `sweep run --address` from a shell holding the key would be refused (HTTP 401)."""
+    values = {**_worker_values, **{name: os.environ[name] for name in names if os.environ.get(name)}}
+    return Secrets(values) if values else None
 
 
-def worker_secrets() -> Any:
-    """`gateway_secrets()` as an object reference in the running Ray (None outside a submitted
-    job), made once per Ray session and held by the driver, so a restarted gateway reads it again."""
-    secrets = gateway_secrets()
+def worker_secrets(names: Iterable[str] = ()) -> Any:
+    """`gateway_secrets(names)` as an object reference in the running Ray (None if there are none),
+    made once per Ray job and set of names and held by the driver while the sweep runs."""
+    secrets = gateway_secrets(names)
     if secrets is None:
         return None
     import ray
 
-    job = ray.get_runtime_context().get_job_id()
-    if job not in _worker_refs:
-        _worker_refs[job] = ray.put(secrets)
-    return _worker_refs[job]
+    held = (ray.get_runtime_context().get_job_id(), tuple(sorted(secrets._values)))
+    if held not in _worker_refs:
+        _worker_refs[held] = ray.put(secrets)
+    return _worker_refs[held]
 
 
 def holding_secrets(cls: type) -> type:

@@ -113,14 +113,13 @@ def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any, shards: in
     from dspy_sweeps.lm.shards import Gateway
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # The LM keys (a submitted job's, and the endpoints' key variables), by object reference: see jobs/secrets.py
+    keys = worker_secrets([e.api_key_env for e in endpoints if e.api_key_env])
     actor = ray.remote(num_cpus=0, max_concurrency=100_000, max_restarts=0)(holding_secrets(core or GatewayCore))
     handles = [
-        actor.options(scheduling_strategy=here).remote(
-            worker_secrets(), endpoints, str(cache_dir), budget, shard=i, shards=shards
-        )
+        actor.options(scheduling_strategy=here).remote(keys, endpoints, str(cache_dir), budget, shard=i, shards=shards)
         for i in range(shards)
     ]
-    # worker_secrets(): a submitted job's LM keys, by object reference (see jobs.py)
     ray.get([h.connect.remote(handles) for h in handles])
     by_endpoint = len(endpoints) >= shards > 1  # as GatewayCore decides it
     return Gateway(tuple(handles), owners_of([e.id for e in endpoints], shards) if by_endpoint else None)

@@ -187,6 +187,16 @@ def test_outside_a_job_nothing_is_loaded(monkeypatch: pytest.MonkeyPatch) -> Non
     )
 
 
+def test_the_gateway_gets_the_key_variables_the_sweep_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a job too: a cluster's workers do not inherit the driver's environment."""
+    monkeypatch.setattr(job_secrets, "_worker_values", {})
+    monkeypatch.setenv("SWEEP_TEACHER_KEY", "sk-2")
+    monkeypatch.delenv("UNSET_TEACHER_KEY", raising=False)
+    secrets = job_secrets.gateway_secrets(["SWEEP_TEACHER_KEY", "UNSET_TEACHER_KEY"])
+    assert secrets is not None and secrets._values == {"SWEEP_TEACHER_KEY": "sk-2"}
+    assert "sk-2" not in repr(secrets) and job_secrets.gateway_secrets(["UNSET_TEACHER_KEY"]) is None
+
+
 def test_the_address_comes_from_the_flag_or_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
     assert jobs.resolve_address(None) == "http://head:8265"
