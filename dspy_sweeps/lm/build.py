@@ -59,13 +59,14 @@ def endpoint_for(original: ModelSpec, resolved: ModelSpec) -> Any:
     """The gateway's view of a model. Its id names the spec (two students with one model string are
     two endpoints), the model and the served checkpoint (vLLM's `root`), not the URL, so a restarted
     server or simulator keeps its cache entries."""
-    from dspy_sweeps.lm.checks import served_models
+    from dspy_sweeps.lm.checks import key_of, served_models
     from dspy_sweeps.lm.gateway import Endpoint
 
     served = served_name(resolved)
     root = ""
     if resolved.api_bases:
-        root = served_models(resolved.api_bases[0], original.name).get(served, {}).get("root") or ""
+        listed = served_models(resolved.api_bases[0], original.name, key=key_of(resolved))
+        root = listed.get(served, {}).get("root") or ""
     return Endpoint(
         id=f"{original.name}|{original.model}|{root}",
         model=served,

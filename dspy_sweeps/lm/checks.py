@@ -56,7 +56,7 @@ def check_endpoints(specs: list[tuple[str, ModelSpec]], timeout: float = 5.0) ->
         for base in spec.api_bases:
             if base not in seen:
                 seen.add(base)
-                served_models(base, f"{where} ({spec.name})", timeout)
+                served_models(base, f"{where} ({spec.name})", timeout, key=key_of(spec))
 
 
 @dataclass(frozen=True)
@@ -84,19 +84,26 @@ def one_listing_per_endpoint() -> Iterator[None]:
         _listings = outer
 
 
-def listing(base: str, timeout: float = 5.0) -> Listing:
+def key_of(spec: ModelSpec) -> str | None:
+    """The key `spec` is called with (its `api_key_env`'s value), sent on GET /models too: a server
+    started with a key (vLLM's --api-key) refuses to list its models without it."""
+    return os.environ.get(spec.api_key_env) if spec.api_key_env else None
+
+
+def listing(base: str, timeout: float = 5.0, key: str | None = None) -> Listing:
     url = base.rstrip("/") + "/models"
     if _listings is not None and url in _listings:
         return _listings[url]
-    result = _list(url, timeout)
+    result = _list(url, timeout, key)
     if _listings is not None and result.status is not None:
         _listings[url] = result
     return result
 
 
-def _list(url: str, timeout: float) -> Listing:
+def _list(url: str, timeout: float, key: str | None) -> Listing:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
             simulated = response.headers.get("x-simulated", "").lower() == "true"
             try:
                 data = json.load(response).get("data", [])
@@ -111,10 +118,11 @@ def _list(url: str, timeout: float) -> Listing:
         return Listing(None, reason=str(getattr(exc, "reason", exc)))
 
 
-def served_models(base: str, where: str, timeout: float = 5.0) -> dict[str, Any]:
-    """GET {base}/models: the served models by id, or {} when the endpoint wants a key to list them."""
+def served_models(base: str, where: str, timeout: float = 5.0, key: str | None = None) -> dict[str, Any]:
+    """GET {base}/models (with `key` if given): the served models by id, or {} when the endpoint
+    wants a key to list them."""
     url = base.rstrip("/") + "/models"
-    found = listing(base, timeout)
+    found = listing(base, timeout, key)
     if found.status is None:
         raise SweepError(f"{where}: endpoint {base} is unreachable ({found.reason})")
     if found.status in (401, 403):  # an endpoint that asks for a key is there
@@ -129,10 +137,10 @@ def served_models(base: str, where: str, timeout: float = 5.0) -> dict[str, Any]
 SIMULATOR_OWNER = "dspy-sweeps-simulator"  # the models' owner an endpoint that declares itself simulated lists
 
 
-def answers_simulated(base: str, timeout: float = 5.0) -> bool:
+def answers_simulated(base: str, timeout: float = 5.0, key: str | None = None) -> bool:
     """Whether the endpoint at `base` says its answers are simulated: the `x-simulated: true` header it
     puts on every response, or its models' owner. An unreachable endpoint is `check_endpoints`' to report."""
-    return listing(base, timeout).simulated
+    return listing(base, timeout, key).simulated
 
 
 def is_simulated(spec: ModelSpec, resolved: ModelSpec) -> bool:
@@ -141,4 +149,4 @@ def is_simulated(spec: ModelSpec, resolved: ModelSpec) -> bool:
     whatever its model string."""
     from dspy_sweeps.lm.endpoints import simulated
 
-    return simulated(spec) or any(answers_simulated(base) for base in resolved.api_bases)
+    return simulated(spec) or any(answers_simulated(base, key=key_of(resolved)) for base in resolved.api_bases)

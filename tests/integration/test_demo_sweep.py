@@ -42,7 +42,9 @@ def sweep_cli(*args: str, state: Path, env: dict[str, str] | None = None) -> sub
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Run the demo twice (the second run must promote nothing) with canaries in the environment."""
+    """Run the demo twice (the second run must promote nothing) with canaries in the environment; the
+    teacher's endpoint requires the canary as its key, so the key reaches the one place it should
+    (through the test run's shared Ray head: a joined cluster, whose workers lack this environment)."""
     from dspy_sweeps.data import load_dataset
     from dspy_sweeps.spec.schema import load_sweep
     from dspy_sweeps_sim import write_answer_key
@@ -50,7 +52,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
     state = tmp_path_factory.mktemp("state")
     key = write_answer_key(load_dataset(load_sweep(REPO / "sweeps/demo.yaml").data), state / "teacher-key.jsonl")
-    with SimServer(key, state / "teacher-sim", models=("teacher",), time_scale=0.02) as teacher:
+    with SimServer(key, state / "teacher-sim", models=("teacher",), time_scale=0.02, api_key=CANARY) as teacher:
         env = dict.fromkeys(CANARY_VARIABLES, CANARY)
         overrides = [
             "--set",
@@ -64,7 +66,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         assert first.returncode == 0, first.stderr[-3000:]
         second = sweep_cli("run", "sweeps/demo.yaml", *overrides, state=state, env=env)
         assert second.returncode == 0, second.stderr[-3000:]
-        yield {"state": state, "first": first, "second": second}
+        yield {"state": state, "first": first, "second": second, "teacher": teacher.stats()}
 
 
 def test_every_trial_finishes_and_the_simulators_profiles_let_an_optimizer_beat_the_baseline(demo: dict) -> None:
@@ -245,6 +247,8 @@ def test_no_secret_reaches_state_outputs_or_artifacts(demo: dict) -> None:
     leaks = [p for p in files if CANARY.encode() in p.read_bytes()] + [o for o in outputs if CANARY in o]
     assert len(files) > 50, "the state dir should hold results, programs, cache, MLflow and W&B files"
     assert leaks == []
+    # ... and it reached the one place it should, on every request (GET /models included).
+    assert demo["teacher"]["models"]["teacher"]["ok"] > 0 and demo["teacher"]["auth_rejected"] == 0
 
 
 def test_a_failing_trial_is_recorded_as_failed_and_others_finish(tmp_path: Path) -> None:
