@@ -31,6 +31,7 @@ OVERRIDES = [
     "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]",
     "promote.model=demo-ray-job",
     "tracking.mlflow.experiment=demo-ray-job",
+    "tracking.wandb=null",  # MLflow's server is the job's tracking subject here
 ]
 
 pytestmark = pytest.mark.slow

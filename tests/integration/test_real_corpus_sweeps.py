@@ -27,6 +27,8 @@ OFFLINE = [
     "data.split={train: 20, val: 20, test: 20, seed: 0}",
     "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]",
     "seeds=[0]",  # one bootstrap trial beside the baseline
+    "tracking={wandb: null, mlflow: null}",  # the subject is the corpus, not tracking
+    "promote=null",
 ]
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sweep_helpers import demo_answer_key
+from sweep_helpers import UNTRACKED, demo_answer_key
 
 from dspy_sweeps.errors import SweepError
 from dspy_sweeps.lm.served import Replica, free_port, render_command
@@ -54,7 +54,7 @@ def served(key: Path) -> str:
     )
 
 
-SMALL_GRID = ["--set", "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]", "--set", "promote=null"]
+SMALL_GRID = ["--set", "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: 2}]", *UNTRACKED]
 
 
 # -- processes, seen through /proc (no psutil needed) -------------------------------------
