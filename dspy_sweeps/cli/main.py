@@ -48,11 +48,11 @@ def exits_on_bad_input(command: Callable) -> Callable:
     return wrapper
 
 
-def _library_logs(state_dir: Path | None, *, dspy: bool = False) -> None:
-    """MLflow's and Alembic's INFO lines ("Creating initial MLflow database tables") and MLflow's
-    download bars are not the user's business: the lines go to `<state>/logs/libraries.log`. With
-    `dspy`, DSPy's too ("LM response was truncated" when a real model stops at max_tokens): DSPy
-    puts its console handler on its logger when imported, so this imports it and takes that off."""
+def _library_logs(state_dir: Path | None) -> None:
+    """MLflow's, Alembic's and DSPy's log lines ("Creating initial MLflow database tables", "LM
+    response was truncated") and MLflow's download bars are not the user's business: the lines go to
+    `<state>/logs/libraries.log`. DSPy adds a console handler of its own when imported: see
+    `_dspy_console_off`."""
     from dspy_sweeps.state import State
 
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow adds no stderr handler of its own
@@ -69,12 +69,17 @@ def _library_logs(state_dir: Path | None, *, dspy: bool = False) -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    if dspy:
-        import dspy as _  # noqa: F401  (installs DSPy's console handler, named "dspy_handler")
 
-        dspy_logger = logging.getLogger("dspy")
-        for console in [h for h in dspy_logger.handlers if h.get_name() == "dspy_handler"]:
-            dspy_logger.removeHandler(console)
+
+def _dspy_console_off() -> None:
+    """Take DSPy's console handler (named "dspy_handler", put on its logger when DSPy is imported) off
+    that logger, leaving `_library_logs`' file. Imports DSPy: call it once DSPy may be imported, after
+    DSPY_CACHEDIR is set, since DSPy reads its cache folder at import."""
+    import dspy as _  # noqa: F401
+
+    logger = logging.getLogger("dspy")
+    for console in [h for h in logger.handlers if h.get_name() == "dspy_handler"]:
+        logger.removeHandler(console)
 
 
 def _console():
@@ -135,7 +140,7 @@ def run(
     from dspy_sweeps.track.registry import save_decision
 
     load_job_secrets()  # in a job from `sweep submit`: the secrets it was sent, before anything reads keys
-    _library_logs(state_dir, dspy=True)
+    _library_logs(state_dir)
     # A library's log line that cannot be written (a full disk, a closed pipe) must not print a
     # traceback over the one-line error the sweep gives: Python's logging then drops it silently.
     logging.raiseExceptions = False
@@ -145,6 +150,7 @@ def run(
     # directory: set before DSPy is first imported, and inherited by the trial hosts (run/runner.py).
     os.environ["DSPY_CACHEDIR"] = str(state.dspy_cache)
     prepared = _prepare(sweep_file, [*(set_ or []), *([f"storage={storage}"] if storage else [])])
+    _dspy_console_off()  # the program's import above brought DSPy in
     console.print(
         f"[bold]{prepared.sweep.name}[/]: {len(prepared.trials)} trials, about {prepared.estimated_calls:,} LM calls"
     )
@@ -235,7 +241,8 @@ def ask(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Load a registered program and ask it one question."""
-    _library_logs(state_dir, dspy=True)
+    _library_logs(state_dir)
+    _dspy_console_off()
     from dspy_sweeps.cli.ask import ask_program
 
     kwargs = dict(_key_value(item) for item in inputs)

@@ -13,9 +13,10 @@ DSPY_WARNING = "LM response was truncated due to exceeding max_tokens=40."
 def test_dspy_warnings_go_to_the_state_logs_not_stderr(tmp_path: Path) -> None:
     code = (
         "import logging, pathlib\n"
-        "from dspy_sweeps.cli.main import _library_logs\n"
-        f"_library_logs(pathlib.Path({str(tmp_path)!r}), dspy=True)\n"
-        "import dspy\n"  # as `ask` does after: loading the program imports DSPy
+        "from dspy_sweeps.cli.main import _dspy_console_off, _library_logs\n"
+        f"_library_logs(pathlib.Path({str(tmp_path)!r}))\n"
+        "import dspy\n"  # as `run` does next: loading the program imports DSPy
+        "_dspy_console_off()\n"
         f"logging.getLogger('dspy.clients.lm').warning({DSPY_WARNING!r})\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
