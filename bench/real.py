@@ -348,6 +348,8 @@ def real_markdown(r: RealResults) -> str:
 
 def write_section(markdown: str, minutes: float) -> None:
     """This section of BENCHMARKS.md replaced (or put before the notes on how figures are made)."""
+    from report import section_of
+
     path = REPO / "BENCHMARKS.md"
     text = path.read_text()
     load = os.getloadavg()
@@ -357,10 +359,8 @@ def write_section(markdown: str, minutes: float) -> None:
         "the bench and its server alone keep 2 cores near 2).\n\n"
         f"{markdown}\n\n"
     )
-    start = text.find(HEADING)
-    if start >= 0:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+    if old := section_of(text, HEADING):
+        text = text.replace(old, section)
     else:
         anchor = text.find("## How the figures are made")
         text = text[:anchor] + section + text[anchor:] if anchor >= 0 else text + "\n" + section

@@ -22,6 +22,15 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def section_of(markdown: str, heading: str) -> str:
+    """The section of `markdown` from the line `heading` up to the next `## ` heading, or ''."""
+    start = markdown.find(f"{heading}\n")
+    if start < 0:
+        return ""
+    end = markdown.find("\n## ", start + len(heading))
+    return markdown[start : end + 1] if end >= 0 else markdown[start:]
+
+
 def ideal_rate(run: Any) -> float:
     """Requests per second the endpoints answer with every slot busy, at the run's time scale."""
     slots = H100_8B["max_num_seqs"] * run.endpoints

@@ -92,7 +92,7 @@ def main() -> None:
         return
     from pruning import pruning_markdown
     from real import HEADING, real_markdown, run_real
-    from report import throughput_markdown
+    from report import section_of, throughput_markdown
     from scale import scale_markdown
     from serving import ServingSizes, run_serving, serving_markdown
     from throughput import Sizes, run_throughput
@@ -123,6 +123,8 @@ def main() -> None:
     if QUICK:
         print(f"\nBENCH_QUICK: {minutes:.1f} min; BENCHMARKS.md left as it was")
         return
+    before = (REPO / "BENCHMARKS.md").read_text()
+    kept = "".join(section_of(before, heading) for heading in MEASURED_ELSEWHERE)
     (REPO / "BENCHMARKS.md").write_text(
         f"# Benchmarks\n\nProduced by `{COMMAND}` on {machine}, {time.strftime('%Y-%m-%d')}, in {minutes:.0f} minutes.\n"
         "Everything but the last section runs against the simulated endpoint (a test/demo double,\n"
@@ -140,9 +142,13 @@ def main() -> None:
         "## Scale (issue 17)\n\n"
         f"{scale}\n\n"
         f"{HEADING}\n\n{real_md}\n\n"
+        f"{kept}"
         f"{NOTES}"
     )
 
+
+# Sections measured outside this bench, from a fresh clone (`make test` alone, `make demo-real`): kept.
+MEASURED_ELSEWHERE = ("## The test suite (issues 8 and 17)", "## Real demo from a fresh clone (issue 15)")
 
 HOSTS = """Trials run as threads in warm trial hosts (`dspy_sweeps/run/hosts.py`), not as Ray Tune
 trials: Tune gave each trial an actor process of its own (6.2 CPU-s and 232 MB to start, measured in

@@ -209,18 +209,24 @@ class RayNode:
         self.process.wait(timeout=60)
 
 
+# A node is up in 5-15 s on 2 cores, and `ray start` gives up by itself after Ray's own windows (about
+# 20 s to reach the GCS, 30 s for the raylet to register). One still starting after this long is stuck:
+# it is stopped, with its Python stack and its logs, and started again, all within a test's timeout.
+NODE_START_S = 120
+
+
 def start_node(head: RayHead, ip: str, num_cpus: int, hidden: list[Path], tries: int = 3) -> RayNode:
     """A Ray node at `ip` (127.0.0.2, ...) that shares the network but not the disk with the driver: it
     runs in its own mount namespace (`unshare -m`) with a tmpfs over each of `hidden` (the project's
     `pipelines/`, the state dir) and over the head's temp folder, so it keeps its own session files and
     sees none of the driver's. Every port picked free, none in Ray's worker range or its agent's 52365."""
-    for attempt in range(tries):
+    failures = []
+    for _ in range(tries):
         try:
             return _start_node(head, ip, num_cpus, hidden)
-        except AssertionError:
-            if attempt == tries - 1:
-                raise
-    raise AssertionError("unreachable")
+        except AssertionError as exc:
+            failures.append(str(exc))
+    raise AssertionError(f"{tries} tries:\n" + "\n\n".join(failures))
 
 
 def _start_node(head: RayHead, ip: str, num_cpus: int, hidden: list[Path]) -> RayNode:
@@ -250,6 +256,7 @@ def _start_node(head: RayHead, ip: str, num_cpus: int, hidden: list[Path]) -> Ra
     script = "set -e; " + "".join(f"mount -t tmpfs tmpfs {shlex.quote(str(p))}; " for p in masks)
     script += "exec " + shlex.join(ray_start)
     env = {**os.environ, **head.env, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "RAY_USAGE_STATS_ENABLED": "0"}
+    env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT prints where a stuck `ray start` waits (`_stuck`)
     env.pop("RAY_ADDRESS", None)
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -261,10 +268,29 @@ def _start_node(head: RayHead, ip: str, num_cpus: int, hidden: list[Path]) -> Ra
             start_new_session=True,
         )
     node = RayNode(process, ip, log)
-    deadline = time.monotonic() + 180
+    started = time.monotonic()
     while "Ray runtime started" not in log.read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
+        waited = time.monotonic() - started
+        if process.poll() is not None or waited > NODE_START_S:
+            logs = _stuck(node, head) if process.poll() is None else ""
             node.lose()
-            raise AssertionError(f"the Ray node at {ip} did not start:\n{log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"the Ray node at {ip} did not start ({waited:.0f} s):\n{log.read_text()[-8000:]}{logs}"
+            )
         time.sleep(0.5)
     return node
+
+
+def _stuck(node: RayNode, head: RayHead) -> str:
+    """What a node that is still starting left: the tails of its session logs, read through its own
+    mount namespace (`/proc/<pid>/root`), and its `ray start` stack (SIGABRT to a process with
+    Python's faulthandler on prints every thread's stack into the node's log)."""
+    logs = Path(f"/proc/{node.process.pid}/root") / str(head.temp_dir).lstrip("/") / "session_latest" / "logs"
+    tails = []
+    for path in sorted(logs.glob("*")) if logs.is_dir() else []:
+        if path.suffix in (".out", ".err", ".log") and path.stat().st_size:
+            tails.append(f"--- {path.name}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+    node.process.send_signal(signal.SIGABRT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        node.process.wait(timeout=10)
+    return "\n" + "\n".join(tails)

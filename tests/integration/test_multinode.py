@@ -51,8 +51,8 @@ class Cluster:
     storage: Path  # reached by every node
     nodes: list[RayNode] = field(default_factory=list)
 
-    def add_node(self, ip: str) -> RayNode:
-        node = start_node(self.head, ip, num_cpus=2, hidden=[REPO / "pipelines", self.driver_dir])
+    def add_node(self, ip: str, tries: int = 3) -> RayNode:
+        node = start_node(self.head, ip, num_cpus=2, hidden=[REPO / "pipelines", self.driver_dir], tries=tries)
         self.nodes.append(node)
         return node
 
@@ -63,16 +63,29 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     # (10002-19999), not its agent's 52365. Started as a user meets it: the venv's `bin` is not on the
     # head's PATH, the PATH a job's entrypoint runs with.
     env = {**own_ray(dict(os.environ)), **FAST_HEALTH_CHECKS}
-    head = start_head(dashboard=True, num_cpus=0, env=env, venv_on_path=False)
-    running = Cluster(head, tmp_path_factory.mktemp("driver"), tmp_path_factory.mktemp("shared-storage"))
+    running = _start_cluster(env, tmp_path_factory.mktemp("driver"), tmp_path_factory.mktemp("shared-storage"))
     try:
-        running.add_node("127.0.0.2")
         yield running
     finally:
         for node in running.nodes:
             node.lose()
             shutil.rmtree(node.log.parent, ignore_errors=True)
-        head.stop()
+        running.head.stop()
+
+
+def _start_cluster(env: dict[str, str], driver_dir: Path, storage: Path, rounds: int = 2) -> Cluster:
+    """A head and its first node. A node that cannot join in two tries gets a fresh head: a start that
+    hangs (CI once saw a node still starting after three tries of 180 s) may be the head's fault."""
+    failures = []
+    for _ in range(rounds):
+        running = Cluster(start_head(dashboard=True, num_cpus=0, env=env, venv_on_path=False), driver_dir, storage)
+        try:
+            running.add_node("127.0.0.2", tries=2)
+            return running
+        except AssertionError as exc:
+            running.head.stop()
+            failures.append(str(exc))
+    raise AssertionError("\n\n".join(failures))
 
 
 def sweep_on(cluster: Cluster, state: Path, *args: str, mlflow: str) -> subprocess.Popen:

@@ -230,7 +230,9 @@ def test_sweep_serve_answers_from_the_real_model(real_sweep: dict) -> None:
         request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.load(response)
-        assert answer["lm_calls"] == 1 and answer["completion_tokens"] > 0
+        # One call, or two when the model's first answer does not parse: DSPy's ChatAdapter then asks
+        # again through its JSONAdapter (llama.cpp's batching makes that vary from run to run).
+        assert answer["lm_calls"] in (1, 2) and answer["completion_tokens"] > 0
         assert answer["outputs"]["intent"] in (
             "card_arrival",
             "exchange_rate",
