@@ -209,10 +209,11 @@ class RayNode:
         self.process.wait(timeout=60)
 
 
-# A node is up in 5-15 s on 2 cores, and `ray start` gives up by itself after Ray's own windows (about
-# 20 s to reach the GCS, 30 s for the raylet to register). One still starting after this long is stuck:
-# it is stopped, with its Python stack and its logs, and started again, all within a test's timeout.
-NODE_START_S = 120
+# A node is up in 5-15 s on 2 cores, 20-40 s under the suite's load, and `ray start` gives up by itself
+# after Ray's own windows (about 20 s to reach the GCS, 30 s for the raylet to register). One still
+# starting after this long is stuck (CI has seen one retry "Failed to connect to GCS" for minutes while
+# the head's dashboard answered): it is stopped with its stack and the logs, within a test's timeout.
+NODE_START_S = 90
 
 
 def start_node(head: RayHead, ip: str, num_cpus: int, hidden: list[Path], tries: int = 3) -> RayNode:
@@ -282,14 +283,21 @@ def _start_node(head: RayHead, ip: str, num_cpus: int, hidden: list[Path]) -> Ra
 
 
 def _stuck(node: RayNode, head: RayHead) -> str:
-    """What a node that is still starting left: the tails of its session logs, read through its own
-    mount namespace (`/proc/<pid>/root`), and its `ray start` stack (SIGABRT to a process with
-    Python's faulthandler on prints every thread's stack into the node's log)."""
-    logs = Path(f"/proc/{node.process.pid}/root") / str(head.temp_dir).lstrip("/") / "session_latest" / "logs"
+    """What a node that is still starting left: the tails of its session logs (read through its own
+    mount namespace, `/proc/<pid>/root`) and of the head's GCS log, and its `ray start` stack (SIGABRT
+    to a process with Python's faulthandler on prints every thread's stack into the node's log). Also
+    written beside the node's log, which outlives the test run."""
+    paths = [head.temp_dir / "session_latest" / "logs" / name for name in ("gcs_server.out", "gcs_server.err")]
+    seen = Path(f"/proc/{node.process.pid}/root") / str(head.temp_dir).lstrip("/")
+    with contextlib.suppress(OSError):  # session_latest is an absolute link: followed here, it is the head's
+        paths += sorted((seen / Path(os.readlink(seen / "session_latest")).name / "logs").glob("*.*"))
     tails = []
-    for path in sorted(logs.glob("*")) if logs.is_dir() else []:
-        if path.suffix in (".out", ".err", ".log") and path.stat().st_size:
-            tails.append(f"--- {path.name}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if path.suffix in (".out", ".err", ".log") and path.stat().st_size:
+                lines = path.read_text(errors="replace").splitlines()[-15:]
+                tails.append(f"--- {path}:\n" + "\n".join(lines))
+    (node.log.parent / "logs.txt").write_text("\n".join(tails))
     node.process.send_signal(signal.SIGABRT)
     with contextlib.suppress(subprocess.TimeoutExpired):
         node.process.wait(timeout=10)
