@@ -118,7 +118,8 @@ def main() -> None:
     minutes = (time.monotonic() - started) / 60
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()} "
-        f"(load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after: above ~0.5 other work shared the cores)"
+        f"(load average {load_before:.1f} before it, {os.getloadavg()[0]:.1f} at its end, its own llama-server's "
+        "included: above ~0.5 before, other work shared the cores)"
     )
     if QUICK:
         print(f"\nBENCH_QUICK: {minutes:.1f} min; BENCHMARKS.md left as it was")
@@ -127,9 +128,9 @@ def main() -> None:
     kept = "".join(section_of(before, heading) for heading in MEASURED_ELSEWHERE)
     (REPO / "BENCHMARKS.md").write_text(
         f"# Benchmarks\n\nProduced by `{COMMAND}` on {machine}, {time.strftime('%Y-%m-%d')}, in {minutes:.0f} minutes.\n"
-        "Everything but the last section runs against the simulated endpoint (a test/demo double,\n"
-        "time-scaled), so those figures measure the platform (Ray, trial hosts, DSPy, the LM gateway),\n"
-        "never a real model; the real-server section runs a real model on llama.cpp.\n\n"
+        "Everything but the two real-model sections runs against the simulated endpoint (a test/demo\n"
+        "double, time-scaled), so those figures measure the platform (Ray, trial hosts, DSPy, the LM\n"
+        "gateway), never a real model; the real-model sections run one on llama.cpp.\n\n"
         "## Start-up\n\n"
         f"{startup}\n\n"
         "## Throughput (issues 4 and 8)\n\n"
