@@ -161,24 +161,27 @@ def _start_head(dashboard: bool, num_cpus: int, env: dict[str, str] | None, venv
 
 
 def _wait_until_up(head: RayHead, log: Path, timeout: float = 180) -> None:
-    """The dashboard answers (any HTTP answer: 401 without a token means it is up), or, without
-    one, `ray start` has printed that the head is running."""
+    """`ray start` has printed that the head is running and, with a dashboard, the dashboard answers
+    (any HTTP answer: 401 without a token means it is up). The dashboard alone is not enough: it
+    answers while the head's raylet may still miss Ray's 30 s window to register, and then `ray start`
+    stops the GCS and exits (CI saw a node wait on that GCS for minutes)."""
     deadline = time.monotonic() + timeout
     while True:
         assert head.process.poll() is None, f"ray start exited:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"the Ray head did not come up in {timeout}s:\n{log.read_text()[-3000:]}"
-        if head.dashboard is None:
-            if "Ray runtime started" in log.read_text():
-                return
-        else:
-            try:
-                with urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2):
-                    return
-            except urllib.error.HTTPError:
-                return
-            except OSError:
-                pass
+        if "Ray runtime started" in log.read_text() and (head.dashboard is None or _answers(head.dashboard)):
+            return
         time.sleep(0.5)
+
+
+def _answers(dashboard: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{dashboard}/api/version", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
 
 
 @dataclass
@@ -188,12 +191,19 @@ class RayNode:
     process: subprocess.Popen
     ip: str
     log: Path
+    lost: bool = False
 
     def lose(self) -> None:
         """The node is lost: SIGKILL to its process group (`ray start --block`, the raylet) and to every
-        process under it (Ray puts each worker in a process group of its own): nothing of it runs on."""
+        process under it (Ray puts each worker in a process group of its own): nothing of it runs on.
+
+        Once only: afterwards its pid may be another process's (the suite spawns enough processes to
+        wrap this machine's pid_max of 32,768 in minutes), as a teardown losing every node would find."""
         import psutil
 
+        if self.lost:
+            return
+        self.lost = True
         try:
             under = psutil.Process(self.process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -211,8 +221,7 @@ class RayNode:
 
 # A node is up in 5-15 s on 2 cores, 20-40 s under the suite's load, and `ray start` gives up by itself
 # after Ray's own windows (about 20 s to reach the GCS, 30 s for the raylet to register). One still
-# starting after this long is stuck (CI has seen one retry "Failed to connect to GCS" for minutes while
-# the head's dashboard answered): it is stopped with its stack and the logs, within a test's timeout.
+# starting after this long is stuck: it is stopped with its stack and the logs, within a test's timeout.
 NODE_START_S = 90
 
 
@@ -272,6 +281,10 @@ def _start_node(head: RayHead, ip: str, num_cpus: int, hidden: list[Path]) -> Ra
     started = time.monotonic()
     while "Ray runtime started" not in log.read_text():
         waited = time.monotonic() - started
+        if head.process.poll() is not None:  # the node can only wait for a GCS that is gone
+            node.lose()
+            (log.parent / "logs.txt").write_text(logs := _head_logs(head))
+            raise AssertionError(f"the Ray head exited while a node joined it ({waited:.0f} s):{logs}")
         if process.poll() is not None or waited > NODE_START_S:
             logs = _stuck(node, head) if process.poll() is None else ""
             node.lose()
@@ -287,18 +300,30 @@ def _stuck(node: RayNode, head: RayHead) -> str:
     mount namespace, `/proc/<pid>/root`) and of the head's GCS log, and its `ray start` stack (SIGABRT
     to a process with Python's faulthandler on prints every thread's stack into the node's log). Also
     written beside the node's log, which outlives the test run."""
-    paths = [head.temp_dir / "session_latest" / "logs" / name for name in ("gcs_server.out", "gcs_server.err")]
     seen = Path(f"/proc/{node.process.pid}/root") / str(head.temp_dir).lstrip("/")
+    paths = []
     with contextlib.suppress(OSError):  # session_latest is an absolute link: followed here, it is the head's
-        paths += sorted((seen / Path(os.readlink(seen / "session_latest")).name / "logs").glob("*.*"))
+        paths = sorted((seen / Path(os.readlink(seen / "session_latest")).name / "logs").glob("*.*"))
+    logs = _tails(paths) + _head_logs(head)
+    (node.log.parent / "logs.txt").write_text(logs)
+    node.process.send_signal(signal.SIGABRT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        node.process.wait(timeout=10)
+    return logs
+
+
+def _head_logs(head: RayHead) -> str:
+    """The head's `ray start` output (which of its processes exited, if one did) and its GCS and
+    raylet logs: the head's temp dir is removed when it stops."""
+    logs = head.temp_dir / "session_latest" / "logs"
+    names = ("gcs_server.out", "gcs_server.err", "raylet.out", "raylet.err")
+    return _tails([head.temp_dir / "ray-start.log", *(logs / name for name in names)])
+
+
+def _tails(paths: list[Path], lines: int = 25) -> str:
     tails = []
     for path in paths:
         with contextlib.suppress(OSError):
             if path.suffix in (".out", ".err", ".log") and path.stat().st_size:
-                lines = path.read_text(errors="replace").splitlines()[-15:]
-                tails.append(f"--- {path}:\n" + "\n".join(lines))
-    (node.log.parent / "logs.txt").write_text("\n".join(tails))
-    node.process.send_signal(signal.SIGABRT)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        node.process.wait(timeout=10)
-    return "\n" + "\n".join(tails)
+                tails.append(f"\n--- {path}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "".join(tails)

@@ -74,8 +74,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def _start_cluster(env: dict[str, str], driver_dir: Path, storage: Path, rounds: int = 3) -> Cluster:
-    """A head and its first node, both again when the node cannot join: twice in CI, every node
-    started for one head failed to reach its GCS, and the next head's first node joined."""
+    """A head and its first node, both again when the node cannot join: on a loaded machine a head's
+    processes can still fail after it is up, and a node never joins a head that stopped."""
     failures = []
     for _ in range(rounds):
         running = Cluster(start_head(dashboard=True, num_cpus=0, env=env, venv_on_path=False), driver_dir, storage)
