@@ -36,6 +36,7 @@ class TrialLMs:
     student: Any
     teacher: Any
     embedder: Any = None  # a dspy.Embedder on the sweep's embedder model, for kinds that take one
+    priced: frozenset[str] = frozenset()  # the models whose calls are priced from LiteLLM's map as they land
 
 
 def run_trial(
@@ -69,7 +70,7 @@ def run_trial(
     spend = events.spend if isinstance(events, TrialStream) else TrialStream(trial.id, lambda e: None).spend
     metric = load_object(trial.metric, "metric")
     trainset, valset, testset = (to_examples(rows, data.inputs) for rows in (data.train, data.val, data.test))
-    progress = TrialProgress(events, spend, Splits.of(trainset, valset), _priced(trial))
+    progress = TrialProgress(events, spend, Splits.of(trainset, valset), lms.priced)
     tolerate_concurrent_progress_bars()
     if hooked:
         hook_evaluate()
@@ -94,7 +95,7 @@ def run_trial(
         progress.report("val", val.score)
         if progress.pruned is not None:  # pruned on its final val score: the compiled program is its best
             return _pruned(trial, progress, Candidate(val.score, state_of(program)), start)
-        test = evaluate(program, testset, metric, trial.num_threads, trace=trial.trace_examples, priced=_priced(trial))
+        test = evaluate(program, testset, metric, trial.num_threads, trace=trial.trace_examples, priced=lms.priced)
         progress.report("test", test.score)  # the trial is done: a prune now has nothing left to stop
     return TrialResult(
         trial_id=trial.id,
@@ -156,13 +157,6 @@ def tolerate_concurrent_progress_bars() -> None:
     with _bars_lock:
         if not isinstance(tqdm.tqdm._instances, _BarInstances):
             tqdm.tqdm._instances = _BarInstances(tqdm.tqdm._instances)
-
-
-def _priced(trial: Trial) -> frozenset[str]:
-    """The trial's cloud models, priced from LiteLLM's map as calls land (not self-hosted ones; a local
-    endpoint's model is called by another name, `openai/...` at its URL, so it is never priced)."""
-    specs = [s for s in (trial.student, trial.teacher) if s is not None]
-    return frozenset(s.model for s in specs if not (s.api_bases or s.serve))
 
 
 def compile_program(

@@ -68,7 +68,7 @@ def execute_trial(trial: Trial, ctx: TrialContext, channel: Any) -> TrialResult:
     events = TrialStream(trial_id, send=pushing(folder, channel.emit))
     formats = FormatCounts()  # kept here, so a trial that raises still reports its malformed answers
     try:
-        lms = TrialLMs(student, teacher, _embedder(ctx, trial))
+        lms = TrialLMs(student, teacher, _embedder(ctx, trial), priced(trial))
         result = run_trial(trial, ctx.data, lms, workdir, events, formats)
     except Exception as exc:
         log_failure(workdir / TRIAL_LOG, attempt, exc)
@@ -132,6 +132,19 @@ def failed(trial_id: str, exc: BaseException, budget_spent: bool) -> TrialResult
     if isinstance(exc, (EndpointFailure, *lm_call_errors())):
         return TrialResult(trial_id, "failed", error=message, reason="endpoint")
     return TrialResult(trial_id, "failed", error=message, reason="error")
+
+
+def priced(trial: Trial) -> frozenset[str]:
+    """The trial's cloud models that LiteLLM's map prices, priced by the trial as calls land (the
+    gateway's count is the one records keep). Not self-hosted ones, nor a plugin's such as the
+    simulator's, whose local endpoint is called by another name (`openai/...` at its URL). Decided
+    once per trial: asked per call, LiteLLM imported itself on the first calls and, for a model it
+    lacks, printed its provider list on every call (half a trial host's CPU in a cached re-run of
+    the demo)."""
+    from dspy_sweeps.lm.prices import typical_call_usd
+
+    specs = [s for s in (trial.student, trial.teacher) if s is not None]
+    return frozenset(s.model for s in specs if typical_call_usd(s))
 
 
 def _embedder(ctx: TrialContext, trial: Trial) -> Any:
