@@ -55,7 +55,7 @@ def run_sweep(
     """Start what the sweep needs, run its trials, promote the winner, and stop everything again.
 
     Order: local endpoints (the simulator's plugin), Ray, served students (their replicas are Ray
-    actors), trial hosts (warming up while endpoints are checked and trackers open), trials,
+    actors), trial hosts and the gateway (both starting while the trackers open), trials,
     promotion (which re-scores on the student, so the replicas are still up); then, each in a
     `finally`, the hosts stop, the replicas stop, Ray stops, the local endpoints stop.
     """
@@ -84,12 +84,14 @@ def run_sweep(
             _check_served(sweep, resolved)
             endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
             simulated = {k: is_simulated(s, resolved[k]) for k, s in specs.items()}
-            trackers = opening.result()
             # One gateway and one budget for every LM call of the sweep: trials, the Ensemble, promotion's
-            # re-scoring, and the runs before a --resume (what they spent is in the spend log).
+            # re-scoring, and the runs before a --resume (what they spent is in the spend log). Its
+            # shards start while the trackers open (MLflow's import and store: ~4 s on 2 cores); no
+            # trial starts before both are ready, so a tracker that cannot open still costs no LM call.
             spend = SpendLog(state.spend(sweep.name))
             gateway = _start_gateway(prepared, state, endpoints, remaining(sweep.budget, spend.start(resume)))
             gw = SweepGateway(gateway, {key: e.id for key, e in endpoints.items()}, spend)
+            trackers = opening.result()
             try:
                 with gw.checkpoints(sweep.budget):
                     records = _run_trials(prepared, state, gw, trackers, console, resume, hosts, simulated)
