@@ -2,14 +2,19 @@
 but its dashboard and runtime-env agents can outlive a killed driver (seen with Ray 2.60), and
 they rename themselves (`ray::DashboardAgent`), so only their ancestry identifies them.
 
-Started by `runner.start_ray` in its own session: `python -m dspy_sweeps.run.reaper PARENT_PID`.
-It keeps a list of the parent's descendants while the parent lives; once the parent has ended,
-however it ended, it kills those still running (the same process: pid and start time match).
+Started by `runner.start_ray` in its own session: `python -m dspy_sweeps.run.reaper PARENT_PID`,
+its stdin a pipe from the parent. It keeps a list of the parent's descendants while the parent
+lives; once the parent has ended, however it ended, it kills those still running (the same
+process: pid and start time match). When the parent stops Ray itself (`runner.stop_ray` closes
+the pipe) and lives on, as a notebook, a test process or a bench does, the reaper kills only what
+is left of that Ray session and exits: the parent's other children are its own, and a reaper per
+sweep polling /proc until the process ends would pile up.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import time
@@ -58,18 +63,26 @@ def ray_sessions(pids: dict[int, str]) -> set[bytes]:
     return names
 
 
+STOP = b"stop\n"  # what runner.stop_ray writes before closing the pipe; a dead parent closes it with nothing
+
+
 def main(parent: int) -> None:
     seen: dict[int, str] = {}
     sessions: set[bytes] = set()
+    stopped = False  # the parent stopped Ray itself and lives on
     while os.getppid() == parent:  # re-parented: the sweep's process has ended
         current = descendants(parent)
         seen.update(current)
         sessions |= ray_sessions(current)
-        time.sleep(0.25)
+        if select.select([sys.stdin], [], [], 0.25)[0]:
+            stopped = sys.stdin.buffer.read(len(STOP)) == STOP
+            break
     time.sleep(2.0)  # after a clean exit Ray is already stopping: give it a moment
     pids = (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
     same_session = {pid for pid in pids if any(s in _cmdline(pid) for s in sessions)}
     still_ours = {pid for pid, started in seen.items() if (_stat(pid) or (0, ""))[1] == started}
+    if stopped:  # the parent's other children are its own: only Ray's renamed processes among them
+        still_ours = {pid for pid in still_ours if _cmdline(pid).startswith(b"ray::")}
     for pid in same_session | still_ours:
         if pid != os.getpid():
             try:

@@ -6,6 +6,7 @@ on trial hosts (hosts.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,16 +88,20 @@ def _start_reaper() -> None:
     import subprocess
     import sys
 
+    global _reaper
     node = ray._private.worker._global_node  # Ray's own record of the node this driver runs
     if node is None or not node.head:  # joined a cluster someone else runs: not ours to clean up
         return
-    subprocess.Popen(
+    _reaper = subprocess.Popen(
         [sys.executable, "-m", "dspy_sweeps.run.reaper", str(os.getpid())],
         start_new_session=True,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,  # closed by stop_ray; by the kernel if this process dies
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+_reaper: Any = None  # the reaper of the Ray this process started, until stop_ray
 
 
 def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any, shards: int = 1, core: type | None = None) -> Any:
@@ -141,4 +146,13 @@ def alive_nodes() -> int:
 
 
 def stop_ray() -> None:
+    """Stop (or leave) Ray; the reaper of a Ray this process started then clears what is left of it and exits."""
+    global _reaper
     ray.shutdown()
+    if _reaper is not None:
+        from dspy_sweeps.run.reaper import STOP
+
+        with contextlib.suppress(OSError):  # a reaper that is gone already has nothing to hear
+            _reaper.stdin.write(STOP)
+            _reaper.stdin.close()
+        _reaper = None
