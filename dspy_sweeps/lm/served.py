@@ -247,10 +247,10 @@ def terminate_group(pgid: int, grace: float = STOP_GRACE_S, process: subprocess.
         _wait_group_gone(pgid, 5.0, process)
 
 
-def _guard(pgid: int, log: str) -> None:
-    """Run beside a server: when the replica actor's process is gone (we were re-parented), stop
-    the server's group; when the group is gone, exit."""
-    parent = os.getppid()
+def _guard(pgid: int, parent: int, log: str) -> None:
+    """Run beside a server: when the replica actor's process (`parent`) is gone (we were re-parented),
+    stop the server's group; when the group is gone, exit. The parent's pid comes on the command line:
+    read here, after the guard's own imports, it would already be init's for an actor killed meanwhile."""
     while _group_alive(pgid):
         if os.getppid() != parent:
             with open(log, "a") as f:
@@ -399,7 +399,10 @@ class Replica:
         old = self._guard
         if old is not None and old.poll() is None:
             old.terminate()
-        command = [sys.executable, "-m", "dspy_sweeps.lm.served", "--guard", str(pgid), "--log", str(self.log_path)]
+        command = [
+            *(sys.executable, "-m", "dspy_sweeps.lm.served"),
+            *("--guard", str(pgid), "--parent", str(os.getpid()), "--log", str(self.log_path)),
+        ]
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _wait_healthy(self, process: subprocess.Popen) -> bool:
@@ -566,10 +569,11 @@ def _main(argv: Sequence[str] | None = None) -> None:
         prog="python -m dspy_sweeps.lm.served", description="internal: a served replica's guard"
     )
     parser.add_argument("--guard", type=int, required=True, metavar="PGID", help="the server's process group")
+    parser.add_argument("--parent", type=int, required=True, metavar="PID", help="the replica's process")
     parser.add_argument("--log", required=True, help="the replica's log, for a note when the guard acts")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the sweep must not remove the safety net
-    _guard(args.guard, args.log)
+    _guard(args.guard, args.parent, args.log)
 
 
 if __name__ == "__main__":

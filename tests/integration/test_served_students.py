@@ -238,6 +238,24 @@ def test_the_guard_stops_the_server_when_the_replica_process_dies(tmp_path: Path
     assert "the replica's actor is gone" in (tmp_path / "logs" / "r-0.log").read_text()
 
 
+def test_a_guard_whose_replica_died_before_it_started_still_stops_the_server(tmp_path: Path) -> None:
+    """A replica killed while its guard was still importing: the guard, re-parented before it could
+    look, must still know its replica is gone (a CI run left such a server running for good)."""
+    server = subprocess.Popen(["sleep", "300"], start_new_session=True)  # stands in for the server's group
+    replica = subprocess.Popen(["true"])
+    replica.wait()  # gone before the guard starts
+    log = tmp_path / "r-0.log"
+    guard = [sys.executable, "-m", "dspy_sweeps.lm.served", "--guard", str(server.pid), "--log", str(log)]
+    guarding = subprocess.Popen([*guard, "--parent", str(replica.pid)], cwd=REPO)
+    try:
+        wait_for(lambda: server.poll() is not None, 60, "the guard to stop the server")
+        assert guarding.wait(timeout=60) == 0
+        assert "the replica's actor is gone" in log.read_text()
+    finally:
+        for process in (server, guarding):
+            process.kill()
+
+
 # -- the gateway and a dead replica ------------------------------------------------------
 
 
