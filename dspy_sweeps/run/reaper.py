@@ -5,10 +5,10 @@ they rename themselves (`ray::DashboardAgent`), so only their ancestry identifie
 Started by `runner.start_ray` in its own session: `python -m dspy_sweeps.run.reaper PARENT_PID`,
 its stdin a pipe from the parent. It keeps a list of the parent's descendants while the parent
 lives; once the parent has ended, however it ended, it kills those still running (the same
-process: pid and start time match). When the parent stops Ray itself (`runner.stop_ray` closes
-the pipe) and lives on, as a notebook, a test process or a bench does, the reaper kills only what
-is left of that Ray session and exits: the parent's other children are its own, and a reaper per
-sweep polling /proc until the process ends would pile up.
+process: pid and start time match). When the parent stops Ray itself (`runner.stop_ray` writes
+`STOP` on the pipe) and lives on, as a notebook, a test process or a bench does, the reaper kills
+only what is left of that Ray session and exits: the parent's other children are its own, and a
+reaper per sweep polling /proc until the process ends would pile up.
 """
 
 from __future__ import annotations

@@ -83,6 +83,9 @@ def _cluster_env(env_vars: dict[str, str], project_dir: Path, packages: Sequence
     }
 
 
+_reaper: Any = None  # the reaper of the Ray this process started, until stop_ray
+
+
 def _start_reaper() -> None:
     """If this process started the Ray instance, make sure none of it outlives us (see reaper.py)."""
     import subprocess
@@ -99,9 +102,6 @@ def _start_reaper() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-
-_reaper: Any = None  # the reaper of the Ray this process started, until stop_ray
 
 
 def start_gateway(endpoints: list[Any], cache_dir: Path, budget: Any, shards: int = 1, core: type | None = None) -> Any:
