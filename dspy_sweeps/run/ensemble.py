@@ -100,7 +100,7 @@ def _score(
     programs = [restore_program(trial.program, Path(m.program_path).read_text(), embedder) for m in members]
     program = EnsembleProgram(programs, trial.settings["reduce"])
     metric, data = load_object(trial.metric, "metric"), prepared.data
-    with dspy.context(lm=student):
+    with dspy.context(lm=student, trace=[]):  # its own trace, as a trial's (run/trial.py)
         val = evaluate(program, to_examples(data.val, data.inputs), metric, trial.num_threads)
         test = evaluate(program, to_examples(data.test, data.inputs), metric, trial.num_threads)
     return TrialResult(

@@ -74,7 +74,6 @@ def run_trial(
     tolerate_concurrent_progress_bars()
     if hooked:
         hook_evaluate()
-    # DSPy's history is off: a host keeps up to 10,000 entries per LM and module otherwise, per trial.
     hooks = {"usage_tracker": progress, TRIAL_KEY: progress} if hooked else {}
     formats = formats if formats is not None else FormatCounts()
     program = build_program(trial.program)
@@ -84,7 +83,10 @@ def run_trial(
     # evaluation) a small model's wrong format would cancel an optimizer's whole evaluation. Failed
     # LM calls are bounded by the gateway's retries and the trial's own evaluation (`evaluate`).
     max_errors = len(trainset) + len(valset) + len(testset) + 1
-    with dspy.context(lm=lms.student, adapter=adapter, max_errors=max_errors, disable_history=True, **hooks):
+    # DSPy's history is off, and its trace is the trial's own: a host would otherwise keep up to 10,000
+    # entries per LM and module, and 10,000 predictions (with their inputs and predictors) in the
+    # process-wide trace, holding finished trials' programs after they end.
+    with dspy.context(lm=lms.student, adapter=adapter, max_errors=max_errors, disable_history=True, trace=[], **hooks):
         try:
             program = compile_program(trial, program, metric, lms, trainset, valset, workdir, progress.guard)
         except Stopped:

@@ -70,11 +70,12 @@ class Answer:
 
 def predict_once(served: LoadedProgram, inputs: dict[str, Any]) -> Answer:
     """One prediction in this thread, with its own DSPy context and its own copy of the LM: the
-    copy's history holds exactly the calls this request sent."""
+    copy's history holds exactly the calls this request sent, and the request's trace is its own
+    (DSPy's process-wide one would keep the last 10,000 requests' inputs and answers)."""
     import dspy
 
     lm = served.lm.copy()
-    with dspy.context(lm=lm):
+    with dspy.context(lm=lm, trace=[]):
         prediction = served.program(**inputs)
     return Answer({name: prediction.get(name) for name in served.outputs}, usage_of(lm.history))
 

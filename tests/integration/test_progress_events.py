@@ -7,9 +7,11 @@ loopback, with `TrialStream` as their event sink; no Ray.
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 
+import dspy
 import pytest
 from sweep_helpers import REPO, demo_answer_key
 
@@ -209,3 +211,25 @@ def test_copro_scores_on_train_never_pass_as_val_scores(sim: SimServer, tmp_path
     assert pruned.status == "pruned", pruned
     assert [e.phase for e in pruned_seen] == ["train"]  # stopped in COPRO's search, before any val score
     assert pruned.val_score is None and pruned.program is None  # no val-scored candidate existed yet
+
+
+def test_a_finished_trial_leaves_no_prediction_behind_in_its_host(sim: SimServer, tmp_path: Path) -> None:
+    """A host runs trial after trial in one process: DSPy's process-wide trace (up to 10,000
+    predictions, each holding its predictor and inputs) must not keep a finished trial's work."""
+    _, data, trials = sweep_trials([OPTIMIZERS[0].split(", {kind: gepa")[0] + "]"])
+    assert [t.kind for t in trials] == ["mipro_v2"]
+
+    def predictions() -> int:
+        gc.collect()
+        return sum(isinstance(o, dspy.Prediction) for o in gc.get_objects())
+
+    before, traced = predictions(), len(dspy.settings.trace)
+    results = []
+    worker = threading.Thread(  # a trial host's thread: DSPy's settings are the process's, not a copy
+        target=lambda: results.append(run_trial(trials[0], data, lms_for(sim), tmp_path / "t", None))
+    )
+    worker.start()
+    worker.join()
+    assert results[0].status == "ok", results[0].error
+    assert len(dspy.settings.trace) == traced
+    assert predictions() <= before

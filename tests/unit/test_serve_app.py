@@ -78,3 +78,28 @@ def test_replicas_are_fixed_or_autoscaled() -> None:
     assert Replicas(num=3).options() == {"num_replicas": 3}
     assert Replicas(min=0, max=4).options() == {"autoscaling_config": {"min_replicas": 0, "max_replicas": 4}}
     assert Replicas(max=2).options()["autoscaling_config"]["min_replicas"] == 1
+
+
+def test_a_served_request_leaves_no_trace_of_its_inputs_in_the_process() -> None:
+    """DSPy's process-wide trace would keep the last 10,000 requests' inputs and answers in the
+    service's memory; each request's trace is its own and goes with it."""
+    import dspy
+    from dspy.utils.dummies import DummyLM
+
+    from dspy_sweeps.serve.app import predict_once
+    from dspy_sweeps.serve.program import LoadedProgram
+    from dspy_sweeps.spec.schema import ModelSpec
+
+    served = LoadedProgram(
+        name="demo",
+        version="1",
+        program=dspy.Predict("question -> answer"),
+        lm=DummyLM([{"answer": "60"}] * 3),
+        student=ModelSpec(name="small", model="openai/small", api_base="http://127.0.0.1:9/v1"),
+        inputs={"question": str},
+        outputs={"answer": str},
+    )
+    traced = len(dspy.settings.trace)
+    answers = [predict_once(served, {"question": f"a private question {i}"}) for i in range(3)]
+    assert [a.outputs for a in answers] == [{"answer": "60"}] * 3
+    assert len(dspy.settings.trace) == traced
