@@ -445,9 +445,8 @@ class TrialEnds:
                     self.error = _tracking_error(exc, trial, self.path)
                     break
                 batch[i] = dataclasses.replace(record, mlflow_run_id=run_id, tracked=True)
-                if i + 1 < len(
-                    ends
-                ):  # tracked is on disk as soon as it is true: a killed driver re-runs no tracked trial
+                if self.trackers.tracks and i + 1 < len(ends):
+                    # tracked is on disk as soon as it is true: a killed driver re-runs no tracked trial
                     write_tables(self.path, [*self.tables, records_table(batch)])
         self.records[len(self.records) - len(batch) :] = batch
         self.tables.append(records_table(batch))

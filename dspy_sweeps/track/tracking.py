@@ -83,6 +83,11 @@ class Trackers:
         mlflow = MlflowLogger(spec.mlflow, sweep, state, fingerprint, resume) if spec.mlflow else NullLogger()
         return cls(wandb, mlflow, state.results(sweep.name))
 
+    @property
+    def tracks(self) -> bool:
+        """Whether any tracker is on: with none, a trial's end has nothing to record but its row."""
+        return not (isinstance(self.wandb, NullLogger) and isinstance(self.mlflow, NullLogger))
+
     def trial_started(self, trial: Trial) -> None:
         self.work.start(trial)
 
