@@ -13,7 +13,8 @@
 
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml sim/pyproject.toml | cksum | cut -d' ' -f1)
+# The set-up is redone when what it installs or how (this file) changes.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml sim/pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
 # Offline safety: LiteLLM (inside DSPy and the MLflow server) must not fetch its price map.
 export LITELLM_LOCAL_MODEL_COST_MAP := True
@@ -23,7 +24,7 @@ export DSPY_SWEEPS_DATA_MIRROR ?= $(abspath ../shared/datasets)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml sim/pyproject.toml
+$(STAMP): pyproject.toml sim/pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip uv
 	@# The simulated endpoint is a distribution of its own (sim/): the demo, tests and bench use it.
