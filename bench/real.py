@@ -361,8 +361,8 @@ def real_markdown(r: RealResults) -> str:
             f"{speedup:.2f}×",
             speedup >= 2,
             f"the server is the bottleneck: with {b.in_flight * SLOTS:.1f} of DSPy's {r.sequential_threads} "
-            f"threads' requests in flight the loop already gets {rate_at(r.capacity, b.in_flight * SLOTS):.2f} of the "
-            f"server's {r.capacity[SLOTS]:.2f} calls/s at {SLOTS} in flight, so no schedule of the same calls is more "
+            f"threads' requests in flight the server already answers the loop {rate_at(r.capacity, b.in_flight * SLOTS):.2f} "
+            f"calls/s (and {r.capacity[SLOTS]:.2f} calls/s with all {SLOTS} slots busy), so no schedule of the same calls is more "
             f"than {ceiling:.2f}× as fast (capacity below the table); {busy}",
         ),
         Goal(
