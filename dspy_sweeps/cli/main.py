@@ -129,9 +129,15 @@ def run(
     state_dir: StateDir = None,
     address: Annotated[str | None, typer.Option(help="Ray address to join (default: start a local Ray)")] = None,
     resume: Annotated[bool, typer.Option(help="Keep trials that already finished; run only the rest")] = False,
+    rerun: Annotated[
+        bool, typer.Option(help="Run every trial again, also those an earlier run finished unchanged")
+    ] = False,
     storage: Storage = None,
 ) -> None:
-    """Run every trial of a sweep in parallel on Ray, track them, and promote the winner."""
+    """Run every trial of a sweep in parallel on Ray, track them, and promote the winner.
+
+    A trial an earlier run finished, unchanged since (same settings, models, data and code), is
+    reused, not run: the LM cache would answer its every call the same."""
     from dspy_sweeps.cli.tables import decision_line, leaderboard_table
     from dspy_sweeps.jobs.secrets import load_job_secrets
     from dspy_sweeps.run.engine import run_sweep
@@ -139,6 +145,8 @@ def run(
     from dspy_sweeps.state import State
     from dspy_sweeps.track.registry import save_decision
 
+    if resume and rerun:
+        raise SweepError("--resume keeps the trials that finished and --rerun runs them again: give one of them")
     load_job_secrets()  # in a job from `sweep submit`: the secrets it was sent, before anything reads keys
     _library_logs(state_dir)
     # A library's log line that cannot be written (a full disk, a closed pipe) must not print a
@@ -158,7 +166,7 @@ def run(
     if prepared.sweep.storage:
         check_storage(prepared.sweep.storage)  # before the results are published there, whatever happens
     try:
-        outcome = run_sweep(prepared, state, address, console, resume=resume)
+        outcome = run_sweep(prepared, state, address, console, resume=resume, rerun=rerun)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
@@ -330,6 +338,7 @@ def submit(
         bool, typer.Option("--follow", help="Stream the job's log; exit 0 if it succeeds, else 1")
     ] = False,
     resume: Annotated[bool, typer.Option(help="Resume the sweep an earlier job of it left in its state dir")] = False,
+    rerun: Annotated[bool, typer.Option(help="Run every trial again, also those an earlier job finished")] = False,
     storage: Storage = None,
     state_dir: Annotated[
         str | None, typer.Option(help="The job's state dir on the head (default: $DSPY_SWEEPS_STATE or ~/.dspy-sweeps)")
@@ -339,7 +348,7 @@ def submit(
     from dspy_sweeps.jobs import client as jobs
 
     request = jobs.job_request(
-        sweep_file, set_ or [], secret or [], state_dir=state_dir, storage=storage, resume=resume
+        sweep_file, set_ or [], secret or [], state_dir=state_dir, storage=storage, resume=resume, rerun=rerun
     )
     job_id = jobs.submit(request, address)
     print(job_id)

@@ -127,6 +127,7 @@ def job_request(
     state_dir: str | None = None,
     storage: str | None = None,
     resume: bool = False,
+    rerun: bool = False,
 ) -> JobRequest:
     """Check the sweep file and work out the job: entrypoint, plain settings, secrets by name.
 
@@ -141,7 +142,11 @@ def job_request(
     sweep = load_sweep(sweep_file, list(overrides))  # bad input stops here, before anything is uploaded
     relative = _inside(Path(sweep_file), project)
     args = ["run", relative, *(arg for o in overrides for arg in ("--set", o))]
-    args += [*(["--storage", storage] if storage else []), *(["--resume"] if resume else [])]
+    args += [
+        *(["--storage", storage] if storage else []),
+        *(["--resume"] if resume else []),
+        *(["--rerun"] if rerun else []),
+    ]
     where = shlex.quote(state_dir) if state_dir else JOB_STATE_DIR
     entrypoint = f"{WORKER_PYTHON} {shlex.join(args)} --state-dir {where}"
 

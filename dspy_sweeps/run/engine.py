@@ -35,7 +35,7 @@ from dspy_sweeps.state import State
 from dspy_sweeps.track.live import LiveProgress, RunningTrials, progress_lines
 from dspy_sweeps.track.registry import Decision, best, promote
 from dspy_sweeps.track.results import TrialRecord, read_records, records_table, write_records, write_tables
-from dspy_sweeps.track.tracking import Trackers
+from dspy_sweeps.track.tracking import Trackers, tracking_identity
 from dspy_sweeps.track.uri import check_mlflow_server, check_tracking_for_cluster, tracking_uri
 
 if TYPE_CHECKING:
@@ -50,14 +50,21 @@ class SweepOutcome:
 
 
 def run_sweep(
-    prepared: Prepared, state: State, address: str | None, console: Console, resume: bool = False
+    prepared: Prepared,
+    state: State,
+    address: str | None,
+    console: Console,
+    resume: bool = False,
+    rerun: bool = False,
 ) -> SweepOutcome:
     """Start what the sweep needs, run its trials, promote the winner, and stop everything again.
 
     Order: local endpoints (the simulator's plugin), Ray, served students (their replicas are Ray
     actors), trial hosts and the gateway (both starting while the trackers open), trials,
     promotion (which re-scores on the student, so the replicas are still up); then, each in a
-    `finally`, the hosts stop, the replicas stop, Ray stops, the local endpoints stop.
+    `finally`, the hosts stop, the replicas stop, Ray stops, the local endpoints stop. A run with
+    nothing to run (every trial reused, see `reusable`) starts Ray and the rest only if its
+    promotion must re-score a champion.
     """
     from dspy_sweeps.run.storage import check_storage
 
@@ -65,44 +72,92 @@ def run_sweep(
     if sweep.tracking.mlflow is not None:
         check_mlflow_server(tracking_uri(sweep.tracking.mlflow, state))
     check_storage(storage_uri(sweep, state))
+    kept = _finished(state, prepared) if resume else [] if rerun else reusable(state, prepared)
     with (
         one_listing_per_endpoint(),  # one GET /models per endpoint at start-up, however many ask it
         local_endpoints(sweep, prepared.data, state, console) as local,
         ThreadPoolExecutor(1) as background,
+        contextlib.ExitStack() as started,
     ):
         # Outside endpoints first: a typo in an api_base costs seconds, not a Ray start-up.
         check_endpoints([(role, resolve(s, local)) for role, s in sweep.roles() if s.serve is None])
+        # One budget for every LM call of the sweep: trials, the Ensemble, promotion's re-scoring, and
+        # the runs before a --resume (what they spent is in the spend log; a fresh run starts it anew).
+        spend = SpendLog(state.spend(sweep.name))
+        budget = remaining(sweep.budget, spend.start(resume))
         # Importing MLflow and creating its store takes seconds: done while Ray starts.
         opening = background.submit(Trackers.open, sweep, state, prepared.data.fingerprint, resume)
-        with (
-            _ray(sweep, state, address),
-            served_students(sweep, state, console) as served,
-            _hosts(prepared) as hosts,
-        ):
-            specs = {s.model_dump_json(): s for _, s in sweep.roles()}  # the key trials know their LMs by
-            resolved = {k: _resolve(s, local, served) for k, s in specs.items()}
-            _check_served(sweep, resolved)
-            endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
-            simulated = {k: is_simulated(s, resolved[k]) for k, s in specs.items()}
-            # One gateway and one budget for every LM call of the sweep: trials, the Ensemble, promotion's
-            # re-scoring, and the runs before a --resume (what they spent is in the spend log). Its
-            # shards start while the trackers open (MLflow's import and store: ~4 s on 2 cores); no
-            # trial starts before both are ready, so a tracker that cannot open still costs no LM call.
-            spend = SpendLog(state.spend(sweep.name))
-            gateway = _start_gateway(prepared, state, endpoints, remaining(sweep.budget, spend.start(resume)))
-            gw = SweepGateway(gateway, {key: e.id for key, e in endpoints.items()}, spend)
-            trackers = opening.result()
-            try:
-                with gw.checkpoints(sweep.budget):
-                    records = _run_trials(prepared, state, gw, trackers, console, resume, hosts, simulated)
-                    records += _ensemble(prepared, state, gw, trackers, records, console, simulated)
-                    decision = _promote(prepared, records, trackers, state, gw) if sweep.promote else None
-            finally:
-                gw.log_unfinished()
-            if decision is not None:
-                trackers.promoted(decision, best(records))
-            trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")
+        services = Services(prepared, state, address, console, local, spend, budget, started)
+        if _has_work(prepared, kept):
+            services.start()
+        # No trial starts before the trackers are open, so a tracker that cannot open costs no LM call.
+        trackers = opening.result()
+        if services.running is not None:
+            records = _run_trials(prepared, state, services.running, trackers, console, resume, kept)
+            records += _ensemble(prepared, state, services, trackers, records, console)
+        else:
+            records = _kept_only(prepared, state, trackers, console, kept, resume)
+        decision = _promote(prepared, records, trackers, state, services) if sweep.promote else None
+        if decision is not None:
+            trackers.promoted(decision, best(records))
+        trackers.close("FINISHED" if any(r.status == "ok" for r in records) else "FAILED")
     return SweepOutcome(records, decision)
+
+
+@dataclass(frozen=True)
+class Running:
+    """What trials run on: the trial hosts, the sweep's gateway, and which models are simulated (by spec JSON)."""
+
+    hosts: HostPool
+    gateway: SweepGateway
+    simulated: dict[str, bool]
+
+
+class Services:
+    """Ray, the served students, the trial hosts and the gateway, started at most once, on first need,
+    into `stack` (which stops them in reverse order: the gateway's last spend logged before Ray goes)."""
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        state: State,
+        address: str | None,
+        console: Console,
+        local: dict[str, str],
+        spend: SpendLog,
+        budget: Budget,
+        stack: contextlib.ExitStack,
+    ) -> None:
+        self.prepared, self.state, self.address, self.console = prepared, state, address, console
+        self.local, self.spend, self.budget, self.stack = local, spend, budget, stack
+        self.running: Running | None = None
+
+    def start(self) -> Running:
+        if self.running is None:
+            self.running = self._start()
+        return self.running
+
+    def _start(self) -> Running:
+        sweep, stack = self.prepared.sweep, self.stack
+        stack.enter_context(_ray(sweep, self.state, self.address))
+        served = stack.enter_context(served_students(sweep, self.state, self.console))
+        hosts = stack.enter_context(_hosts(self.prepared))
+        specs = {s.model_dump_json(): s for _, s in sweep.roles()}  # the key trials know their LMs by
+        resolved = {k: _resolve(s, self.local, served) for k, s in specs.items()}
+        _check_served(sweep, resolved)
+        endpoints = {k: endpoint_for(s, resolved[k]) for k, s in specs.items()}
+        simulated = {k: is_simulated(s, resolved[k]) for k, s in specs.items()}
+        handle = _start_gateway(self.prepared, self.state, endpoints, self.budget)
+        gateway = SweepGateway(handle, {key: e.id for key, e in endpoints.items()}, self.spend)
+        stack.callback(gateway.log_unfinished)  # however the run ends, before Ray stops
+        stack.enter_context(gateway.checkpoints(sweep.budget))
+        return Running(hosts, gateway, simulated)
+
+
+def _has_work(prepared: Prepared, kept: list[TrialRecord]) -> bool:
+    """Whether the run has trials to run: a planned trial not kept, a search's next points, an Ensemble."""
+    sweep, done = prepared.sweep, {r.trial_id for r in kept}
+    return sweep.search is not None or sweep.ensemble is not None or any(t.id not in done for t in prepared.trials)
 
 
 @dataclass
@@ -247,28 +302,26 @@ def _check_served(sweep: Sweep, resolved: dict[str, ModelSpec]) -> None:
 def _run_trials(
     prepared: Prepared,
     state: State,
-    gateway: SweepGateway,
+    running: Running,
     trackers: Trackers,
     console: Console,
     resume: bool,
-    hosts: HostPool,
-    simulated: dict[str, bool],
+    kept: list[TrialRecord],
 ) -> list[TrialRecord]:
-    """Every trial on the trial hosts, all LM calls through the sweep's gateway; each record is saved,
-    its spend logged and tracked as it lands (off the driver's loop, see `TrialEnds`). `simulated`
-    says, by spec, which models' answers are simulated (their records say so)."""
+    """Every trial but the `kept` ones on the trial hosts, all LM calls through the sweep's gateway;
+    each record is saved, its spend logged and tracked as it lands (off the driver's loop, see
+    `TrialEnds`)."""
     from dspy_sweeps.run.storage import clear_sweep
     from dspy_sweeps.run.worker import TrialContext
 
-    sweep = prepared.sweep
-    kept = _finished(state, prepared) if resume else []
+    sweep, gateway, hosts = prepared.sweep, running.gateway, running.hosts
     results = {r.trial_id: (r.status, r.val_score) for r in kept}
     study = SweepStudy.open(prepared, state, resume, results) if sweep.search or sweep.prune else None
     storage = storage_uri(sweep, state)
-    if not resume:  # a fresh run inherits no trial's checkpoints; --resume carries them on
-        clear_sweep(storage, sweep.name)
+    if not resume:  # a fresh run inherits no checkpoints but its reused trials'; --resume carries them on
+        clear_sweep(storage, sweep.name, keep={r.trial_id for r in kept})
     ctx = TrialContext(sweep.name, prepared.data, gateway.handle, gateway.endpoint_ids, storage)
-    loop = TrialLoop(prepared, state, trackers, hosts, gateway, study, simulated, kept)
+    loop = TrialLoop(prepared, state, trackers, hosts, gateway, study, running.simulated, kept, resume)
     with LiveProgress(loop.board, console) as progress, progress_lines(loop.board, progress.console):
         loop.show(progress)
         try:
@@ -311,9 +364,10 @@ class TrialLoop:
         study: SweepStudy | None,
         simulated: dict[str, bool],
         kept: list[TrialRecord],
+        resume: bool,
     ) -> None:
         self.prepared, self.state, self.trackers, self.hosts = prepared, state, trackers, hosts
-        self.gateway, self.study, self.simulated = gateway, study, simulated
+        self.gateway, self.study, self.simulated, self.resume = gateway, study, simulated, resume
         self.done = {r.trial_id for r in kept}
         self.trials: dict[str, Trial] = {}  # every trial started, by id: a search samples them as it goes
         self.total = len(self.done) + (study.remaining() if study else len(prepared.trials) - len(self.done))
@@ -326,9 +380,7 @@ class TrialLoop:
         self.progress = progress
         self.task = progress.add_task("trials", total=self.total, completed=len(self.done))
         if self.done:
-            progress.console.print(
-                f"  resuming: {len(self.done)} finished trials kept, {self.total - len(self.done)} to run"
-            )
+            progress.console.print(_kept_line(len(self.done), self.total - len(self.done), self.resume))
 
     def to_run(self) -> Iterator[Trial]:
         planned = (t for t in self.prepared.trials if t.id not in self.done)
@@ -444,7 +496,9 @@ class TrialEnds:
                 except Exception as exc:
                     self.error = _tracking_error(exc, trial, self.path)
                     break
-                batch[i] = dataclasses.replace(record, mlflow_run_id=run_id, tracked=True)
+                batch[i] = dataclasses.replace(
+                    record, mlflow_run_id=run_id, tracked=True, tracked_by=self.trackers.identity
+                )
                 if self.trackers.tracks and i + 1 < len(ends):
                     # tracked is on disk as soon as it is true: a killed driver re-runs no tracked trial
                     write_tables(self.path, [*self.tables, records_table(batch)])
@@ -485,11 +539,10 @@ def storage_uri(sweep: Sweep, state: State) -> str:
 def _ensemble(
     prepared: Prepared,
     state: State,
-    gateway: SweepGateway,
+    services: Services,
     trackers: Trackers,
     records: list,
     console: Console,
-    simulated: dict[str, bool],
 ) -> list[TrialRecord]:
     """The Ensemble trial (run/ensemble.py), saved and tracked like the others; none without `ensemble:`."""
     from dspy_sweeps.run.ensemble import ensemble_trial, run_ensemble
@@ -498,16 +551,68 @@ def _ensemble(
     if planned is None:
         return []
     trial, members = planned
+    running = services.start()
+    gateway = running.gateway
     result = run_ensemble(prepared, trial, members, gateway.handle, gateway.chain)
     gateway.log(trial.id, result.lm_calls, result.cost_usd)
     path = _save_program(state, prepared.sweep.name, trial.id, result)
-    record = TrialRecord.of(prepared.sweep.name, trial, result, path, prepared.data.fingerprint, simulated)
+    record = TrialRecord.of(prepared.sweep.name, trial, result, path, prepared.data.fingerprint, running.simulated)
     write_records(state.results(prepared.sweep.name), [*records, record])
-    record = dataclasses.replace(record, mlflow_run_id=trackers.log_trial(trial, record, result), tracked=True)
+    record = dataclasses.replace(
+        record, mlflow_run_id=trackers.log_trial(trial, record, result), tracked=True, tracked_by=trackers.identity
+    )
     write_records(state.results(prepared.sweep.name), [*records, record])
     status = f"{record.val_score:.3f}" if record.status == "ok" else f"[red]{record.status}[/]: {record.error}"
     console.print(f"  {trial.id}  val {status}")
     return [record]
+
+
+def reusable(state: State, prepared: Prepared) -> list[TrialRecord]:
+    """For a fresh run of a grid sweep: the planned trials an earlier run finished, which this run
+    keeps instead of running again.
+
+    A trial's id digests everything that decides its result (optimizer, settings, models, seed,
+    data, and the program's and metric's source: `spec/plan.py`), and the LM cache answers every
+    call it would make with the answer it got before (sampled ones too), so running it again would
+    compute the same program and the same scores. Kept: `ok`, tracked by the same trackers (its
+    MLflow run is in this run's store, for promotion), on the same data, its program file still
+    there. A search or a pruned sweep keeps none: its study decides which trials run and when they
+    stop (`--resume` continues it). `--rerun` runs every trial again."""
+    sweep = prepared.sweep
+    if sweep.search is not None or sweep.prune is not None:
+        return []
+    planned, identity = {t.id for t in prepared.trials}, tracking_identity(sweep, state)
+    return [
+        r
+        for r in read_records(state.results(sweep.name))
+        if r.status == "ok"
+        and r.tracked
+        and r.tracked_by == identity
+        and r.trial_id in planned
+        and r.data_fingerprint == prepared.data.fingerprint
+        and r.program_path is not None
+        and Path(r.program_path).is_file()
+    ]
+
+
+def _kept_only(
+    prepared: Prepared, state: State, trackers: Trackers, console: Console, kept: list[TrialRecord], resume: bool
+) -> list[TrialRecord]:
+    """A run with nothing to run: its kept trials are its results (the file holds them, as it would
+    after running them) and the trackers' sweep-level runs show them."""
+    write_records(state.results(prepared.sweep.name), kept)
+    trackers.kept(kept)
+    console.print(_kept_line(len(kept), 0, resume))
+    return list(kept)
+
+
+def _kept_line(kept: int, to_run: int, resume: bool) -> str:
+    if resume:
+        return f"  resuming: {kept} finished trials kept, {to_run} to run"
+    return (
+        f"  reused: {kept} finished trials of an earlier run, unchanged (same settings, models, data and code; "
+        f"every LM call they make is cached), {to_run} to run; --rerun runs them again"
+    )
 
 
 def _finished(state: State, prepared: Prepared) -> list[TrialRecord]:
@@ -542,7 +647,7 @@ def _save_program(state: State, sweep: str, trial_id: str, result: TrialResult) 
 
 
 def _promote(
-    prepared: Prepared, records: list[TrialRecord], trackers: Trackers, state: State, gateway: SweepGateway
+    prepared: Prepared, records: list[TrialRecord], trackers: Trackers, state: State, services: Services
 ) -> Decision:
     sweep = prepared.sweep
     winner = best(records)
@@ -558,6 +663,7 @@ def _promote(
         from dspy_sweeps.run.trial import evaluate, to_examples
         from dspy_sweeps.spec.imports import load_object
 
+        gateway = services.start().gateway  # a run that ran no trial starts Ray only now
         embedder = None
         if sweep.embedder is not None:
             embedder = build_gateway_embedder(
@@ -575,9 +681,11 @@ def _promote(
     try:
         return promote(sweep.promote, winner, winner.mlflow_run_id, program, uri, rescore, baseline)
     finally:
-        stats = gateway.handle.trial_stats(PROMOTION, done=True)
-        if stats.requested:
-            gateway.log(PROMOTION, stats.sent, stats.cost_usd)
+        if services.running is not None:
+            gateway = services.running.gateway
+            stats = gateway.handle.trial_stats(PROMOTION, done=True)
+            if stats.requested:
+                gateway.log(PROMOTION, stats.sent, stats.cost_usd)
 
 
 def _baseline_scores(prepared: Prepared, records: list[TrialRecord], winner: TrialRecord, rescore: Any) -> list:

@@ -67,10 +67,22 @@ def check_storage_for_cluster(explicit: bool, uri: str) -> None:
         )
 
 
-def clear_sweep(uri: str, sweep: str) -> None:
-    """A fresh run starts every trial folder of the sweep clean (`--resume` keeps them)."""
+def clear_sweep(uri: str, sweep: str, keep: set[str] | frozenset[str] = frozenset()) -> None:
+    """A fresh run starts every trial folder of the sweep clean but those of the trials it `keep`s
+    (reused, so they stay with their records); `--resume` keeps them all."""
+    from pyarrow.fs import FileSelector, FileType
+
     filesys, base = filesystem(uri)
-    filesys.delete_dir_contents(f"{base}/trials/{sweep}", missing_dir_ok=True)
+    if not keep:
+        filesys.delete_dir_contents(f"{base}/trials/{sweep}", missing_dir_ok=True)
+        return
+    for info in filesys.get_file_info(FileSelector(f"{base}/trials/{sweep}", allow_not_found=True)):
+        if info.base_name in keep:
+            continue
+        if info.type == FileType.Directory:
+            filesys.delete_dir(info.path)
+        else:
+            filesys.delete_file(info.path)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ class TrialRecord:
     data_fingerprint: str
     mlflow_run_id: str | None = None
     tracked: bool = False  # logged to W&B and MLflow; --resume re-runs a trial that was not
+    tracked_by: str = ""  # which trackers logged it (`tracking_identity`): a reused trial's runs are in this run's
     attempts: int = 1  # runs of the trial it took: a retry after a worker died, or a resume
     retries: int = 0  # LM calls resent by the gateway
     gave_up: int = 0  # LM calls whose retries on one model ran out

@@ -11,6 +11,7 @@ A do-nothing logger stands in when a tracker is off.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +24,7 @@ from dspy_sweeps.track.background import TrackingThread
 from dspy_sweeps.track.mlflow_runs import MlflowLogger
 from dspy_sweeps.track.registry import Decision
 from dspy_sweeps.track.results import TrialRecord, read_records
+from dspy_sweeps.track.uri import tracking_uri
 from dspy_sweeps.track.wandb_runs import WandbLogger
 
 
@@ -55,6 +57,18 @@ class NullLogger:
         pass
 
 
+def tracking_identity(sweep: Sweep, state: State) -> str:
+    """Which trackers a run logs to, as a digest (the URI may hold credentials): its W&B settings,
+    and its MLflow settings with the store they resolve to. A record tracked under another identity
+    has its runs elsewhere, so a run keeps it only by running it again (`run/engine.py reusable`)."""
+    spec = sweep.tracking
+    stores = {
+        "wandb": spec.wandb.model_dump() if spec.wandb and spec.wandb.mode != "disabled" else None,
+        "mlflow": {**spec.mlflow.model_dump(), "uri": tracking_uri(spec.mlflow, state)} if spec.mlflow else None,
+    }
+    return hashlib.sha256(repr(sorted(stores.items())).encode()).hexdigest()[:16]
+
+
 class Trackers:
     """W&B and MLflow behind one set of calls, their work done in order on one background thread.
 
@@ -65,8 +79,10 @@ class Trackers:
 
     SWEEP_EVERY_S = 10.0  # the leaderboard, Pareto front and plots: redrawn at most this often, and at close
 
-    def __init__(self, wandb: TrialLogger, mlflow: TrialLogger, results: Path | None = None) -> None:
-        self.wandb, self.mlflow, self.results = wandb, mlflow, results
+    def __init__(
+        self, wandb: TrialLogger, mlflow: TrialLogger, results: Path | None = None, identity: str = ""
+    ) -> None:
+        self.wandb, self.mlflow, self.results, self.identity = wandb, mlflow, results, identity
         self.ended: set[str] = set()  # a late event for an ended trial must not open a new run
         self.swept_at: float | None = None  # when the sweep's leaderboard was last drawn
         self.unswept: TrialRecord | None = None  # the latest end not drawn yet
@@ -81,7 +97,7 @@ class Trackers:
             else NullLogger()
         )
         mlflow = MlflowLogger(spec.mlflow, sweep, state, fingerprint, resume) if spec.mlflow else NullLogger()
-        return cls(wandb, mlflow, state.results(sweep.name))
+        return cls(wandb, mlflow, state.results(sweep.name), tracking_identity(sweep, state))
 
     @property
     def tracks(self) -> bool:
@@ -98,6 +114,11 @@ class Trackers:
         """The trial's end: close its runs with their summary and update the sweep's leaderboard.
         Returns the trial's MLflow run id (promotion registers from it)."""
         return self.work.call(lambda: self._ended(trial, record, result))
+
+    def kept(self, records: list[TrialRecord]) -> None:
+        """A run that ran no trial: the sweep-level runs still get its leaderboard, of the kept trials."""
+        if records:
+            self.unswept = records[-1]
 
     def promoted(self, decision: Decision, winner: TrialRecord | None) -> None:
         """After promotion: the champion's W&B program artifact takes the alias, its LoggedModel says so."""

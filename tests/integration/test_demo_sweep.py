@@ -1,5 +1,6 @@
 """The demo sweep end to end through the real CLI: local Ray, simulated endpoints, W&B offline,
-MLflow on SQLite, promotion, a second run that promotes nothing, pull and load in fresh processes.
+MLflow on SQLite, promotion, a second run (`--rerun`: every call from the cache) that promotes nothing,
+a third that reuses every trial and runs none, pull and load in fresh processes.
 
 A canary key is put where a user's key would be: the teacher is a "real" OpenAI-compatible
 endpoint (a simulator this test starts) whose key comes from `api_key_env`, and OPENAI_API_KEY
@@ -35,14 +36,17 @@ CANARY_VARIABLES = (
 pytestmark = pytest.mark.slow
 
 
-def sweep_cli(*args: str, state: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def sweep_cli(
+    *args: str, state: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "DSPY_SWEEPS_STATE": str(state), **(env or {})}
-    return subprocess.run([str(SWEEP), *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([str(SWEEP), *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Run the demo twice (the second run must promote nothing) with canaries in the environment; the
+    """Run the demo three times (the second with --rerun, the third as it is: neither may promote) with
+    canaries in the environment; the
     teacher's endpoint requires the canary as its key, so the key reaches the one place it should
     (through the test run's shared Ray head: a joined cluster, whose workers lack this environment)."""
     from dspy_sweeps.data import load_dataset
@@ -64,9 +68,31 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         ]
         first = sweep_cli("run", "sweeps/demo.yaml", *overrides, state=state, env=env)
         assert first.returncode == 0, first.stderr[-3000:]
-        second = sweep_cli("run", "sweeps/demo.yaml", *overrides, state=state, env=env)
+        rows_first = duckdb_rows(state)
+        second = sweep_cli("run", "sweeps/demo.yaml", *overrides, "--rerun", state=state, env=env)
         assert second.returncode == 0, second.stderr[-3000:]
-        yield {"state": state, "first": first, "second": second, "teacher": teacher.stats()}
+        rows_second = duckdb_rows(state)
+        # Nothing answers at this Ray address, where Ray waits to connect for minutes: the third run
+        # succeeds only if it never reaches for Ray (the timeout only bounds that wait).
+        dead_ray = {**env, "RAY_ADDRESS": "127.0.0.1:9"}
+        third = sweep_cli("run", "sweeps/demo.yaml", *overrides, state=state, env=dead_ray, timeout=300)
+        assert third.returncode == 0, third.stderr[-3000:]
+        yield {
+            "state": state,
+            "first": first,
+            "second": second,
+            "third": third,
+            "rows": (rows_first, rows_second, duckdb_rows(state)),
+            "teacher": teacher.stats(),
+        }
+
+
+def duckdb_rows(state: Path) -> dict[str, dict]:
+    """The results file's rows by trial id."""
+    import duckdb
+
+    relation = duckdb.sql(f"SELECT * FROM '{state}/results/demo.parquet'")
+    return {row[relation.columns.index("trial_id")]: dict(zip(relation.columns, row)) for row in relation.fetchall()}
 
 
 def test_every_trial_finishes_and_the_simulators_profiles_let_an_optimizer_beat_the_baseline(demo: dict) -> None:
@@ -88,13 +114,23 @@ def test_every_trial_finishes_and_the_simulators_profiles_let_an_optimizer_beat_
     assert "leaderboard" in out and "baseline" in out and "promoted v1 as @champion" in out
 
 
-def test_second_run_sends_no_calls_and_promotes_nothing(demo: dict) -> None:
+def test_a_rerun_sends_no_calls_and_promotes_nothing(demo: dict) -> None:
     out = demo["second"].stdout
     assert "not promoted" in out and "same program as champion v1" in out
-    import duckdb
+    _, rerun, _ = demo["rows"]
+    assert sum(r["lm_calls"] for r in rerun.values()) == 0, "a re-run must be served from the LM cache in the state dir"
+    assert all(r["cache_hits"] > 0 for r in rerun.values()), "every trial ran again, on cached answers"
 
-    calls = duckdb.sql(f"SELECT sum(lm_calls) FROM '{demo['state']}/results/demo.parquet'").fetchone()[0]
-    assert calls == 0, "a re-run must be served from the LM cache in the state dir"
+
+def test_a_run_of_an_unchanged_sweep_reuses_every_trial_and_starts_no_ray(demo: dict) -> None:
+    """The third run: every trial is the one the second run finished (its row as it was: same
+    duration, same MLflow run), none ran, and it never started or joined a Ray (its RAY_ADDRESS is dead)."""
+    _, rerun, reused = demo["rows"]
+    out = demo["third"].stdout
+    assert "reused: 5 finished trials of an earlier run" in out and "0 to run" in out, out[-3000:]
+    assert reused == rerun
+    assert "not promoted" in out and "same program as champion v1" in out
+    assert not [t for t in reused if f"  {t}  val " in out], "no trial reported an end: none ran"
 
 
 def test_mlflow_has_a_parent_and_child_runs_and_a_champion(demo: dict) -> None:
@@ -105,7 +141,7 @@ def test_mlflow_has_a_parent_and_child_runs_and_a_champion(demo: dict) -> None:
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 2 and len(children) == 10  # two sweeps of five trials
+    assert len(parents) == 3 and len(children) == 10  # two runs of five trials, and a run that reused them
     assert all("val_score" in r.data.metrics and "optimizer" in r.data.params for r in children)
     champion = client.get_model_version_by_alias("demo", "champion")
     assert str(champion.version) == "1"
@@ -142,7 +178,7 @@ def test_wandb_offline_runs_one_per_trial_and_one_per_sweep(demo: dict) -> None:
     runs = read_runs(demo["state"] / "wandb" / "wandb")
     trials = [r for r in runs if r.job_type != "sweep"]
     sweeps = [r for r in runs if r.job_type == "sweep"]
-    assert len(trials) == 10 and len(sweeps) == 2  # two sweeps of five trials
+    assert len(trials) == 10 and len(sweeps) == 3  # two runs of five trials, and a run that reused them
     assert all(r.history and r.summary["status"] == "ok" and r.exit_code == 0 for r in trials)
     # Each sweep run logs its leaderboard again as each trial ends; the last one holds all five.
     assert all([row["trials_done"] for row in r.history][-1] == 5 for r in sweeps)
@@ -242,7 +278,7 @@ def test_run_pull_and_ask_print_no_library_noise(demo: dict, tmp_path: Path) -> 
 
 @pytest.mark.reliability
 def test_no_secret_reaches_state_outputs_or_artifacts(demo: dict) -> None:
-    outputs = [run.stdout + run.stderr for run in (demo["first"], demo["second"])]
+    outputs = [run.stdout + run.stderr for run in (demo["first"], demo["second"], demo["third"])]
     files = [p for p in demo["state"].rglob("*") if p.is_file()]
     leaks = [p for p in files if CANARY.encode() in p.read_bytes()] + [o for o in outputs if CANARY in o]
     assert len(files) > 50, "the state dir should hold results, programs, cache, MLflow and W&B files"
