@@ -194,7 +194,8 @@ def test_the_mlflow_server_listens_where_the_docs_say() -> None:
     (compose,) = load_yaml("mlflow/docker-compose.yaml")
     mlflow = compose["services"]["mlflow"]
     assert f"{MLFLOW_PORT}:{MLFLOW_PORT}" in mlflow["ports"] and f"--port {MLFLOW_PORT}" in mlflow["command"]
-    assert mlflow["image"].endswith(f":v{version('mlflow')}"), "the server runs the MLflow the project pins"
+    served, installed = mlflow["image"].rpartition(":v")[2].split("."), version("mlflow").split(".")
+    assert served[:2] == installed[:2], "the server runs the MLflow minor the project pins and installs"
     env = mlflow["environment"]
     assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://") and env[
         "MLFLOW_ARTIFACTS_DESTINATION"
