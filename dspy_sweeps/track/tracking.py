@@ -90,13 +90,20 @@ class Trackers:
 
     @classmethod
     def open(cls, sweep: Sweep, state: State, fingerprint: str, resume: bool = False) -> Trackers:
+        from concurrent.futures import ThreadPoolExecutor
+
         spec = sweep.tracking
         wandb = (
             WandbLogger(spec.wandb, sweep.name, state, fingerprint, sweep.data)
             if spec.wandb and spec.wandb.mode != "disabled"
             else NullLogger()
         )
-        mlflow = MlflowLogger(spec.mlflow, sweep, state, fingerprint, resume) if spec.mlflow else NullLogger()
+        with ThreadPoolExecutor(1) as pool:
+            # W&B's sweep run starts its service process while MLflow imports and opens its store.
+            opened = pool.submit(wandb.open_sweep_run) if isinstance(wandb, WandbLogger) else None
+            mlflow = MlflowLogger(spec.mlflow, sweep, state, fingerprint, resume) if spec.mlflow else NullLogger()
+            if opened is not None:
+                opened.result()
         return cls(wandb, mlflow, state.results(sweep.name), tracking_identity(sweep, state))
 
     @property

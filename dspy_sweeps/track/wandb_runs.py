@@ -131,12 +131,16 @@ class WandbLogger:
             f.write(json.dumps(about, indent=2, sort_keys=True))
         return artifact
 
+    def open_sweep_run(self) -> None:
+        """The sweep's own run, open from the sweep's start."""
+        if self.sweep_run is None:
+            self.sweep_run = self._init(job_type="sweep", name=f"{self.sweep}-sweep")
+
     def log_sweep(self, records: list[TrialRecord]) -> None:
         """The sweep run's leaderboard and Pareto plot, logged again (a new history row) as each trial ends."""
         import wandb
 
-        if self.sweep_run is None:
-            self.sweep_run = self._init(job_type="sweep", name=f"{self.sweep}-sweep")
+        self.open_sweep_run()
         rows = leaderboard_rows(records)
         table = wandb.Table(columns=list(LEADERBOARD_COLUMNS), data=[[r[c] for c in LEADERBOARD_COLUMNS] for r in rows])
         png = self.state.wandb / f"{self.sweep}-pareto.png"  # W&B's Image copies the file into the run
