@@ -14,6 +14,8 @@ from typing import Any
 
 import ray
 
+from dspy_sweeps.errors import SweepError
+
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # dspy_sweeps itself, shipped as `sweep submit` ships it
 
 
@@ -42,10 +44,38 @@ def start_ray(address: str | None, project_dir: Path, packages: Sequence[str] = 
         "runtime_env": _cluster_env(env_vars, project_dir, packages) if joining else None,
     }
     if joining:
+        check_ray_address(address)
         ray.init(**options)
     else:
         _init_local(options)
     _start_reaper()
+
+
+def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """A head at `address` (else $RAY_ADDRESS) must accept a connection: `ray.init` waits minutes on
+    one that does not, saying nothing. `auto` and `local` are Ray's to resolve."""
+    import socket
+    from urllib.parse import urlsplit
+
+    given = address or os.environ.get("RAY_ADDRESS", "")
+    name = "--address" if address else "RAY_ADDRESS"
+    if given in ("", "auto", "local"):
+        return
+    parts = urlsplit(given if "://" in given else f"gcs://{given}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise SweepError(f"{name} {given}: expected host:port (or ray://host:port, or auto)")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise SweepError(
+            f"{name} {given}: no Ray head answers at {host}:{port} ({reason}); start it (`ray start --head`) "
+            "or give the address it printed"
+        ) from None
 
 
 def _init_local(options: dict[str, Any], tries: int = 3) -> None:

@@ -208,3 +208,17 @@ def test_each_bad_file_says_how_to_run_it_and_what_is_wrong(repo: Path) -> None:
         first, second = path.read_text().splitlines()[:2]
         assert first == f"# sweep run {BAD / path.name}"
         assert second.startswith("# Bad")
+
+
+@pytest.mark.reliability
+def test_a_ray_address_nothing_answers_at_is_one_line(repo: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
+    """Ray's own join waits minutes on a dead address and says nothing; the run says which it was."""
+    args = ["run", "sweeps/demo.yaml", "--address", "127.0.0.1:9", "--state-dir", str(tmp_path)]
+    untracked = ["--set", "tracking={wandb: null, mlflow: null}", "--set", "promote=null"]
+    run = run_cli(repo, [*args, *untracked], tmp_path, cli_env)
+    assert run.returncode == 2, f"exit {run.returncode}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    assert run.stderr.splitlines() == [
+        "error: --address 127.0.0.1:9: no Ray head answers at 127.0.0.1:9 (Connection refused); "
+        "start it (`ray start --head`) or give the address it printed"
+    ]
+    assert not (tmp_path / "results").exists(), "no trial ran"

@@ -45,3 +45,23 @@ def test_other_start_failures_and_the_last_try_are_raised(monkeypatch: pytest.Mo
     monkeypatch.setattr(runner.ray, "init", lambda **_: (_ for _ in ()).throw(RuntimeError("port taken")))
     with pytest.raises(RuntimeError, match="port taken"):
         runner._init_local({})
+
+
+def test_a_ray_address_is_checked_before_ray_waits_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joining: an address nothing listens at, or that is no address, is one line naming where it came
+    from; a listening one, `auto` and `local` pass."""
+    import socket
+
+    from dspy_sweeps.errors import SweepError
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        for fine in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "auto", "local"):
+            runner.check_ray_address(fine)
+    with pytest.raises(SweepError, match=rf"^--address 127.0.0.1:{port}: no Ray head answers at 127.0.0.1:{port} \("):
+        runner.check_ray_address(f"127.0.0.1:{port}")  # closed now
+    monkeypatch.setenv("RAY_ADDRESS", "head-without-a-port")
+    with pytest.raises(SweepError, match=r"^RAY_ADDRESS head-without-a-port: expected host:port"):
+        runner.check_ray_address(None)
