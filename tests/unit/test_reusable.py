@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from dspy_sweeps.records import TrialResult
 from dspy_sweeps.run.engine import reusable
+from dspy_sweeps.spec.plan import Trial
 from dspy_sweeps.spec.preflight import Prepared, prepare
 from dspy_sweeps.spec.schema import load_sweep
 from dspy_sweeps.state import State
@@ -19,47 +21,21 @@ REPO = Path(__file__).resolve().parents[2]
 GRID = "optimizers=[{kind: bootstrap_fewshot, max_bootstrapped_demos: [1, 2, 3, 4, 5]}]"
 
 
-def finished(prepared: Prepared, state: State, trial_id: str) -> TrialRecord:
-    """A record as an earlier run of this sweep left it: ok, tracked here, its program saved."""
-    program = state.program(prepared.sweep.name, trial_id)
+def finished(prepared: Prepared, state: State, trial: Trial) -> TrialRecord:
+    """The record an earlier run of this sweep left for `trial`: ok, tracked here, its program saved."""
+    program = state.program(prepared.sweep.name, trial.id)
     program.parent.mkdir(parents=True, exist_ok=True)
     program.write_text("{}")
-    return TrialRecord(
-        sweep=prepared.sweep.name,
-        trial_id=trial_id,
-        kind="bootstrap_fewshot",
-        settings="{}",
-        student="small",
-        teacher="big",
-        seed=0,
-        status="ok",
-        error=None,
-        reason=None,
-        val_score=0.5,
-        test_score=0.5,
-        lm_calls=10,
-        calls_requested=10,
-        cache_hits=0,
-        merged_calls=0,
-        failed_calls=0,
-        failed_examples=0,
-        estimated_calls=10,
-        prompt_tokens=0,
-        completion_tokens=0,
-        latency_s=0.0,
-        cost_usd=0.0,
-        duration_s=1.0,
-        program_path=str(program),
-        data_fingerprint=prepared.data.fingerprint,
-        tracked=True,
-        tracked_by=tracking_identity(prepared.sweep, state),
-    )
+    result = TrialResult(trial_id=trial.id, status="ok", val_score=0.5, test_score=0.5, program="{}")
+    record = TrialRecord.of(prepared.sweep.name, trial, result, program, prepared.data.fingerprint)
+    return dataclasses.replace(record, tracked=True, tracked_by=tracking_identity(prepared.sweep, state))
 
 
 def test_only_unchanged_finished_trials_tracked_by_these_trackers_are_reused(tmp_path: Path) -> None:
     prepared = prepare(load_sweep(REPO / "sweeps/demo.yaml", [GRID]))
     state = State(tmp_path)
-    kept, failed, untracked, elsewhere, lost, other_data = (t.id for t in prepared.trials)
+    kept, failed, untracked, elsewhere, lost, other_data = prepared.trials
+    dropped = dataclasses.replace(kept, id="bootstrap_fewshot-dropped-from-the-grid")
     records = [
         finished(prepared, state, kept),
         dataclasses.replace(finished(prepared, state, failed), status="failed", error="boom"),
@@ -67,11 +43,11 @@ def test_only_unchanged_finished_trials_tracked_by_these_trackers_are_reused(tmp
         dataclasses.replace(finished(prepared, state, elsewhere), tracked_by="another-mlflow-store"),
         finished(prepared, state, lost),
         dataclasses.replace(finished(prepared, state, other_data), data_fingerprint="another-split"),
-        finished(prepared, state, "bootstrap_fewshot-dropped-from-the-grid"),
+        finished(prepared, state, dropped),
     ]
     Path(records[4].program_path).unlink()
     write_records(state.results(prepared.sweep.name), records)
-    assert [r.trial_id for r in reusable(state, prepared)] == [kept]
+    assert [r.trial_id for r in reusable(state, prepared)] == [kept.id]
 
     # The same records under other trackers, or for a sweep whose study decides its trials: none.
     moved = prepare(load_sweep(REPO / "sweeps/demo.yaml", [GRID, "tracking.mlflow.tracking_uri=http://127.0.0.1:9"]))
