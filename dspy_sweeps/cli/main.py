@@ -411,8 +411,8 @@ def main() -> None:
     """`sweep`: the command, then an exit without Python's teardown of every module loaded.
 
     That teardown frees what DSPy, LiteLLM, MLflow and W&B built, object by object: about 2 s on
-    2 cores, after the command's work is done and its output printed (a `sweep run` with nothing to
-    run takes 8 s). What an exit is for still happens, in Python's order: other threads are waited
+    2 cores, after the command's work is done and its output printed (a quarter of a `sweep run`
+    with nothing to run). What an exit is for still happens, in Python's order: other threads are waited
     for, exit handlers run (W&B's and Ray's shutdown, logging's flush, temporary folders' clean-up),
     and the output streams are flushed; then the process ends with the command's status."""
     import atexit

@@ -94,7 +94,7 @@ def run_sweep(
         trackers = opening.result()
         if services.running is not None:
             records = _run_trials(prepared, state, services.running, trackers, console, resume, kept)
-            records += _ensemble(prepared, state, services, trackers, records, console)
+            records += _ensemble(prepared, state, services.running, trackers, records, console)
         else:
             records = _kept_only(prepared, state, trackers, console, kept, resume)
         decision = _promote(prepared, records, trackers, state, services) if sweep.promote else None
@@ -539,7 +539,7 @@ def storage_uri(sweep: Sweep, state: State) -> str:
 def _ensemble(
     prepared: Prepared,
     state: State,
-    services: Services,
+    running: Running,
     trackers: Trackers,
     records: list,
     console: Console,
@@ -551,7 +551,6 @@ def _ensemble(
     if planned is None:
         return []
     trial, members = planned
-    running = services.start()
     gateway = running.gateway
     result = run_ensemble(prepared, trial, members, gateway.handle, gateway.chain)
     gateway.log(trial.id, result.lm_calls, result.cost_usd)

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from dspy_sweeps.records import TrialEvent, TrialResult
 from dspy_sweeps.spec.plan import Trial
-from dspy_sweeps.spec.schema import Sweep
+from dspy_sweeps.spec.schema import Sweep, Tracking
 from dspy_sweeps.state import State
 from dspy_sweeps.track.background import TrackingThread
 from dspy_sweeps.track.mlflow_runs import MlflowLogger
@@ -63,10 +63,14 @@ def tracking_identity(sweep: Sweep, state: State) -> str:
     has its runs elsewhere, so a run keeps it only by running it again (`run/engine.py reusable`)."""
     spec = sweep.tracking
     stores = {
-        "wandb": spec.wandb.model_dump() if spec.wandb and spec.wandb.mode != "disabled" else None,
+        "wandb": spec.wandb.model_dump() if _wandb_on(spec) else None,
         "mlflow": {**spec.mlflow.model_dump(), "uri": tracking_uri(spec.mlflow, state)} if spec.mlflow else None,
     }
     return hashlib.sha256(repr(sorted(stores.items())).encode()).hexdigest()[:16]
+
+
+def _wandb_on(spec: Tracking) -> bool:
+    return spec.wandb is not None and spec.wandb.mode != "disabled"
 
 
 class Trackers:
@@ -93,11 +97,7 @@ class Trackers:
         from concurrent.futures import ThreadPoolExecutor
 
         spec = sweep.tracking
-        wandb = (
-            WandbLogger(spec.wandb, sweep.name, state, fingerprint, sweep.data)
-            if spec.wandb and spec.wandb.mode != "disabled"
-            else NullLogger()
-        )
+        wandb = WandbLogger(spec.wandb, sweep.name, state, fingerprint, sweep.data) if _wandb_on(spec) else NullLogger()
         with ThreadPoolExecutor(1) as pool:
             # W&B's sweep run starts its service process while MLflow imports and opens its store.
             opened = pool.submit(wandb.open_sweep_run) if isinstance(wandb, WandbLogger) else None
